@@ -1,0 +1,55 @@
+// Op schemas (namespace dawin_ext), the CPU kernels, and the pybind11 module that reports the build.
+// The CUDA kernels register themselves from csrc/cuda/*.cu under the same schemas.
+#include <Python.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+// setup.py passes the versions as bare tokens; stringify them here.
+#define DAWIN_EXT_STR_(x) #x
+#define DAWIN_EXT_STR(x) DAWIN_EXT_STR_(x)
+#ifndef DAWIN_EXT_TORCH_VERSION
+#define DAWIN_EXT_TORCH_VERSION unknown
+#endif
+#ifndef DAWIN_EXT_VERSION
+#define DAWIN_EXT_VERSION 0.0.0
+#endif
+
+TORCH_LIBRARY(dawin_ext, m) {
+  m.def("softmax_entropy(Tensor logits, float temperature=1.0) -> Tensor");
+  m.def(
+      "entropy_coefficients(Tensor logits, float[] temperatures, bool offset_adjustment=False)"
+      " -> (Tensor coefficients, Tensor entropies)");
+  m.def("blend_(Tensor[] sources, Tensor coefficients, Tensor(a!)[] out) -> ()");
+  m.def("sample_combine(Tensor stacked, Tensor weights) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dawin_ext, CPU, m) {
+  m.impl("softmax_entropy", &dawin_ext::softmax_entropy_cpu);
+  m.impl("entropy_coefficients", &dawin_ext::entropy_coefficients_cpu);
+  m.impl("blend_", &dawin_ext::blend_cpu);
+  m.impl("sample_combine", &dawin_ext::sample_combine_cpu);
+}
+
+namespace {
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = DAWIN_EXT_STR(DAWIN_EXT_VERSION);
+#ifdef DAWIN_EXT_WITH_CUDA
+  info["with_cuda"] = true;
+  const int v = dawin_ext::cuda_runtime_version();  // CUDART_VERSION at compile time, e.g. 13000
+  info["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+#else
+  info["with_cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+#endif
+  info["torch_version"] = DAWIN_EXT_STR(DAWIN_EXT_TORCH_VERSION);
+  return info;
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dawin_ext compiled kernels (ops are registered under torch.ops.dawin_ext)";
+  m.def("build_info", &build_info, "How this extension was built: version, CUDA or not, CUDA version, torch version");
+}

@@ -1,0 +1,35 @@
+"""dawin-ext: fused kernels and a thin API for weight-space interpolation (WiSE-FT, DaWin, AdaWiSE)."""
+
+from __future__ import annotations
+
+from ._loader import BUILD_INFO, ExtensionNotBuiltError
+from .ops import (
+    BLENDABLE_DTYPES,
+    EntropyCoefficients,
+    blend,
+    entropy_coefficients,
+    interpolation,
+    sample_combine,
+    softmax_entropy,
+)
+
+__version__ = BUILD_INFO["version"]
+
+
+def build_info() -> dict:
+    """How the compiled core was built: version, with_cuda, cuda_version, torch_version."""
+    return dict(BUILD_INFO)
+
+
+__all__ = [
+    "BLENDABLE_DTYPES",
+    "BUILD_INFO",
+    "EntropyCoefficients",
+    "ExtensionNotBuiltError",
+    "blend",
+    "build_info",
+    "entropy_coefficients",
+    "interpolation",
+    "sample_combine",
+    "softmax_entropy",
+]

@@ -1,0 +1,263 @@
+"""Typed Python wrappers around the compiled ops in ``torch.ops.dawin_ext``.
+
+Every op has a CPU kernel and (in a CUDA build) a CUDA kernel with the same schema, plus a fake
+implementation so that ``torch.compile`` can trace it. There is no silent fallback to plain PyTorch:
+if the compiled core is missing, importing ``dawin_ext`` fails with a message that says how to build it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _loader  # noqa: F401  (loads the library that registers torch.ops.dawin_ext)
+from .statedict import StateDict, check_compatible, check_finite_matrix
+
+__all__ = [
+    "softmax_entropy",
+    "entropy_coefficients",
+    "EntropyCoefficients",
+    "blend",
+    "interpolation",
+    "sample_combine",
+    "BLENDABLE_DTYPES",
+]
+
+_ops = torch.ops.dawin_ext
+
+#: dtypes that ``blend`` interpolates; every other dtype is copied from source 0.
+BLENDABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_CLUSTERS_PER_LAUNCH = 16
+_MAX_SOURCES = 16
+
+
+# --------------------------------------------------------------------------------------------
+# softmax_entropy
+# --------------------------------------------------------------------------------------------
+def softmax_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Shannon entropy (nats) of ``softmax(logits / temperature)`` along the last dim.
+
+    Accepts float32, float16 or bfloat16 with any leading shape and any strides; accumulates and
+    returns float32 of shape ``logits.shape[:-1]``. Differentiable with respect to ``logits``.
+
+    A row whose entries are all ``-inf`` has no softmax distribution and gives NaN (as PyTorch's
+    softmax does); NaN or ``+inf`` in a row gives NaN. A single-class row has entropy 0.
+    """
+    return _ops.softmax_entropy(logits, float(temperature))
+
+
+@torch.library.register_fake("dawin_ext::softmax_entropy")
+def _softmax_entropy_fake(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    torch._check(logits.dim() >= 1, lambda: "softmax_entropy: logits must have at least one dimension")
+    return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+
+
+def _softmax_entropy_setup_context(ctx, inputs, output) -> None:
+    logits, temperature = inputs
+    ctx.save_for_backward(logits, output)
+    ctx.temperature = temperature
+
+
+def _softmax_entropy_backward(ctx, grad: Tensor):
+    # dH/dz_i = -p_i (log p_i + H) for z = x / T, so dH/dx_i = -p_i (log p_i + H) / T.
+    logits, entropy = ctx.saved_tensors
+    t = ctx.temperature
+    z = logits.float() / t
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    # p == 0 entries (from -inf logits) contribute nothing; avoid 0 * -inf.
+    term = torch.where(p > 0, p * (logp + entropy.unsqueeze(-1)), torch.zeros_like(p))
+    grad_logits = -(grad.unsqueeze(-1) * term) / t
+    return grad_logits.to(logits.dtype), None
+
+
+torch.library.register_autograd(
+    "dawin_ext::softmax_entropy", _softmax_entropy_backward, setup_context=_softmax_entropy_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------------
+# entropy_coefficients
+# --------------------------------------------------------------------------------------------
+class EntropyCoefficients(NamedTuple):
+    """Result of :func:`entropy_coefficients`.
+
+    ``coefficients`` is [B, M]: each row sums to 1; with M = 2 (zero-shot, fine-tuned) column 1 is
+    DaWin's lambda, the weight on the fine-tuned model. ``entropies`` is [M, B].
+    """
+
+    coefficients: Tensor
+    entropies: Tensor
+
+
+def entropy_coefficients(
+    logits: Tensor | Sequence[Tensor],
+    temperatures: Sequence[float] | None = None,
+    offset_adjustment: bool = False,
+) -> EntropyCoefficients:
+    """DaWin's expertise step, fused: per-model softmax entropies and normalized exp(-H) weights.
+
+    Args:
+        logits: ``[M, B, C]`` stacked logits of M models on the same batch, or a list of M ``[B, C]``.
+        temperatures: one temperature per model (applied to the entropy only); default all 1.
+        offset_adjustment: apply the reference code's per-domain offset, computed from the entropies'
+            means and (unbiased) standard deviations over the batch. Needs M = 2 and B >= 2.
+    """
+    if not isinstance(logits, Tensor):
+        logits = list(logits)
+        if not logits:
+            raise ValueError("entropy_coefficients: got an empty list of logits; need at least one model")
+        shapes = {tuple(t.shape) for t in logits}
+        if len(shapes) != 1:
+            raise ValueError(f"entropy_coefficients: the models' logits have different shapes {sorted(shapes)}")
+        logits = torch.stack(logits)
+    temps = [] if temperatures is None else [float(t) for t in temperatures]
+    coefficients, entropies = _ops.entropy_coefficients(logits, temps, bool(offset_adjustment))
+    return EntropyCoefficients(coefficients, entropies)
+
+
+@torch.library.register_fake("dawin_ext::entropy_coefficients")
+def _entropy_coefficients_fake(logits: Tensor, temperatures: list[float], offset_adjustment: bool = False):
+    torch._check(logits.dim() == 3, lambda: "entropy_coefficients: logits must be [M, B, C]")
+    m, b = logits.shape[0], logits.shape[1]
+    return logits.new_empty((b, m), dtype=torch.float32), logits.new_empty((m, b), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# blend
+# --------------------------------------------------------------------------------------------
+@torch.library.register_fake("dawin_ext::blend_")
+def _blend_fake(sources: list[Tensor], coefficients: Tensor, out: list[Tensor]) -> None:
+    return None
+
+
+def _as_coefficient_matrix(coefficients, num_sources: int) -> Tensor:
+    coef = torch.as_tensor(coefficients, dtype=torch.float64).detach().cpu()
+    if coef.dim() == 1:
+        coef = coef.unsqueeze(0)
+    if coef.dim() != 2 or coef.shape[1] != num_sources:
+        raise ValueError(
+            f"blend: coefficients must have shape [K, S] with S = {num_sources} sources, got {tuple(coef.shape)}"
+        )
+    if coef.shape[0] < 1:
+        raise ValueError("blend: coefficients must have at least one row (K >= 1)")
+    check_finite_matrix(coef, "blend: coefficients")
+    return coef.to(torch.float32)
+
+
+def blend(
+    sources: Sequence[Mapping[str, Tensor]],
+    coefficients,
+    out: Sequence[dict[str, Tensor]] | None = None,
+) -> list[dict[str, Tensor]]:
+    """Builds K weighted blends of S parameter sets in one pass over the parameters.
+
+    ``out[k][key] = sum_s coefficients[k, s] * sources[s][key]`` for every floating-point key
+    (float32, float16, bfloat16; accumulated in float32). Other keys (integer buffers and the like)
+    are copied from source 0 and never blended.
+
+    Args:
+        sources: S state dicts with identical keys, shapes, dtypes and devices (checked first; the
+            error names the first offending key).
+        coefficients: ``[K, S]`` matrix (tensor, array or nested lists); a 1-D vector means K = 1.
+        out: optional K state dicts whose existing tensors are overwritten in place (for example a
+            live model's ``state_dict()``), so that repeated calls allocate nothing.
+
+    Returns:
+        The K blended state dicts (``out`` itself when given).
+    """
+    sources = list(sources)
+    if len(sources) < 1:
+        raise ValueError("blend: need at least one source state dict")
+    if len(sources) > _MAX_SOURCES:
+        raise ValueError(f"blend: at most {_MAX_SOURCES} sources are supported per call, got {len(sources)}")
+    keys = check_compatible(sources, names=[f"source {s}" for s in range(len(sources))])
+    coef = _as_coefficient_matrix(coefficients, len(sources))
+    k_total = coef.shape[0]
+    ref = sources[0]
+    if out is None:
+        out = [
+            {key: torch.empty_like(ref[key], memory_format=torch.contiguous_format) for key in keys}
+            for _ in range(k_total)
+        ]
+    else:
+        out = list(out)
+        if len(out) != k_total:
+            raise ValueError(f"blend: out has {len(out)} state dicts but coefficients have K = {k_total} rows")
+        check_compatible([ref, *out], names=["source 0", *[f"out {k}" for k in range(k_total)]], subset_ok=False)
+        for k, od in enumerate(out):
+            for key in keys:
+                if not od[key].is_contiguous():
+                    raise ValueError(
+                        f"blend: out {k} tensor {key!r} is not contiguous; blend writes contiguous outputs"
+                    )
+    float_keys = [key for key in keys if ref[key].dtype in BLENDABLE_DTYPES]
+    other_keys = [key for key in keys if ref[key].dtype not in BLENDABLE_DTYPES]
+    with torch.no_grad():
+        if float_keys:
+            flat_sources = [sd[key].detach() for sd in sources for key in float_keys]
+            for k0 in range(0, k_total, _MAX_CLUSTERS_PER_LAUNCH):
+                k1 = min(k_total, k0 + _MAX_CLUSTERS_PER_LAUNCH)
+                flat_out = [out[k][key] for k in range(k0, k1) for key in float_keys]
+                _ops.blend_(flat_sources, coef[k0:k1].contiguous(), flat_out)
+        for key in other_keys:
+            for k in range(k_total):
+                out[k][key].copy_(ref[key])
+    return out
+
+
+def interpolation(alpha, weight1: Mapping[str, Tensor], weight2: Mapping[str, Tensor]) -> StateDict:
+    """Drop-in for the public DaWin/WiSE-FT reference ``interpolation(alpha, weight1, weight2)``.
+
+    Returns ``{key: (1 - alpha) * weight1[key] + alpha * weight2[key]}`` over ``weight1``'s keys,
+    computed by :func:`blend`. ``alpha`` may be a float or a 0-d tensor. One documented difference:
+    non-floating keys (such as BatchNorm's ``num_batches_tracked``) are copied from ``weight1`` and
+    keep their integer dtype, where the reference's arithmetic would turn them into floats.
+    """
+    a = float(alpha.item() if isinstance(alpha, Tensor) else alpha)
+    return blend([weight1, weight2], [[1.0 - a, a]])[0]
+
+
+# --------------------------------------------------------------------------------------------
+# sample_combine
+# --------------------------------------------------------------------------------------------
+def sample_combine(stacked: Tensor, weights: Tensor) -> Tensor:
+    """Per-sample combination of S partial outputs.
+
+    ``stacked`` is ``[B, M, S, N]`` (float32/float16/bfloat16), ``weights`` is ``[B, S]``; returns
+    ``[B, M, N]`` with ``out[b, m, n] = sum_s weights[b, s] * stacked[b, m, s, n]`` accumulated in float32.
+    This is the epilogue of the exact per-sample interpolation: one concatenated GEMM produces the S
+    partial outputs side by side, and this kernel blends them per sample in one pass.
+    """
+    return _ops.sample_combine(stacked, weights)
+
+
+@torch.library.register_fake("dawin_ext::sample_combine")
+def _sample_combine_fake(stacked: Tensor, weights: Tensor) -> Tensor:
+    torch._check(stacked.dim() == 4, lambda: "sample_combine: stacked must be [B, M, S, N]")
+    b, m, _, n = stacked.shape
+    return stacked.new_empty((b, m, n))
+
+
+def _sample_combine_setup_context(ctx, inputs, output) -> None:
+    stacked, weights = inputs
+    ctx.save_for_backward(stacked, weights)
+
+
+def _sample_combine_backward(ctx, grad: Tensor):
+    stacked, weights = ctx.saved_tensors
+    g = grad.float()
+    grad_stacked = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_stacked = (g[:, :, None, :] * weights.float()[:, None, :, None]).to(stacked.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_weights = torch.einsum("bmn,bmsn->bs", g, stacked.float()).to(weights.dtype)
+    return grad_stacked, grad_weights
+
+
+torch.library.register_autograd(
+    "dawin_ext::sample_combine", _sample_combine_backward, setup_context=_sample_combine_setup_context
+)
