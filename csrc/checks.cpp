@@ -1,4 +1,6 @@
 // Argument checks shared by the CPU and CUDA kernels, so both raise the same messages.
+// Unsupported dtypes raise TypeError in Python (TORCH_CHECK_TYPE), every other bad argument ValueError
+// (TORCH_CHECK_VALUE), matching the Python-side checks; see docs/errors.md.
 #include <ATen/ATen.h>
 
 #include "common/blend_math.h"
@@ -11,95 +13,98 @@ bool is_supported_float(at::ScalarType t) { return t == at::kFloat || t == at::k
 }  // namespace
 
 void check_softmax_entropy_args(const at::Tensor& logits, double temperature) {
-  TORCH_CHECK(logits.dim() >= 1,
-              "softmax_entropy: logits must have at least one dimension (the classes), got a 0-d tensor");
-  TORCH_CHECK(is_supported_float(logits.scalar_type()),
-              "softmax_entropy: logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0,
-              "softmax_entropy: temperature must be a finite number > 0, got ", temperature);
-  TORCH_CHECK(logits.size(-1) >= 1, "softmax_entropy: the class dimension (last) must not be empty, got shape ",
-              logits.sizes());
+  TORCH_CHECK_VALUE(logits.dim() >= 1,
+                    "softmax_entropy: logits must have at least one dimension (the classes), got a 0-d tensor");
+  TORCH_CHECK_TYPE(is_supported_float(logits.scalar_type()),
+                   "softmax_entropy: logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "softmax_entropy: temperature must be a finite number > 0, got ", temperature);
+  TORCH_CHECK_VALUE(logits.size(-1) >= 1, "softmax_entropy: the class dimension (last) must not be empty, got shape ",
+                    logits.sizes());
 }
 
 void check_entropy_coefficients_args(const at::Tensor& logits, c10::ArrayRef<double> temperatures,
                                      bool offset_adjustment) {
-  TORCH_CHECK(logits.dim() == 3, "entropy_coefficients: logits must be [M models, B samples, C classes], got shape ",
-              logits.sizes());
-  TORCH_CHECK(is_supported_float(logits.scalar_type()),
-              "entropy_coefficients: logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
-  TORCH_CHECK(logits.size(0) >= 1, "entropy_coefficients: need at least one model, got M = 0");
-  TORCH_CHECK(logits.size(2) >= 1, "entropy_coefficients: the class dimension must not be empty, got shape ",
-              logits.sizes());
-  TORCH_CHECK(temperatures.empty() || static_cast<int64_t>(temperatures.size()) == logits.size(0),
-              "entropy_coefficients: got ", temperatures.size(), " temperatures for ", logits.size(0), " models");
+  TORCH_CHECK_VALUE(logits.dim() == 3,
+                    "entropy_coefficients: logits must be [M models, B samples, C classes], got shape ",
+                    logits.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(logits.scalar_type()),
+                   "entropy_coefficients: logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(0) >= 1, "entropy_coefficients: need at least one model, got M = 0");
+  TORCH_CHECK_VALUE(logits.size(2) >= 1, "entropy_coefficients: the class dimension must not be empty, got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(temperatures.empty() || static_cast<int64_t>(temperatures.size()) == logits.size(0),
+                    "entropy_coefficients: got ", temperatures.size(), " temperatures for ", logits.size(0), " models");
   for (size_t m = 0; m < temperatures.size(); ++m) {
-    TORCH_CHECK(std::isfinite(temperatures[m]) && temperatures[m] > 0.0, "entropy_coefficients: temperature of model ",
-                m, " must be a finite number > 0, got ", temperatures[m]);
+    TORCH_CHECK_VALUE(std::isfinite(temperatures[m]) && temperatures[m] > 0.0,
+                      "entropy_coefficients: temperature of model ", m, " must be a finite number > 0, got ",
+                      temperatures[m]);
   }
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       !offset_adjustment || logits.size(0) == 2,
       "entropy_coefficients: offset_adjustment is defined for exactly 2 models (zero-shot, fine-tuned), got M = ",
       logits.size(0));
-  TORCH_CHECK(!offset_adjustment || logits.size(1) >= 2,
-              "entropy_coefficients: offset_adjustment needs the entropies' standard deviation over the batch, so at "
-              "least 2 samples, got B = ",
-              logits.size(1));
+  TORCH_CHECK_VALUE(
+      !offset_adjustment || logits.size(1) >= 2,
+      "entropy_coefficients: offset_adjustment needs the entropies' standard deviation over the batch, so at "
+      "least 2 samples, got B = ",
+      logits.size(1));
 }
 
 void check_blend_args(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out) {
-  TORCH_CHECK(coefficients.dim() == 2, "blend: coefficients must be [K clusters, S sources], got shape ",
-              coefficients.sizes());
-  TORCH_CHECK(coefficients.is_floating_point(), "blend: coefficients must be floating point, got ",
-              coefficients.scalar_type());
+  TORCH_CHECK_VALUE(coefficients.dim() == 2, "blend: coefficients must be [K clusters, S sources], got shape ",
+                    coefficients.sizes());
+  TORCH_CHECK_TYPE(coefficients.is_floating_point(), "blend: coefficients must be floating point, got ",
+                   coefficients.scalar_type());
   const int64_t K = coefficients.size(0);
   const int64_t S = coefficients.size(1);
-  TORCH_CHECK(S >= 1 && S <= math::kMaxSources, "blend: the number of sources must be in [1, ", math::kMaxSources,
-              "], got ", S);
-  TORCH_CHECK(K >= 1 && K <= math::kMaxClusters, "blend: the number of clusters must be in [1, ", math::kMaxClusters,
-              "], got ", K);
-  TORCH_CHECK(static_cast<int64_t>(sources.size()) % S == 0, "blend: got ", sources.size(),
-              " source tensors, not a multiple of S = ", S);
+  TORCH_CHECK_VALUE(S >= 1 && S <= math::kMaxSources, "blend: the number of sources must be in [1, ", math::kMaxSources,
+                    "], got ", S);
+  TORCH_CHECK_VALUE(K >= 1 && K <= math::kMaxClusters, "blend: the number of clusters must be in [1, ",
+                    math::kMaxClusters, "], got ", K);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(sources.size()) % S == 0, "blend: got ", sources.size(),
+                    " source tensors, not a multiple of S = ", S);
   const int64_t N = static_cast<int64_t>(sources.size()) / S;
-  TORCH_CHECK(static_cast<int64_t>(out.size()) == K * N, "blend: expected K * N = ", K * N, " output tensors, got ",
-              out.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(out.size()) == K * N, "blend: expected K * N = ", K * N,
+                    " output tensors, got ", out.size());
   for (int64_t n = 0; n < N; ++n) {
     const at::Tensor& ref = sources[n];
-    TORCH_CHECK(is_supported_float(ref.scalar_type()), "blend: tensor ", n,
-                " must be float32, float16 or bfloat16, got ", ref.scalar_type());
+    TORCH_CHECK_TYPE(is_supported_float(ref.scalar_type()), "blend: tensor ", n,
+                     " must be float32, float16 or bfloat16, got ", ref.scalar_type());
     for (int64_t s = 1; s < S; ++s) {
       const at::Tensor& t = sources[s * N + n];
-      TORCH_CHECK(t.sizes() == ref.sizes(), "blend: tensor ", n, " of source ", s, " has shape ", t.sizes(),
-                  " but source 0 has ", ref.sizes());
-      TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "blend: tensor ", n, " of source ", s, " has dtype ",
-                  t.scalar_type(), " but source 0 has ", ref.scalar_type());
-      TORCH_CHECK(t.device() == ref.device(), "blend: tensor ", n, " of source ", s, " is on ", t.device(),
-                  " but source 0 is on ", ref.device());
+      TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "blend: tensor ", n, " of source ", s, " has shape ", t.sizes(),
+                        " but source 0 has ", ref.sizes());
+      TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), "blend: tensor ", n, " of source ", s, " has dtype ",
+                        t.scalar_type(), " but source 0 has ", ref.scalar_type());
+      TORCH_CHECK_VALUE(t.device() == ref.device(), "blend: tensor ", n, " of source ", s, " is on ", t.device(),
+                        " but source 0 is on ", ref.device());
     }
     for (int64_t k = 0; k < K; ++k) {
       const at::Tensor& o = out[k * N + n];
-      TORCH_CHECK(o.sizes() == ref.sizes(), "blend: output tensor ", n, " of cluster ", k, " has shape ", o.sizes(),
-                  " but the sources have ", ref.sizes());
-      TORCH_CHECK(o.scalar_type() == ref.scalar_type(), "blend: output tensor ", n, " of cluster ", k, " has dtype ",
-                  o.scalar_type(), " but the sources have ", ref.scalar_type());
-      TORCH_CHECK(o.device() == ref.device(), "blend: output tensor ", n, " of cluster ", k, " is on ", o.device(),
-                  " but the sources are on ", ref.device());
-      TORCH_CHECK(o.is_contiguous(), "blend: output tensor ", n, " of cluster ", k, " must be contiguous");
+      TORCH_CHECK_VALUE(o.sizes() == ref.sizes(), "blend: output tensor ", n, " of cluster ", k, " has shape ",
+                        o.sizes(), " but the sources have ", ref.sizes());
+      TORCH_CHECK_VALUE(o.scalar_type() == ref.scalar_type(), "blend: output tensor ", n, " of cluster ", k,
+                        " has dtype ", o.scalar_type(), " but the sources have ", ref.scalar_type());
+      TORCH_CHECK_VALUE(o.device() == ref.device(), "blend: output tensor ", n, " of cluster ", k, " is on ",
+                        o.device(), " but the sources are on ", ref.device());
+      TORCH_CHECK_VALUE(o.is_contiguous(), "blend: output tensor ", n, " of cluster ", k, " must be contiguous");
     }
   }
 }
 
 void check_sample_combine_args(const at::Tensor& stacked, const at::Tensor& weights) {
-  TORCH_CHECK(stacked.dim() == 4, "sample_combine: stacked must be [B, M, S, N], got shape ", stacked.sizes());
-  TORCH_CHECK(weights.dim() == 2, "sample_combine: weights must be [B, S], got shape ", weights.sizes());
-  TORCH_CHECK(is_supported_float(stacked.scalar_type()),
-              "sample_combine: stacked must be float32, float16 or bfloat16, got ", stacked.scalar_type());
-  TORCH_CHECK(weights.is_floating_point(), "sample_combine: weights must be floating point, got ",
-              weights.scalar_type());
-  TORCH_CHECK(weights.size(0) == stacked.size(0) && weights.size(1) == stacked.size(2),
-              "sample_combine: weights shape ", weights.sizes(), " does not match [B, S] = [", stacked.size(0), ", ",
-              stacked.size(2), "] of stacked ", stacked.sizes());
-  TORCH_CHECK(weights.device() == stacked.device(), "sample_combine: weights are on ", weights.device(),
-              " but stacked is on ", stacked.device());
+  TORCH_CHECK_VALUE(stacked.dim() == 4, "sample_combine: stacked must be [B, M, S, N], got shape ", stacked.sizes());
+  TORCH_CHECK_VALUE(weights.dim() == 2, "sample_combine: weights must be [B, S], got shape ", weights.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(stacked.scalar_type()),
+                   "sample_combine: stacked must be float32, float16 or bfloat16, got ", stacked.scalar_type());
+  TORCH_CHECK_TYPE(weights.is_floating_point(), "sample_combine: weights must be floating point, got ",
+                   weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.size(0) == stacked.size(0) && weights.size(1) == stacked.size(2),
+                    "sample_combine: weights shape ", weights.sizes(), " does not match [B, S] = [", stacked.size(0),
+                    ", ", stacked.size(2), "] of stacked ", stacked.sizes());
+  TORCH_CHECK_VALUE(weights.device() == stacked.device(), "sample_combine: weights are on ", weights.device(),
+                    " but stacked is on ", stacked.device());
 }
 
 at::Tensor coefficients_from_entropies(const at::Tensor& entropies, bool offset_adjustment) {
