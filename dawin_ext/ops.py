@@ -7,6 +7,7 @@ if the compiled core is missing, importing ``dawin_ext`` fails with a message th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _loader  # noqa: F401  (loads the library that registers torch.ops.dawin_ext)
-from .statedict import StateDict, check_compatible, check_finite_matrix
+from .statedict import StateDict, as_state_dict, check_compatible, check_finite_matrix
 
 __all__ = [
     "softmax_entropy",
@@ -113,6 +114,9 @@ def entropy_coefficients(
         shapes = {tuple(t.shape) for t in logits}
         if len(shapes) != 1:
             raise ValueError(f"entropy_coefficients: the models' logits have different shapes {sorted(shapes)}")
+        devices = {str(t.device) for t in logits}
+        if len(devices) != 1:
+            raise ValueError(f"entropy_coefficients: the models' logits are on different devices {sorted(devices)}")
         logits = torch.stack(logits)
     temps = [] if temperatures is None else [float(t) for t in temperatures]
     coefficients, entropies = _ops.entropy_coefficients(logits, temps, bool(offset_adjustment))
@@ -135,7 +139,10 @@ def _blend_fake(sources: list[Tensor], coefficients: Tensor, out: list[Tensor]) 
 
 
 def _as_coefficient_matrix(coefficients, num_sources: int) -> Tensor:
-    coef = torch.as_tensor(coefficients, dtype=torch.float64).detach().cpu()
+    try:
+        coef = torch.as_tensor(coefficients, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"blend: coefficients must be a numeric [K, S] matrix, got {coefficients!r} ({exc})") from exc
     if coef.dim() == 1:
         coef = coef.unsqueeze(0)
     if coef.dim() != 2 or coef.shape[1] != num_sources:
@@ -160,7 +167,7 @@ def blend(
     are copied from source 0 and never blended.
 
     Args:
-        sources: S state dicts with identical keys, shapes, dtypes and devices (checked first; the
+        sources: S state dicts (or modules) with identical keys, shapes, dtypes and devices (checked first; the
             error names the first offending key).
         coefficients: ``[K, S]`` matrix (tensor, array or nested lists); a 1-D vector means K = 1.
         out: optional K state dicts whose existing tensors are overwritten in place (for example a
@@ -169,7 +176,9 @@ def blend(
     Returns:
         The K blended state dicts (``out`` itself when given).
     """
-    sources = list(sources)
+    if isinstance(sources, Mapping | torch.nn.Module):
+        raise TypeError("blend: sources must be a sequence of state dicts; got a single one (wrap it in a list)")
+    sources = [as_state_dict(sd, f"blend: source {s}") for s, sd in enumerate(sources)]
     if len(sources) < 1:
         raise ValueError("blend: need at least one source state dict")
     if len(sources) > _MAX_SOURCES:
@@ -194,6 +203,14 @@ def blend(
                     raise ValueError(
                         f"blend: out {k} tensor {key!r} is not contiguous; blend writes contiguous outputs"
                     )
+    for key in keys:
+        t = ref[key]
+        if (t.is_floating_point() or t.is_complex()) and t.dtype not in BLENDABLE_DTYPES:
+            # Copying such a key from source 0 would silently skip the interpolation.
+            raise TypeError(
+                f"blend: key {key!r} has dtype {t.dtype}; blend interpolates float32, float16 and bfloat16 "
+                "(convert the state dicts first, e.g. {k: v.float() for k, v in sd.items()})"
+            )
     float_keys = [key for key in keys if ref[key].dtype in BLENDABLE_DTYPES]
     other_keys = [key for key in keys if ref[key].dtype not in BLENDABLE_DTYPES]
     with torch.no_grad():
@@ -217,7 +234,11 @@ def interpolation(alpha, weight1: Mapping[str, Tensor], weight2: Mapping[str, Te
     non-floating keys (such as BatchNorm's ``num_batches_tracked``) are copied from ``weight1`` and
     keep their integer dtype, where the reference's arithmetic would turn them into floats.
     """
+    if isinstance(alpha, Tensor) and alpha.numel() != 1:
+        raise ValueError(f"interpolation: alpha must be a scalar, got a tensor of shape {tuple(alpha.shape)}")
     a = float(alpha.item() if isinstance(alpha, Tensor) else alpha)
+    if not math.isfinite(a):
+        raise ValueError(f"interpolation: alpha must be a finite number, got {a}")
     return blend([weight1, weight2], [[1.0 - a, a]])[0]
 
 
@@ -238,6 +259,11 @@ def sample_combine(stacked: Tensor, weights: Tensor) -> Tensor:
 @torch.library.register_fake("dawin_ext::sample_combine")
 def _sample_combine_fake(stacked: Tensor, weights: Tensor) -> Tensor:
     torch._check(stacked.dim() == 4, lambda: "sample_combine: stacked must be [B, M, S, N]")
+    # Mixed devices (e.g. one meta tensor) dispatch here; refuse them instead of returning garbage.
+    torch._check_value(
+        weights.device == stacked.device,
+        lambda: f"sample_combine: weights are on {weights.device} but stacked is on {stacked.device}",
+    )
     b, m, _, n = stacked.shape
     return stacked.new_empty((b, m, n))
 
