@@ -1,0 +1,210 @@
+"""Model and state-dict plumbing shared by the methods.
+
+* :class:`BlendedModels` owns K reusable copies of a module and re-blends their parameters in place with
+  ``blend(out=...)``, so building interpolated models allocates nothing after construction.
+* :func:`collect_logits` runs one or more models over a loader once, validating class counts and NaNs.
+* :func:`route` sends each sample of a batch to its cluster's model and returns outputs in input order.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .ops import blend
+from .statedict import StateDict, as_state_dict, check_compatible
+
+__all__ = [
+    "BlendedModels",
+    "collect_logits",
+    "route",
+    "split_batch",
+    "check_logits_finite",
+    "evaluate_accuracy",
+]
+
+
+def _contiguous_(module: nn.Module) -> None:
+    """Makes every parameter and buffer contiguous in place (blend writes contiguous outputs)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+        for name, b in list(module.named_buffers()):
+            if b is not None and not b.is_contiguous():
+                owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+                setattr(owner, name.rpartition(".")[2], b.contiguous())
+
+
+class BlendedModels:
+    """K copies of ``module`` whose weights are blends of S source state dicts.
+
+    ``blend(coefficients)`` writes ``sum_s coefficients[k, s] * sources[s]`` into copy k's own parameter
+    tensors (through ``dawin_ext.blend(..., out=...)``), so re-blending costs one pass over the weights and
+    no allocation. The copies are put in eval mode and never require gradients. ``module`` itself is not
+    modified.
+
+    Args:
+        module: architecture (its weights are only used as buffers to be overwritten).
+        sources: S state dicts or modules; they must have exactly the keys, shapes, dtypes and device of
+            ``module.state_dict()`` (checked; the error names the first offending key).
+        n_models: K, the number of reusable copies.
+    """
+
+    def __init__(self, module: nn.Module, sources: Sequence[Mapping[str, Tensor] | nn.Module], n_models: int) -> None:
+        if int(n_models) < 1:
+            raise ValueError(f"BlendedModels: n_models must be >= 1, got {n_models}")
+        if len(sources) < 1:
+            raise ValueError("BlendedModels: need at least one source")
+        self.sources: list[StateDict] = [as_state_dict(s, f"source {i}") for i, s in enumerate(sources)]
+        template = as_state_dict(module, "module")
+        check_compatible(
+            [template, *self.sources], names=["module", *[f"source {i}" for i in range(len(self.sources))]]
+        )
+        self.models: list[nn.Module] = []
+        for _ in range(int(n_models)):
+            m = copy.deepcopy(module)
+            m.eval()
+            m.requires_grad_(False)
+            _contiguous_(m)
+            self.models.append(m)
+        # state_dict() of a module returns its live tensors: blending into them updates the module.
+        self.buffers: list[StateDict] = [dict(m.state_dict()) for m in self.models]
+        self.coefficients: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __getitem__(self, k: int) -> nn.Module:
+        return self.models[k]
+
+    def blend(self, coefficients, rows: Sequence[int] | None = None) -> None:
+        """Re-blends the copies listed in ``rows`` (default all) with ``coefficients`` [len(rows), S]."""
+        coef = torch.as_tensor(coefficients, dtype=torch.float64)
+        if coef.dim() == 1:
+            coef = coef.unsqueeze(0)
+        rows = list(range(len(self.models))) if rows is None else [int(r) for r in rows]
+        if coef.shape[0] != len(rows):
+            raise ValueError(f"BlendedModels.blend: {coef.shape[0]} coefficient rows for {len(rows)} models")
+        blend(self.sources, coef, out=[self.buffers[r] for r in rows])
+        if self.coefficients is None:
+            self.coefficients = torch.full((len(self.models), len(self.sources)), float("nan"), dtype=torch.float64)
+        self.coefficients[rows] = coef
+
+
+def split_batch(batch) -> tuple[Tensor, Tensor | None]:
+    """A loader item is ``x``, ``(x, y)`` / ``[x, y, ...]`` or ``{"images": x, "labels": y}``."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        x = batch.get("images", batch.get("x"))
+        if x is None:
+            raise ValueError(f"loader yielded a dict without 'images' or 'x' (keys {sorted(batch)})")
+        return x, batch.get("labels", batch.get("y"))
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        return batch[0], y
+    raise TypeError(f"loader yielded a {type(batch).__name__}; expected x, (x, y) or a dict")
+
+
+def check_logits_finite(logits: Tensor, what: str, offset: int = 0) -> None:
+    """Raises ValueError naming the first sample (row, counted from ``offset``) with NaN/Inf logits."""
+    bad = ~torch.isfinite(logits.reshape(logits.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{what}: logits of sample {offset + i} are not finite ({logits[i].flatten()[:6].tolist()}...)"
+        )
+
+
+@torch.no_grad()
+def collect_logits(
+    models: Sequence[Callable[[Tensor], Tensor]],
+    loader: Iterable,
+    names: Sequence[str] | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> tuple[list[Tensor], Tensor | None]:
+    """Runs every model over ``loader`` once; returns ([N, C] logits per model, labels or None).
+
+    Raises when the loader is empty, when two models or two batches disagree on the number of classes
+    (naming the batch), or when a model gives NaN/Inf logits (naming the first offending sample).
+    """
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
+    outs: list[list[Tensor]] = [[] for _ in models]
+    labels: list[Tensor] = []
+    n_classes = None
+    seen = 0
+    has_labels = None
+    iterator = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(loader, desc="logits", leave=False)
+    for b, batch in enumerate(iterator):
+        x, y = split_batch(batch)
+        if device is not None:
+            x = x.to(device)
+        if has_labels is None:
+            has_labels = y is not None
+        elif has_labels != (y is not None):
+            raise ValueError(f"loader batch {b}: some batches carry labels and others do not")
+        for i, model in enumerate(models):
+            z = model(x)
+            if z.dim() != 2 or z.shape[0] != x.shape[0]:
+                raise ValueError(f"{names[i]}: expected logits [B, C] for batch {b}, got {tuple(z.shape)}")
+            if n_classes is None:
+                n_classes = z.shape[1]
+            elif z.shape[1] != n_classes:
+                raise ValueError(f"{names[i]}: batch {b} has {z.shape[1]} classes but earlier logits had {n_classes}")
+            check_logits_finite(z, names[i], offset=seen)
+            outs[i].append(z.detach().float().cpu())
+        if y is not None:
+            labels.append(y.detach().cpu())
+        seen += x.shape[0]
+    if seen == 0:
+        raise ValueError("collect_logits: the loader yielded no samples")
+    return [torch.cat(o) for o in outs], (torch.cat(labels) if labels else None)
+
+
+@torch.no_grad()
+def route(models: Sequence[Callable[[Tensor], Tensor]], x: Tensor, assignment: Tensor) -> Tensor:
+    """Runs sample i through ``models[assignment[i]]``; returns outputs in the order of ``x``.
+
+    Each model present in ``assignment`` runs once, on its sub-batch.
+    """
+    assignment = torch.as_tensor(assignment, dtype=torch.long).cpu()
+    if assignment.shape != (x.shape[0],):
+        raise ValueError(f"route: assignment must be [{x.shape[0]}], got {tuple(assignment.shape)}")
+    out = None
+    for k in torch.unique(assignment).tolist():
+        if not 0 <= k < len(models):
+            raise ValueError(f"route: cluster {k} does not exist (have {len(models)} models)")
+        idx = (assignment == k).nonzero().squeeze(1)
+        z = models[k](x[idx.to(x.device)])
+        if out is None:
+            out = z.new_empty((x.shape[0], *z.shape[1:]))
+        out[idx.to(z.device)] = z
+    assert out is not None
+    return out
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: Callable[[Tensor], Tensor], loader: Iterable, device=None) -> float:
+    """Top-1 accuracy of ``model`` over a loader of ``(x, y)``."""
+    correct = total = 0
+    for b, batch in enumerate(loader):
+        x, y = split_batch(batch)
+        if y is None:
+            raise ValueError(f"evaluate_accuracy: batch {b} has no labels")
+        if device is not None:
+            x = x.to(device)
+        pred = model(x).argmax(dim=-1).cpu()
+        correct += int((pred == y.cpu()).sum())
+        total += y.shape[0]
+    if total == 0:
+        raise ValueError("evaluate_accuracy: the loader yielded no samples")
+    return correct / total
