@@ -8,8 +8,10 @@ starts with the function's name and names the offending key, sample, shape, dtyp
 from __future__ import annotations
 
 import math
+import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -429,3 +431,422 @@ def test_error_messages_start_with_the_function_name():
         if isinstance(info.value, IncompatibleStateDictsError):
             continue  # names the key and both state dicts instead
         assert re.search(rf"\b{prefix}\b", msg), f"{name}: {msg!r} does not name {prefix}"
+
+
+# --------------------------------------------------------------------------------------------
+# High-level API: WiSE-FT, DaWin, AdaWiSE, multi-task DaWin, mixtures, checkpoints
+# --------------------------------------------------------------------------------------------
+def _mod(name):
+    return pytest.importorskip(f"dawin_ext.{name}")
+
+
+def _tiny(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 4)
+    ).eval()
+
+
+def _tiny_sd(seed: int, **overrides):
+    sd = dict(_tiny(seed).state_dict())
+    for key, value in overrides.items():
+        if value is None:
+            del sd[key]
+        else:
+            sd[key] = value
+    return sd
+
+
+def _poisoned(seed: int, key: str, index, value: float):
+    sd = _tiny_sd(seed)
+    t = sd[key].clone()
+    t[index] = value
+    sd[key] = t
+    return sd
+
+
+def _batches(n=24, batch=8, features=6, nan_at=None):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, features, generator=g)
+    if nan_at is not None:
+        x[nan_at, 0] = NAN
+    y = torch.randint(0, 4, (n,), generator=g)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+class _ClassCountFlipper(torch.nn.Module):
+    """Returns 4 classes on odd calls and 3 on even ones, like a loader mixing two datasets' heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        z = self.lin(x)
+        return z if self.calls % 2 else z[:, :3]
+
+
+def _dawin(**kw):
+    return _mod("dawin").DaWin(_tiny(0), _tiny_sd(1), _tiny_sd(2), **kw)
+
+
+def _fitted_dawin():
+    return _dawin(n_clusters=2).fit(_batches())
+
+
+def _unsafe_checkpoint():
+    import tempfile
+
+    path = tempfile.mktemp(suffix=".pt")
+    torch.save(_tiny(0), path)  # a whole module: unpickling it needs arbitrary code
+    return path
+
+
+HIGH_LEVEL_CASES = [
+    # ---- wise_ft
+    ("wise-alpha-nan", lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), NAN), ValueError, r"alpha .*finite"),
+    (
+        "wise-key-mismatch",
+        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1, **{"3.bias": None}), 0.5),
+        IncompatibleStateDictsError,
+        r"theta_1 is missing key '3\.bias'",
+    ),
+    (
+        "wise-shape-mismatch",
+        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1, **{"3.bias": torch.zeros(5)}), 0.5),
+        IncompatibleStateDictsError,
+        r"'3\.bias': theta_0 has shape \(4,\) but theta_1 has \(5,\)",
+    ),
+    (
+        "wise-nan-weight",
+        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _poisoned(1, "0.weight", (1, 2), NAN), 0.5),
+        ValueError,
+        r"theta_1.*'0\.weight'",
+    ),
+    (
+        "wise-inf-weight-alpha-0",
+        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _poisoned(1, "3.bias", 2, INF), 0.0),
+        ValueError,
+        r"theta_1.*'3\.bias'",
+    ),
+    (
+        "wise-fisher-alpha-out-of-range",
+        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), 1.5, fishers=({}, {})),
+        ValueError,
+        r"alpha in \[0, 1\], got 1\.5",
+    ),
+    (
+        "wise-fisher-floor",
+        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), 0.5, fishers=({}, {}), fisher_floor=0.0),
+        ValueError,
+        r"fisher_floor must be > 0",
+    ),
+    (
+        "wise-fisher-nan",
+        lambda: _mod("wise_ft").wise_ft(
+            _tiny_sd(0), _tiny_sd(1), 0.5, fishers=({"0.bias": torch.full((8,), NAN)}, {"0.bias": torch.ones(8)})
+        ),
+        ValueError,
+        r"fishers\[0\]\['0\.bias'\].*NaN",
+    ),
+    (
+        "wise-fisher-one-sided",
+        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), 0.5, fishers=({}, {"0.bias": torch.ones(8)})),
+        ValueError,
+        r"'0\.bias' has a Fisher only in fishers\[1\]",
+    ),
+    (
+        "wise-fisher-shape",
+        lambda: _mod("wise_ft").wise_ft(
+            _tiny_sd(0), _tiny_sd(1), 0.5, fishers=({"0.bias": torch.ones(7)}, {"0.bias": torch.ones(7)})
+        ),
+        ValueError,
+        r"fishers\[0\]\['0\.bias'\] has shape \(7,\), parameter has \(8,\)",
+    ),
+    (
+        "wise-fisher-unknown-key",
+        lambda: _mod("wise_ft").wise_ft(
+            _tiny_sd(0), _tiny_sd(1), 0.5, fishers=({"head.w": torch.ones(1)}, {"head.w": torch.ones(1)})
+        ),
+        ValueError,
+        r"'head\.w' that theta_0 lacks",
+    ),
+    (
+        "wise-sweep-no-alphas",
+        lambda: _mod("wise_ft").wise_ft_sweep(_tiny(0), _tiny_sd(0), _tiny_sd(1), [], lambda m: 0),
+        ValueError,
+        r"at least one alpha",
+    ),
+    (
+        "output-ensemble-class-counts",
+        lambda: _mod("wise_ft").output_ensemble(torch.randn(3, 4), torch.randn(3, 5)),
+        ValueError,
+        r"shapes differ: \(3, 4\) vs \(3, 5\)",
+    ),
+    (
+        "output-ensemble-temperature",
+        lambda: _mod("wise_ft").output_ensemble(torch.randn(3, 4), torch.randn(3, 4), temperatures=(0.0, 1.0)),
+        ValueError,
+        r"temperatures must be finite and > 0",
+    ),
+    (
+        "output-ensemble-nan-logits",
+        lambda: _mod("wise_ft").output_ensemble(torch.randn(3, 4), torch.tensor([[0.0] * 4, [0.0] * 4, [NAN] * 4])),
+        ValueError,
+        r"sample 2",
+    ),
+    (
+        "output-ensemble-weight-shape",
+        lambda: _mod("wise_ft").output_ensemble(torch.randn(3, 4), torch.randn(3, 4), torch.rand(5)),
+        ValueError,
+        r"output_ensemble: .*weight",
+    ),
+    (
+        "fisher-empty-loader",
+        lambda: _mod("wise_ft").diagonal_fisher(_tiny(0), []),
+        ValueError,
+        r"diagonal_fisher: the loader yielded no samples",
+    ),
+    # ---- DaWin
+    ("dawin-temperature-zero", lambda: _dawin(temperatures=(0.0, 1.0)), ValueError, r"temperatures .*> 0"),
+    ("dawin-temperature-negative", lambda: _dawin(temperatures=(1.0, -2.0)), ValueError, r"-2\.0"),
+    ("dawin-three-temperatures", lambda: _dawin(temperatures=(1, 1, 1)), ValueError, r"two temperatures"),
+    ("dawin-no-clusters", lambda: _dawin(n_clusters=0), ValueError, r"n_clusters must be >= 1, got 0"),
+    (
+        "dawin-more-clusters-than-samples",
+        lambda: _dawin(n_clusters=5).fit(_batches(n=4, batch=2)),
+        ValueError,
+        r"n_components=5 is more than the 4 samples",
+    ),
+    ("dawin-empty-loader", lambda: _dawin().fit([]), ValueError, r"loader yielded no samples"),
+    ("dawin-unknown-expertise", lambda: _dawin(expertise="vibes"), ValueError, r"unknown expertise 'vibes'"),
+    (
+        "dawin-key-mismatch",
+        lambda: _mod("dawin").DaWin(_tiny(0), _tiny_sd(1), _tiny_sd(2, **{"3.bias": None})),
+        IncompatibleStateDictsError,
+        r"theta_ft is missing key '3\.bias'",
+    ),
+    (
+        "dawin-dtype-mismatch",
+        lambda: _mod("dawin").DaWin(_tiny(0), _tiny_sd(1), _tiny_sd(2, **{"3.bias": torch.zeros(4).half()})),
+        IncompatibleStateDictsError,
+        r"'3\.bias'.*torch\.float32.*torch\.float16",
+    ),
+    (
+        "dawin-nan-sample",
+        lambda: _dawin().fit(_batches(nan_at=11)),
+        ValueError,
+        r"sample 11",
+    ),
+    (
+        "dawin-predict-nan-sample",
+        lambda: _fitted_dawin().predict(_batches(nan_at=5)[0][0]),
+        ValueError,
+        r"sample 5",
+    ),
+    (
+        "dawin-nan-weight",
+        lambda: _mod("dawin").DaWin(_tiny(0), _tiny_sd(1), _poisoned(2, "0.weight", (1, 2), NAN)).fit(_batches()),
+        ValueError,
+        r"theta_ft.*'0\.weight'",
+    ),
+    (
+        "dawin-class-counts-change",
+        lambda: _mod("dawin").DaWin(_ClassCountFlipper(), *(_ClassCountFlipper().state_dict(),) * 2).fit(_batches()),
+        ValueError,
+        r"batch \d has 3 classes but earlier logits had 4",
+    ),
+    ("dawin-predict-before-fit", lambda: _dawin().predict(torch.randn(2, 6)), RuntimeError, r"call fit"),
+    ("dawin-bad-mode", lambda: _fitted_dawin().predict(torch.randn(2, 6), mode="fast"), ValueError, r"'fast'"),
+    (
+        "dawin-predict-dataset-length",
+        lambda: _fitted_dawin().predict_dataset(_batches(n=16)),
+        ValueError,
+        r"16 samples but fit saw 24",
+    ),
+    (
+        "dawin-coefficients-class-counts",
+        lambda: _mod("dawin").dawin_coefficients(torch.randn(3, 4), torch.randn(3, 5)),
+        ValueError,
+        r"same number of classes",
+    ),
+    (
+        "dawin-coefficients-no-samples",
+        lambda: _mod("dawin").dawin_coefficients(torch.randn(0, 4), torch.randn(0, 4)),
+        ValueError,
+        r"no samples",
+    ),
+    (
+        "dawin-coefficients-all-minus-inf-row",
+        lambda: _mod("dawin").dawin_coefficients(
+            torch.randn(3, 4), torch.tensor([[0.0, 1, 2, 3], [0, 1, 2, 3], [-INF] * 4])
+        ),
+        ValueError,
+        r"fine-tuned model: logits of sample 2",
+    ),
+    (
+        "dawin-coefficients-nan-offset",
+        lambda: _mod("dawin").dawin_coefficients(torch.randn(3, 4), torch.randn(3, 4), offset=(NAN, 2.0)),
+        ValueError,
+        r"offset",
+    ),
+    (
+        "dawin-coefficients-offset-one-sample",
+        lambda: _mod("dawin").dawin_coefficients(torch.randn(1, 4), torch.randn(1, 4), offset=True),
+        ValueError,
+        r"at least 2 samples",
+    ),
+    # ---- AdaWiSE
+    (
+        "adawise-n-init",
+        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2), n_init=0),
+        ValueError,
+        r"n_init must be >= 1",
+    ),
+    (
+        "adawise-budget",
+        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2), n_evals=2, n_init=3),
+        ValueError,
+        r"n_evals \(2\) must be >= n_init \(3\)",
+    ),
+    (
+        "adawise-empty-batch",
+        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2)).predict(torch.randn(0, 6)),
+        ValueError,
+        r"empty batch",
+    ),
+    (
+        "adawise-empty-loader",
+        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2)).predict_dataset([]),
+        ValueError,
+        r"no batches",
+    ),
+    (
+        "adawise-nan-sample",
+        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2)).predict(_batches(nan_at=5)[0][0]),
+        ValueError,
+        r"sample 5",
+    ),
+    (
+        "adawise-nan-weight",
+        lambda: (
+            _mod("adawise")
+            .AdaWiSE(_tiny(0), _tiny_sd(1), _poisoned(2, "3.weight", (0, 0), INF))
+            .predict(torch.randn(4, 6))
+        ),
+        ValueError,
+        r"theta_ft.*'3\.weight'",
+    ),
+    (
+        "adawise-key-mismatch",
+        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2, **{"0.bias": None})),
+        IncompatibleStateDictsError,
+        r"missing key '0\.bias'",
+    ),
+    # ---- multi-task DaWin
+    (
+        "multitask-no-tasks",
+        lambda: _mod("multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), []),
+        ValueError,
+        r"got 0",
+    ),
+    (
+        "multitask-both-task-forms",
+        lambda: _mod("multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0)),
+        ValueError,
+        r"exactly one of task_thetas and task_vectors",
+    ),
+    (
+        "multitask-key-mismatch",
+        lambda: _mod("multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), [_tiny_sd(1, **{"3.bias": None})]),
+        IncompatibleStateDictsError,
+        r"'3\.bias'",
+    ),
+    (
+        "multitask-empty-loader",
+        lambda: _mod("multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), [_tiny_sd(1), _tiny_sd(2)]).fit([]),
+        ValueError,
+        r"no samples",
+    ),
+    (
+        "multitask-nan-sample",
+        lambda: (
+            _mod("multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), [_tiny_sd(1), _tiny_sd(2)]).fit(_batches(nan_at=11))
+        ),
+        ValueError,
+        r"sample 11",
+    ),
+    # ---- mixtures
+    ("beta-no-components", lambda: _mod("mixture").BetaMixture(n_components=0), ValueError, r">= 1, got 0"),
+    (
+        "beta-more-components-than-samples",
+        lambda: _mod("mixture").BetaMixture(n_components=3).fit([0.1, 0.2]),
+        ValueError,
+        r"n_components=3 is more than the 2 samples",
+    ),
+    ("beta-empty", lambda: _mod("mixture").BetaMixture().fit([]), ValueError, r"no samples"),
+    ("beta-nan", lambda: _mod("mixture").BetaMixture().fit([0.1, NAN, 0.3, 0.5]), ValueError, r"sample 1 is nan"),
+    ("beta-outside", lambda: _mod("mixture").BetaMixture().fit([0.1, 0.3, 1.5]), ValueError, r"sample 2 is 1\.5"),
+    ("beta-2d", lambda: _mod("mixture").BetaMixture().fit(np.zeros((3, 2))), ValueError, r"1-D.*\(3, 2\)"),
+    ("beta-unfitted", lambda: _mod("mixture").BetaMixture().predict([0.1]), RuntimeError, r"fit\(\)"),
+    (
+        "dirichlet-not-simplex",
+        lambda: _mod("mixture").DirichletMixture().fit(np.array([[0.5, 0.6], [0.2, 0.8]])),
+        ValueError,
+        r"sample 0 sums to 1\.1",
+    ),
+    (
+        "dirichlet-negative",
+        lambda: _mod("mixture").DirichletMixture().fit(np.array([[0.2, 0.8], [1.5, -0.5]])),
+        ValueError,
+        r"sample 1 has negative entry",
+    ),
+    # ---- checkpoints
+    (
+        "checkpoint-unsafe-pickle",
+        lambda: _mod("checkpoints").load_state_dict(_unsafe_checkpoint()),
+        pickle.UnpicklingError,
+        r"trust_pickle=True",
+    ),
+    (
+        "checkpoint-missing",
+        lambda: _mod("checkpoints").load_state_dict("/nonexistent/weights.safetensors"),
+        FileNotFoundError,
+        r"does not exist",
+    ),
+    (
+        "checkpoint-empty-save",
+        lambda: _mod("checkpoints").save_state_dict("/tmp/never-written.safetensors", {}),
+        ValueError,
+        r"empty state dict",
+    ),
+]
+
+
+def test_high_level_cases_are_distinct():
+    ids = [c[0] for c in CASES + HIGH_LEVEL_CASES]
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize(
+    ("thunk", "exc", "match"), [c[1:] for c in HIGH_LEVEL_CASES], ids=[c[0] for c in HIGH_LEVEL_CASES]
+)
+def test_bad_input_high_level(thunk, exc, match):
+    with pytest.raises(exc, match=match):
+        thunk()
+
+
+def test_fisher_merge_never_silently_skips_a_dtype():
+    # float64 weights: either a clear TypeError (as the plain merge gives) or a real Fisher merge;
+    # never theta_0 copied through.
+    wise_ft = _mod("wise_ft")
+    sd0 = {k: v.double() if v.is_floating_point() else v for k, v in _tiny_sd(0).items()}
+    sd1 = {k: v.double() if v.is_floating_point() else v for k, v in _tiny_sd(1).items()}
+    try:
+        merged = wise_ft.wise_ft(sd0, sd1, 0.5, fishers=({}, {}))
+    except TypeError as exc:
+        assert "float64" in str(exc)
+        return
+    torch.testing.assert_close(merged["0.weight"], 0.5 * sd0["0.weight"] + 0.5 * sd1["0.weight"])
