@@ -850,3 +850,74 @@ def test_fisher_merge_never_silently_skips_a_dtype():
         assert "float64" in str(exc)
         return
     torch.testing.assert_close(merged["0.weight"], 0.5 * sd0["0.weight"] + 0.5 * sd1["0.weight"])
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture fitting on degenerate data: no NaN parameters, no crash
+# --------------------------------------------------------------------------------------------
+def _assert_sane_beta_mixture(bm, values, k):
+    for name in ("weights_", "alphas_", "betas_", "means_"):
+        p = np.asarray(getattr(bm, name))
+        assert p.shape == (k,), f"{name} has shape {p.shape}"
+        assert np.isfinite(p).all(), f"{name} = {p}"
+    assert (bm.alphas_ > 0).all() and (bm.betas_ > 0).all()
+    assert ((bm.means_ >= 0) & (bm.means_ <= 1)).all()
+    np.testing.assert_allclose(bm.weights_.sum(), 1.0, rtol=1e-9)
+    proba = bm.predict_proba(values)
+    assert np.isfinite(proba).all()
+    labels = bm.predict(values)
+    assert labels.shape == (len(values),) and ((labels >= 0) & (labels < k)).all()
+
+
+class TestMixtureEdgeCases:
+    @pytest.mark.parametrize("k", [1, 3])
+    @pytest.mark.parametrize("value", [0.0, 0.4, 0.5, 1.0])
+    def test_all_lambda_equal(self, k, value):
+        values = np.full(12, value)
+        bm = _mod("mixture").BetaMixture(n_components=k).fit(values)
+        _assert_sane_beta_mixture(bm, values, k)
+        np.testing.assert_allclose(bm.means_[bm.predict(values)], value, atol=1e-3)
+
+    @pytest.mark.parametrize("k", [2, 3])
+    def test_lambda_exactly_zero_and_one(self, k):
+        values = np.array([0.0] * 6 + [1.0] * 6 + [0.5] * (k - 2))
+        bm = _mod("mixture").BetaMixture(n_components=k).fit(values)
+        _assert_sane_beta_mixture(bm, values, k)
+        means = bm.means_[bm.predict(np.array([0.0, 1.0]))]
+        assert means[0] < 0.01 and means[1] > 0.99
+
+    @pytest.mark.parametrize("seed", range(4))
+    def test_component_that_ends_up_empty(self, seed):
+        # One tight cluster and a lone outlier: with K = 3 one component has (almost) nothing to explain.
+        rng = np.random.default_rng(seed)
+        values = np.concatenate([0.3 + 1e-4 * rng.standard_normal(40), [0.95]])
+        bm = _mod("mixture").BetaMixture(n_components=3, seed=seed).fit(values)
+        _assert_sane_beta_mixture(bm, values, 3)
+        assert (bm.weights_ > 0).all()
+
+    @pytest.mark.parametrize(("values", "k"), [([0.2, 0.7], 1), ([0.2, 0.7], 2), ([0.0, 1.0], 2), ([0.3, 0.3], 2)])
+    def test_two_samples(self, values, k):
+        values = np.array(values)
+        bm = _mod("mixture").BetaMixture(n_components=k).fit(values)
+        _assert_sane_beta_mixture(bm, values, k)
+
+    def test_dawin_with_identical_models_fits(self):
+        # theta_zs == theta_ft gives lambda = 1/2 for every sample: the default K = 3 must still work.
+        dawin = _mod("dawin")
+        sd = _tiny_sd(1)
+        d = dawin.DaWin(_tiny(0), sd, sd).fit(_batches())
+        torch.testing.assert_close(d.coefficients_, torch.full((24,), 0.5))
+        assert np.isfinite(d.cluster_coefficients_.numpy()).all()
+        ref = _tiny(1)
+        x = _batches()[0][0]
+        torch.testing.assert_close(d.predict(x), ref(x))
+
+    @pytest.mark.parametrize("k", [1, 2])
+    def test_dirichlet_degenerate_rows(self, k):
+        # One-hot rows (exact zeros), repeated rows and only two samples.
+        pi = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]] * 3)
+        dm = _mod("mixture").DirichletMixture(n_components=k).fit(pi)
+        assert np.isfinite(dm.params_).all() and np.isfinite(dm.weights_).all()
+        assert np.isfinite(dm.predict_proba(pi)).all()
+        dm2 = _mod("mixture").DirichletMixture(n_components=1).fit(pi[:2])
+        assert np.isfinite(dm2.params_).all()
