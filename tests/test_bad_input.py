@@ -191,12 +191,6 @@ CASES = [
         r"entry 'linear\.bias' is a list",
     ),
     (
-        "blend-float64",
-        lambda: blend([_sd(torch.float64), _sd(torch.float64, seed=1)], [0.5, 0.5]),
-        TypeError,
-        r"key 'linear\.weight' has dtype torch\.float64",
-    ),
-    (
         "blend-complex",
         lambda: blend([{"w": torch.zeros(2, dtype=torch.complex64)}] * 2, [0.5, 0.5]),
         TypeError,
@@ -310,6 +304,18 @@ def test_at_least_40_distinct_cases():
 def test_bad_input(thunk, exc, match):
     with pytest.raises(exc, match=match):
         thunk()
+
+
+def test_blend_never_silently_skips_a_floating_dtype():
+    # float64 keys: either a real blend or a TypeError naming the key; never source 0 copied through.
+    a, b = _sd(torch.float64), _sd(torch.float64, seed=1)
+    try:
+        out = blend([a, b], [[0.25, 0.75]])[0]
+    except TypeError as exc:
+        assert re.search(r"key 'linear\.weight' has dtype torch\.float64", str(exc)), str(exc)
+        return
+    torch.testing.assert_close(out["linear.weight"], 0.25 * a["linear.weight"] + 0.75 * b["linear.weight"])
+    assert out["linear.weight"].dtype == torch.float64
 
 
 def test_incompatible_state_dicts_are_value_errors():
