@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mixture import BetaMixture
-from .models import BlendedModels, check_logits_finite, collect_logits, route, split_batch
+from .models import BlendedModels, check_finite_state_dict, check_logits_finite, collect_logits, route, split_batch
 from .ops import entropy_coefficients
 from .statedict import as_state_dict, check_compatible
 
@@ -125,6 +125,16 @@ def dawin_coefficients(
         raise ValueError("DaWin: no samples")
     check_logits_finite(zs_logits, "zero-shot model")
     check_logits_finite(ft_logits, "fine-tuned model")
+    if offset is True and zs_logits.shape[0] < 2:
+        raise ValueError(
+            f"DaWin: the offset adjustment needs at least 2 samples (it uses entropy statistics), got {zs_logits.shape[0]}"
+        )
+    if offset is not None and offset is not True and offset is not False:
+        b_w = tuple(float(v) for v in offset)
+        if len(b_w) != 2 or not all(math.isfinite(v) for v in b_w) or b_w[1] == 0:
+            raise ValueError(
+                f"DaWin: offset must be True/False/None or a finite (b, w) pair with w != 0, got {offset!r}"
+            )
     zs, ft = zs_logits.float(), ft_logits.float()
     if offset is not None and offset is not False and expertise not in ("entropy", "cross_entropy", "output_ensemble"):
         raise ValueError(f"DaWin: the offset adjustment is defined for entropy and cross-entropy, not {expertise!r}")
@@ -215,6 +225,8 @@ class DaWin:
         check_compatible(
             [as_state_dict(model, "model"), self.theta_zs, self.theta_ft], names=["model", "theta_zs", "theta_ft"]
         )
+        check_finite_state_dict(self.theta_zs, "DaWin: theta_zs")
+        check_finite_state_dict(self.theta_ft, "DaWin: theta_ft")
         self._needs_merged = expertise == "cross_entropy" and pseudo_label.startswith("merged")
         rows = [[1.0, 0.0], [0.0, 1.0]]
         if self._needs_merged:

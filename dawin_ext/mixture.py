@@ -45,7 +45,7 @@ def _as_1d_unit_interval(values, what: str) -> np.ndarray:
 
 def _kmeans_responsibilities(data: np.ndarray, n_components: int, random_state: int) -> np.ndarray:
     with warnings.catch_warnings():
-        # Too few distinct values is checked (and reported) before fitting.
+        # Fewer distinct values than clusters is allowed: the extra components stay (nearly) empty.
         warnings.simplefilter("ignore", ConvergenceWarning)
         labels = KMeans(n_clusters=n_components, n_init=1, random_state=random_state).fit(data).labels_
     resp = np.zeros((data.shape[0], n_components))
@@ -56,12 +56,6 @@ def _kmeans_responsibilities(data: np.ndarray, n_components: int, random_state: 
 def _check_n_components(n_components: int, x: np.ndarray, what: str) -> None:
     if n_components > x.shape[0]:
         raise ValueError(f"{what}: n_components={n_components} is more than the {x.shape[0]} samples")
-    distinct = np.unique(x, axis=0).shape[0]
-    if n_components > distinct:
-        raise ValueError(
-            f"{what}: n_components={n_components} but the data hold only {distinct} distinct value(s); "
-            "lower n_components"
-        )
 
 
 class BetaMixture:
@@ -109,12 +103,14 @@ class BetaMixture:
         x = _as_1d_unit_interval(values, "BetaMixture")
         return np.clip(x, self.clip_eps, 1.0 - self.clip_eps)
 
-    @staticmethod
-    def _moment_match(x: np.ndarray, resp: np.ndarray):
+    def _moment_match(self, x: np.ndarray, resp: np.ndarray):
         counts = resp.sum(axis=0) + _TINY
         weights = counts / counts.sum()
-        mean = (resp.T @ x) / counts
-        var = (resp.T @ (x * x)) / counts - mean**2
+        # An empty component (all responsibilities underflowed to 0) would get mean 0 and invalid
+        # parameters; keeping the mean inside the data's clipped range and the variance >= 0 changes
+        # nothing for a populated component.
+        mean = np.clip((resp.T @ x) / counts, self.clip_eps, 1.0 - self.clip_eps)
+        var = np.maximum((resp.T @ (x * x)) / counts - mean**2, 0.0)
         var = np.minimum(var, mean * (1.0 - mean) / 4.0) + _TINY
         scale = mean * (1.0 - mean) / (var + 1e-10) - 1.0
         return weights, scale * mean, scale * (1.0 - mean)
@@ -228,10 +224,10 @@ class DirichletMixture:
         with np.errstate(under="ignore"):
             return norm, weighted - norm[:, None]
 
-    @staticmethod
-    def _m_step(x: np.ndarray, resp: np.ndarray):
+    def _m_step(self, x: np.ndarray, resp: np.ndarray):
         counts = resp.sum(axis=0) + 1e-14
-        return counts / counts.sum(), (resp.T @ x) / counts[:, None]
+        # Floor: an empty component would get parameters of 0 and gammaln(0) = inf.
+        return counts / counts.sum(), np.maximum((resp.T @ x) / counts[:, None], self.clip_eps)
 
     def fit(self, values) -> DirichletMixture:
         """Fits the mixture to coefficient vectors ``values`` [N, D] (rows summing to 1)."""

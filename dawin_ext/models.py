@@ -23,6 +23,7 @@ __all__ = [
     "route",
     "split_batch",
     "check_logits_finite",
+    "check_finite_state_dict",
     "evaluate_accuracy",
 ]
 
@@ -118,6 +119,22 @@ def check_logits_finite(logits: Tensor, what: str, offset: int = 0) -> None:
         raise ValueError(
             f"{what}: logits of sample {offset + i} are not finite ({logits[i].flatten()[:6].tolist()}...)"
         )
+
+
+@torch.no_grad()
+def check_finite_state_dict(sd: Mapping[str, Tensor], name: str) -> None:
+    """Raises ValueError naming ``name``, the first key and the element that hold NaN or Inf.
+
+    Run once when a method receives its weights: a NaN weight would otherwise turn every merged model's
+    outputs into NaN far from the cause.
+    """
+    for key, t in sd.items():
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            idx = tuple((~finite).nonzero()[0].tolist())
+            raise ValueError(f"{name}[{key!r}] holds a non-finite value ({t[idx].item()} at index {idx})")
 
 
 @torch.no_grad()

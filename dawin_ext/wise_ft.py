@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import BlendedModels, split_batch
-from .ops import BLENDABLE_DTYPES, blend
+from .models import BlendedModels, check_finite_state_dict, check_logits_finite, split_batch
+from .ops import blend
 from .statedict import StateDict, as_state_dict, check_compatible
 
 __all__ = ["wise_ft", "wise_ft_sweep", "output_ensemble", "diagonal_fisher"]
@@ -66,6 +66,8 @@ def wise_ft(
     sd1 = as_state_dict(theta_1, "theta_1")
     keys = check_compatible([sd0, sd1], names=["theta_0", "theta_1"])
     a = _check_alpha(alpha, fishers is not None)
+    check_finite_state_dict(sd0, "wise_ft: theta_0")
+    check_finite_state_dict(sd1, "wise_ft: theta_1")
     if fishers is None:
         return blend([sd0, sd1], [[1.0 - a, a]])[0]
     if len(fishers) != 2:
@@ -84,11 +86,14 @@ def wise_ft(
             if (key in f0) != (key in f1):
                 have = "fishers[0]" if key in f0 else "fishers[1]"
                 raise ValueError(f"wise_ft: key {key!r} has a Fisher only in {have}; give both or neither")
-            if p0.dtype not in BLENDABLE_DTYPES:
-                merged[key] = p0.clone()
+            if p0.is_complex():
+                raise TypeError(f"wise_ft: key {key!r} is complex ({p0.dtype}); only real weights can be merged")
+            if not p0.is_floating_point():
+                merged[key] = p0.clone()  # integer buffers are copied from theta_0, as blend does
                 continue
+            acc = torch.float64 if p0.dtype == torch.float64 else torch.float32
             if key not in f0:
-                merged[key] = ((1.0 - a) * p0.float() + a * p1.float()).to(p0.dtype)
+                merged[key] = ((1.0 - a) * p0.to(acc) + a * p1.to(acc)).to(p0.dtype)
                 continue
             fs = []
             for name, f in (("fishers[0]", f0), ("fishers[1]", f1)):
@@ -96,13 +101,13 @@ def wise_ft(
                     raise ValueError(
                         f"wise_ft: {name}[{key!r}] has shape {tuple(f[key].shape)}, parameter has {tuple(p0.shape)}"
                     )
-                fk = f[key].to(device=p0.device, dtype=torch.float32)
+                fk = f[key].to(device=p0.device, dtype=acc)
                 if not bool(torch.isfinite(fk).all()):
                     raise ValueError(f"wise_ft: {name}[{key!r}] holds NaN or Inf")
                 fs.append(fk.clamp_min(fisher_floor))
             c0 = (1.0 - a) * fs[0]
             c1 = a * fs[1]
-            merged[key] = ((c0 * p0.float() + c1 * p1.float()) / (c0 + c1)).to(p0.dtype)
+            merged[key] = ((c0 * p0.to(acc) + c1 * p1.to(acc)) / (c0 + c1)).to(p0.dtype)
     return merged
 
 
@@ -154,11 +159,21 @@ def output_ensemble(
     for t in temperatures:
         if not (math.isfinite(float(t)) and float(t) > 0):
             raise ValueError(f"output_ensemble: temperatures must be finite and > 0, got {tuple(temperatures)}")
-    p0 = F.softmax(logits_0.float() / float(temperatures[0]), dim=-1)
-    p1 = F.softmax(logits_1.float() / float(temperatures[1]), dim=-1)
-    w = torch.as_tensor(weight, dtype=torch.float32, device=p0.device)
+    if logits_0.dim() != 2:
+        raise ValueError(f"output_ensemble: logits must be [B, C], got {tuple(logits_0.shape)}")
+    check_logits_finite(logits_0, "output_ensemble: logits_0")
+    check_logits_finite(logits_1, "output_ensemble: logits_1")
+    w = torch.as_tensor(weight, dtype=torch.float32).to(logits_0.device)
+    if w.dim() > 1 or (w.dim() == 1 and w.shape[0] != logits_0.shape[0]):
+        raise ValueError(
+            f"output_ensemble: weight must be a scalar or [B] = [{logits_0.shape[0]}], got shape {tuple(w.shape)}"
+        )
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("output_ensemble: weight must be finite")
     if w.dim() == 1:
         w = w.unsqueeze(-1)
+    p0 = F.softmax(logits_0.float() / float(temperatures[0]), dim=-1)
+    p1 = F.softmax(logits_1.float() / float(temperatures[1]), dim=-1)
     return (1.0 - w) * p0 + w * p1
 
 

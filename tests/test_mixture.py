@@ -75,7 +75,6 @@ def test_beta_mixture_accepts_torch_and_column_input() -> None:
     ("values", "k", "match"),
     [
         (np.array([0.2, 0.3]), 3, "more than the 2 samples"),
-        (np.array([0.2, 0.2, 0.2, 0.2]), 2, "distinct"),
         (np.array([0.2, np.nan, 0.4]), 1, "sample 1"),
         (np.array([0.2, 1.5, 0.4]), 1, "sample 1 is 1.5"),
         (np.array([]), 1, "no samples"),
@@ -85,6 +84,13 @@ def test_beta_mixture_accepts_torch_and_column_input() -> None:
 def test_beta_mixture_validation(values, k, match) -> None:
     with pytest.raises(ValueError, match=match):
         BetaMixture(n_components=k).fit(values)
+
+
+def test_beta_mixture_with_fewer_distinct_values_than_components() -> None:
+    # Identical models give lambda = 1/2 everywhere: the extra components stay empty but valid.
+    bm = BetaMixture(3, seed=1).fit(np.full(20, 0.5))
+    assert np.isfinite(bm.means_).all() and (bm.alphas_ > 0).all() and (bm.betas_ > 0).all()
+    np.testing.assert_allclose(bm.means_[bm.predict(np.full(3, 0.5))], 0.5, atol=1e-6)
 
 
 def test_beta_mixture_component_count_validation() -> None:
