@@ -12,6 +12,7 @@ from .ops import (
     sample_combine,
     softmax_entropy,
 )
+from .samplewise import SampleWiseInterpolator, UnsupportedParameterError, task_vector_coefficients
 
 __version__ = BUILD_INFO["version"]
 
@@ -30,6 +31,9 @@ __all__ = [
     "build_info",
     "entropy_coefficients",
     "interpolation",
+    "SampleWiseInterpolator",
+    "UnsupportedParameterError",
     "sample_combine",
     "softmax_entropy",
+    "task_vector_coefficients",
 ]

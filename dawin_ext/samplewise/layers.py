@@ -175,6 +175,15 @@ class AffineStack(nn.Module):
     def groups(self) -> int:
         return 1 + len(self.active)
 
+    def base_weight(self) -> Tensor:
+        """Source 0's weight (a view), for code that inspects ``.weight`` (dtype, device, shape)."""
+        if self.mode == "out":
+            return self.weight[: self.out_features]
+        return self.weight[:, : self.in_features]
+
+    def base_bias(self) -> Tensor | None:
+        return None if self.bias is None else self.bias[: self.out_features]
+
     def sliced(self, start: int, end: int) -> AffineStack:
         """The stack of output rows ``[start, end)`` (views, no copies), e.g. q/k/v of a packed projection."""
         part = AffineStack.__new__(AffineStack)
@@ -292,6 +301,23 @@ class SampleWiseLinear(nn.Module):
         self.stack = AffineStack(
             _per_source(sources, prefix + "weight"), _maybe(sources, prefix + "bias"), state, prefix.rstrip(".")
         )
+
+    @property
+    def weight(self) -> Tensor:
+        """Source 0's weight (a view), for callers that inspect ``.weight.dtype`` and the like."""
+        return self.stack.base_weight()
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.stack.base_bias()
+
+    @property
+    def in_features(self) -> int:
+        return self.stack.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.stack.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         return self.stack.linear(x)

@@ -147,10 +147,9 @@ class SampleWiseTextTransformer(nn.Module):
             )
         elif tt.text_projection is not None:
             self.text_projection = tt.text_projection  # an nn.Linear: transformed like any other
-        for attr in ("positional_embedding", "cls_emb"):
-            if getattr(tt, attr, None) is not None:
-                delattr(tt, attr)
-                setattr(tt, attr, None)
+        # tt.cls_emb stays: _build_additive_mask tests it for presence (its value is never read from there).
+        delattr(tt, "positional_embedding")
+        tt.positional_embedding = None
         if isinstance(self.text_projection, AffineStack):
             delattr(tt, "text_projection")
             tt.text_projection = None

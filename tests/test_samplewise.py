@@ -1,0 +1,541 @@
+"""SampleWiseInterpolator: one batched pass must equal merging the state dict per sample and running it alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dawin_ext import SampleWiseInterpolator
+from dawin_ext.samplewise import UnsupportedParameterError, task_vector_coefficients
+
+open_clip = pytest.importorskip("open_clip")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+def perturbed_sources(sd: dict, num: int, seed: int, rel: float = 0.2) -> list[dict]:
+    """sd plus num - 1 perturbed copies: noise scaled to each tensor, running variances kept positive."""
+    g = torch.Generator().manual_seed(seed)
+    out = [sd]
+    for _ in range(num - 1):
+        new = {}
+        for k, v in sd.items():
+            if not v.is_floating_point():
+                new[k] = v.clone()
+            elif k.endswith("running_var"):
+                new[k] = v * torch.exp(rel * torch.randn(v.shape, generator=g)).to(v)
+            else:
+                scale = v.float().std() if v.numel() > 1 else v.float().abs()
+                scale = scale if float(scale) > 0 else torch.tensor(0.02)
+                new[k] = v + (rel * scale * torch.randn(v.shape, generator=g)).to(v)
+        out.append(new)
+    return out
+
+
+def random_rows(batch: int, num: int, seed: int, device="cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.distributions.Dirichlet(torch.ones(num)).sample((batch,)) if num > 2 else None
+    if rows is None:
+        lam = torch.rand(batch, generator=g)
+        rows = torch.stack([1 - lam, lam], 1)
+    return rows.to(device)
+
+
+def merged_state_dict(sources: list[dict], row: torch.Tensor) -> dict:
+    """sum_s row[s] * sources[s] in float64 (the reference per-sample merge); other entries from source 0."""
+    out = {}
+    for k, v in sources[0].items():
+        if v.is_floating_point():
+            acc = sum(float(row[s]) * sd[k].double() for s, sd in enumerate(sources))
+            out[k] = acc.to(v.dtype)
+        else:
+            out[k] = v
+    return out
+
+
+def per_sample_reference(module: nn.Module, sources, rows, *inputs, call=None) -> torch.Tensor:
+    """The slow loop: merge per sample, run that sample alone."""
+    ref = copy.deepcopy(module).eval()
+    outs = []
+    for b in range(rows.shape[0]):
+        ref.load_state_dict(merged_state_dict(sources, rows[b].cpu()))
+        fn = getattr(ref, call) if call else ref
+        outs.append(fn(*(t[b : b + 1] for t in inputs)))
+    return torch.cat(outs)
+
+
+def snapshot(sd: dict) -> dict:
+    return {k: v.clone() for k, v in sd.items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class ZeroShotClassifier(nn.Module):
+    """Image tower + a CLIP-style head: normalised features times unit-norm class embeddings, scaled by 100."""
+
+    def __init__(self, visual: nn.Module, num_classes: int = 10, seed: int = 0) -> None:
+        super().__init__()
+        self.visual = visual
+        g = torch.Generator().manual_seed(seed)
+        w = F.normalize(torch.randn(num_classes, visual.output_dim, generator=g), dim=-1) * 100
+        self.head = nn.Linear(visual.output_dim, num_classes)
+        with torch.no_grad():
+            self.head.weight.copy_(w)
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.normalize(self.visual(x), dim=-1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a tiny network with every supported torch layer
+# --------------------------------------------------------------------------------------------------------------
+class TinyNet(nn.Module):
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)  # bias, few inputs -> input-stacked
+        self.bn = nn.BatchNorm2d(8)
+        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2, padding_mode="reflect")  # grouped -> output-stacked
+        self.down = nn.Conv2d(8, 4, 1, stride=2)  # output-stacked with bias
+        self.emb = nn.Embedding(11, 16)
+        self.proj_in = nn.Linear(4 * 4 * 4, 16)
+        self.ln = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.xattn = nn.MultiheadAttention(16, 2, kdim=12, vdim=12, batch_first=True)
+        self.kv = nn.Linear(16, 12, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+        self.out = nn.Linear(16, 5)
+        self.batch_first = batch_first
+
+    def forward(self, img: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(img)))
+        x = self.down(F.relu(self.gconv(x)))  # [B, 4, 4, 4]
+        v = self.proj_in(x.flatten(1))[:, None]  # [B, 1, 16]
+        h = torch.cat([v, self.emb(tokens)], 1)  # [B, 1 + T, 16]
+        h = self.ln(h)
+        length = h.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+        pad = tokens == 0
+        pad = torch.cat([torch.zeros_like(pad[:, :1]), pad], 1)
+        if self.batch_first:
+            a, _ = self.attn(h, h, h, attn_mask=causal, key_padding_mask=pad, need_weights=False)
+        else:
+            ht = h.transpose(0, 1)
+            a, _ = self.attn(
+                ht, ht, ht, attn_mask=causal.float().masked_fill(causal, float("-inf")), need_weights=False
+            )
+            a = a.transpose(0, 1)
+        h = h + a
+        kv = self.kv(h)
+        a2, w = self.xattn(h, kv, kv, need_weights=True)  # separate q/k/v weights, explicit softmax path
+        h = h + a2 + w.sum(-1, keepdim=True)
+        h = h + self.mlp(h)
+        return self.out(h.mean(1))
+
+
+def tiny_inputs(batch: int, seed: int = 0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(batch, 3, 8, 8, generator=g)
+    tokens = torch.randint(0, 11, (batch, 5), generator=g)
+    tokens[:, 0] = 1  # at least one real token per row
+    return img.to(device), tokens.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_sources", [2, 3])
+@pytest.mark.parametrize("combine", ["kernel", "torch"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_tiny_net_matches_per_sample_merge(device, num_sources, combine, batch_first):
+    torch.manual_seed(0)
+    net = TinyNet(batch_first).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    net = net.to(device)
+    sources = perturbed_sources({k: v.cpu() for k, v in net.state_dict().items()}, num_sources, seed=1)
+    sources = [{k: v.to(device) for k, v in sd.items()} for sd in sources]
+    before = [snapshot(sd) for sd in sources]
+    before_module = snapshot(net.state_dict())
+    sw = SampleWiseInterpolator(net, sources, combine=combine)
+    rows = random_rows(7, num_sources, seed=2, device=device)
+    img, tokens = tiny_inputs(7, device=device)
+    with torch.no_grad():
+        got = sw(img, rows, tokens)
+        want = per_sample_reference(net, sources, rows, img, tokens)
+        only_first = net(img, tokens)
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5, err
+    # The sources really differ: the result is not source 0's network.
+    assert (only_first - want).abs().max().item() > 1e-2
+    for a, b in zip(sources, before, strict=True):
+        assert_same_state(a, b)
+    assert_same_state(net.state_dict(), before_module)
+    assert isinstance(net.attn, nn.MultiheadAttention) and isinstance(net.conv, nn.Conv2d)
+
+
+def test_identical_sources_keep_stock_layers_and_equal_plain_forward():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    sd = net.state_dict()
+    sw = SampleWiseInterpolator(net, [sd, snapshot(sd)])
+    assert type(sw.module.attn) is nn.MultiheadAttention and type(sw.module.out) is nn.Linear
+    img, tokens = tiny_inputs(4)
+    with torch.no_grad():
+        torch.testing.assert_close(sw(img, random_rows(4, 2, 0), tokens), net(img, tokens))
+
+
+def test_only_some_parameters_differ():
+    """A bias-only difference and a single differing source must still be exact."""
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    sd = net.state_dict()
+    other = snapshot(sd)
+    other["out.bias"] += 1.0
+    other["mlp.0.bias"] += 0.5
+    third = snapshot(sd)
+    third["ln.weight"] *= 1.5
+    sources = [sd, other, third]
+    sw = SampleWiseInterpolator(net, sources)
+    rows = random_rows(6, 3, seed=3)
+    img, tokens = tiny_inputs(6)
+    with torch.no_grad():
+        got = sw(img, rows, tokens)
+        want = per_sample_reference(net, sources, rows, img, tokens)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_task_vector_coefficients_and_candidates():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    sources = perturbed_sources(net.state_dict(), 3, seed=4)
+    sw = SampleWiseInterpolator(net, sources)
+    scales = torch.tensor([[0.3, 0.4], [0.8, 0.5], [0.0, 0.0], [-0.2, 0.9]])
+    rows = task_vector_coefficients(scales)
+    torch.testing.assert_close(rows.sum(1), torch.ones(4))
+    img, tokens = tiny_inputs(4)
+    with torch.no_grad():
+        got = sw(img, rows, tokens)
+        # theta_0 + sum_t scale_t (theta_t - theta_0), merged directly
+        outs = []
+        ref = copy.deepcopy(net)
+        for b in range(4):
+            merged = {
+                k: (
+                    v + sum(float(scales[b, t]) * (sources[t + 1][k] - v) for t in range(2))
+                    if v.is_floating_point()
+                    else v
+                )
+                for k, v in sources[0].items()
+            }
+            ref.load_state_dict(merged)
+            outs.append(ref(img[b : b + 1], tokens[b : b + 1]))
+        assert (got - torch.cat(outs)).abs().max().item() <= 1e-5
+
+        # K candidate rows over the whole batch in one pass == K separate passes
+        alphas = torch.tensor([0.0, 0.5, 1.0])
+        cands = torch.stack([1 - alphas, alphas * 0.5, alphas * 0.5], 1)
+        k = cands.shape[0]  # two inputs here, so replicate by hand (forward_candidates takes one)
+        rep = cands.repeat_interleave(4, 0)
+        all_at_once = sw(img.repeat(k, 1, 1, 1), rep, tokens.repeat(k, 1)).view(k, 4, -1)
+        for i in range(k):
+            torch.testing.assert_close(all_at_once[i], sw(img, cands[i].expand(4, -1), tokens))
+
+
+def test_forward_candidates_shape_and_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    sources = perturbed_sources(model.state_dict(), 2, seed=5)
+    sw = SampleWiseInterpolator(model, sources)
+    x = torch.randn(5, 6)
+    alphas = torch.tensor([0.0, 0.25, 1.0])
+    cands = torch.stack([1 - alphas, alphas], 1)
+    with torch.no_grad():
+        out = sw.forward_candidates(x, cands)
+        assert out.shape == (3, 5, 3)
+        for i, a in enumerate(alphas):
+            ref = copy.deepcopy(model)
+            ref.load_state_dict(merged_state_dict(sources, torch.tensor([1 - a, a])))
+            torch.testing.assert_close(out[i], ref(x), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# open_clip towers, small configurations (fast)
+# --------------------------------------------------------------------------------------------------------------
+def tiny_vit(**kw) -> nn.Module:
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer(
+        image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=16, **kw
+    )
+
+
+def tiny_resnet() -> nn.Module:
+    from open_clip.modified_resnet import ModifiedResNet
+
+    return ModifiedResNet(layers=[1, 1, 1, 1], output_dim=16, heads=2, image_size=64, width=8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tiny_vit(),
+        lambda: tiny_vit(ls_init_value=0.5, pool_type="avg", final_ln_after_pool=True),
+        lambda: tiny_resnet(),
+    ],
+    ids=["vit", "vit-layerscale-avgpool", "modified-resnet"],
+)
+@pytest.mark.parametrize("num_sources", [2, 3])
+def test_tiny_open_clip_towers(device, make, num_sources):
+    torch.manual_seed(0)
+    tower = make().eval()
+    clf = ZeroShotClassifier(tower).eval()
+    sources = perturbed_sources(clf.state_dict(), num_sources, seed=6)
+    clf = clf.to(device)
+    sources = [{k: v.to(device) for k, v in sd.items()} for sd in sources]
+    sw = SampleWiseInterpolator(clf, sources)
+    size = tower.image_size if isinstance(tower.image_size, int) else tower.image_size[0]
+    x = torch.randn(6, 3, size, size, device=device)
+    rows = random_rows(6, num_sources, seed=7, device=device)
+    with torch.no_grad():
+        got = sw(x, rows)
+        want = per_sample_reference(clf, sources, rows, x)
+        base = clf(x)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (base - want).abs().max().item() > 1e-2
+
+
+def tiny_clip_cfgs():
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(layers=1, width=32, head_width=8, patch_size=8, image_size=32)
+    text = CLIPTextCfg(context_length=12, vocab_size=50, width=32, heads=4, layers=2)
+    return vision, text
+
+
+def test_clip_text_and_image_encoders_inline_text_tower():
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    vision, text = tiny_clip_cfgs()
+    clip = CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
+    sd = clip.state_dict()
+    sources = perturbed_sources(sd, 3, seed=8)
+    for s in sources[1:]:
+        s["logit_scale"] = sd["logit_scale"].clone()  # enters through exp(): must be shared
+    sw = SampleWiseInterpolator(clip, sources)
+    rows = random_rows(5, 3, seed=9)
+    tokens = torch.randint(1, 50, (5, 12))
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        got = sw.call("encode_text", rows, tokens)
+        want = per_sample_reference(clip, sources, rows, tokens, call="encode_text")
+        assert (got - want).abs().max().item() <= 1e-4
+        got_img = sw.call("encode_image", rows, images)
+        want_img = per_sample_reference(clip, sources, rows, images, call="encode_image")
+        assert (got_img - want_img).abs().max().item() <= 1e-4
+        img_f, txt_f, scale = sw(images, rows, tokens)
+        torch.testing.assert_close(scale, clip.logit_scale.exp())
+        torch.testing.assert_close(img_f, F.normalize(want_img, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("embed_cls", [False, True])
+def test_text_transformer_tower(embed_cls):
+    from open_clip.transformer import TextTransformer
+
+    torch.manual_seed(0)
+    tt = TextTransformer(
+        context_length=10, vocab_size=40, width=32, heads=4, layers=2, output_dim=16, embed_cls=embed_cls, pad_id=0
+    ).eval()
+    with torch.no_grad():
+        if embed_cls:
+            tt.cls_emb.normal_(std=0.5)
+    sources = perturbed_sources(tt.state_dict(), 2, seed=10)
+    sw = SampleWiseInterpolator(tt, sources)
+    tokens = torch.randint(1, 40, (4, 10))
+    tokens[:, 7:] = 0  # padding
+    rows = random_rows(4, 2, seed=11)
+    with torch.no_grad():
+        got = sw(tokens, rows)
+        want = per_sample_reference(tt, sources, rows, tokens)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# acceptance: ViT-B-32 and RN50 at random init, batch 16
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["ViT-B-32", "RN50"])
+@pytest.mark.parametrize("num_sources", [2, 3])
+def test_full_size_open_clip_matches_per_sample_merge(device, arch, num_sources):
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None)
+    clf = ZeroShotClassifier(model.visual).eval()
+    del model
+    sources = perturbed_sources(clf.state_dict(), num_sources, seed=12, rel=0.05)
+    clf = clf.to(device)
+    sources = [{k: v.to(device) for k, v in sd.items()} for sd in sources]
+    sw = SampleWiseInterpolator(clf, sources)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(16, 3, 224, 224, generator=g).to(device)
+    rows = random_rows(16, num_sources, seed=14, device=device)
+    with torch.inference_mode():
+        got = sw(x, rows)
+        want = per_sample_reference(clf, sources, rows, x)
+        base = clf(x)
+    err = (got - want).abs().max().item()
+    assert err <= 1e-4, f"{arch} S={num_sources} {device}: max abs logit diff {err}"
+    assert (base - want).abs().max().item() > 1e-2  # the interpolation really matters to the logits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# refusals and bad inputs
+# --------------------------------------------------------------------------------------------------------------
+class UsesExp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.temperature = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.lin(x) * self.temperature.exp()
+
+
+def test_refuses_parameter_not_shown_affine():
+    m = UsesExp()
+    sd = m.state_dict()
+    other = snapshot(sd)
+    other["temperature"] += 0.1
+    with pytest.raises(UnsupportedParameterError, match="'temperature'"):
+        SampleWiseInterpolator(m, [sd, other])
+    other = snapshot(sd)
+    other["lin.weight"] += 0.1  # fine: only the linear layer differs
+    SampleWiseInterpolator(m, [sd, other])
+
+
+def test_refuses_clip_logit_scale_and_unknown_subclass():
+    from open_clip.model import CLIP
+
+    vision, text = tiny_clip_cfgs()
+    clip = CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text)
+    sd = clip.state_dict()
+    other = snapshot(sd)
+    other["logit_scale"] += 0.1
+    with pytest.raises(UnsupportedParameterError, match="logit_scale"):
+        SampleWiseInterpolator(clip, [sd, other])
+
+    class ScaledLinear(nn.Linear):  # a subclass may change forward: never replaced silently
+        def forward(self, x):
+            return super().forward(x) ** 2
+
+    m = nn.Sequential(ScaledLinear(3, 3))
+    sd = m.state_dict()
+    other = {k: v + 0.1 for k, v in sd.items()}
+    with pytest.raises(UnsupportedParameterError, match=r"'0\.bias' \(in ScaledLinear\)"):
+        SampleWiseInterpolator(m, [sd, other])
+
+
+def test_source_validation_errors():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    sd = m.state_dict()
+    with pytest.raises(ValueError, match="at least one"):
+        SampleWiseInterpolator(m, [])
+    missing = {k: v for k, v in sd.items() if k != "1.bias"}
+    with pytest.raises(ValueError, match="source 1 is missing key '1.bias'"):
+        SampleWiseInterpolator(m, [sd, missing])
+    extra = {**snapshot(sd), "2.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="'2.weight'"):
+        SampleWiseInterpolator(m, [sd, extra])
+    bad = snapshot(sd)
+    bad["0.weight"] = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="'0.weight' has shape"):
+        SampleWiseInterpolator(m, [sd, bad])
+    with pytest.raises(TypeError, match="sequence of state dicts"):
+        SampleWiseInterpolator(m, sd)
+
+
+def test_coefficient_validation_errors():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4))
+    sources = perturbed_sources(m.state_dict(), 3, seed=0)
+    sw = SampleWiseInterpolator(m, sources)
+    x = torch.randn(2, 3)
+    good = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    sw(x, good)
+    with pytest.raises(ValueError, match=r"shape \[B, 3\]"):
+        sw(x, good[:, :2])
+    with pytest.raises(ValueError, match=r"shape \[B, 3\]"):
+        sw(x, good[0])
+    with pytest.raises(TypeError, match="floating point"):
+        sw(x, torch.tensor([[1, 0, 0], [0, 1, 0]]))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        sw(x, [[1.0, 0.0, 0.0]] * 2)
+    nan = good.clone()
+    nan[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        sw(x, nan)
+    with pytest.raises(ValueError, match="row 1 sums to 1.5"):
+        sw(x, torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.5, 0.5]]))
+    with pytest.raises(ValueError, match="batch size 2 but coefficients have 3 rows"):
+        sw(x, torch.tensor([[1.0, 0.0, 0.0]] * 3))
+    with pytest.raises(ValueError, match="on meta"):
+        sw(x, good.to("meta"))
+    # float64 rows are accepted
+    torch.testing.assert_close(sw(x, good.double()), sw(x, good))
+
+
+def test_batch_not_leading_is_refused_and_bn_training_refused():
+    seq = nn.Sequential(nn.Linear(3, 4))
+    sources = perturbed_sources(seq.state_dict(), 2, seed=0)
+    sw = SampleWiseInterpolator(seq, sources)
+    with pytest.raises(RuntimeError, match="without coefficients"):
+        sw.module(torch.randn(2, 3))
+
+    class Transposes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(x.transpose(0, 1))  # batch moves to dim 1
+
+    t = Transposes()
+    sw = SampleWiseInterpolator(t, perturbed_sources(t.state_dict(), 2, seed=1))
+    with pytest.raises(ValueError, match="lin: input has size 5 along batch dim 0 but the coefficients have 2 rows"):
+        sw(torch.randn(2, 5, 3), random_rows(2, 2, 0))
+
+    bn = nn.Sequential(nn.BatchNorm2d(3))
+    sw = SampleWiseInterpolator(bn, perturbed_sources(bn.state_dict(), 2, seed=2))
+    sw.train()
+    with pytest.raises(RuntimeError, match="training mode"):
+        sw(torch.randn(2, 3, 4, 4), random_rows(2, 2, 0))
+
+
+def test_differing_integer_buffer_refused():
+    class WithCounter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("steps", torch.tensor(3))
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.lin(x) * self.steps
+
+    m = WithCounter()
+    sd = m.state_dict()
+    other = snapshot(sd)
+    other["steps"] = torch.tensor(4)
+    with pytest.raises(UnsupportedParameterError, match="'steps'"):
+        SampleWiseInterpolator(m, [sd, other])
