@@ -66,17 +66,36 @@ DAWIN_HD void entropy_state_accumulate(EntropyState& st, float z) {
   st.t += weighted_term(e, d);
 }
 
-// Adds one element with the online rule (max may move).
-DAWIN_HD void entropy_state_push(EntropyState& st, float z) {
-  if (z != z) {
+// Opens a block of elements whose max is block_max (NaN if the block holds a NaN): rescales st to
+// max(st.m, block_max) and says whether the block's elements must then be added with
+// entropy_state_accumulate (or a SIMD equivalent that adds the same terms to st.s and st.t).
+// Returns false when there is nothing to add: the state became NaN (NaN or +inf seen: the entropy
+// is undefined) or everything seen so far is -inf. This is the one-pass two-level scheme shared by
+// the CPU (block = up to a few thousand elements) and CUDA (block = one vector load) kernels.
+DAWIN_HD bool entropy_state_begin_block(EntropyState& st, float block_max) {
+  const float inf = std::numeric_limits<float>::infinity();
+  if (block_max != block_max || st.m != st.m || block_max == inf) {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     st = EntropyState{nan, nan, nan};
-    return;
+    return false;
   }
-  if (z > st.m) st = entropy_state_rescale(st, z);
-  if (st.m == -std::numeric_limits<float>::infinity()) return;  // z is -inf too
-  entropy_state_accumulate(st, z);
+  if (block_max > st.m) st = entropy_state_rescale(st, block_max);
+  return st.m != -inf;
 }
+
+// Max of n values that propagates NaN (fmaxf would drop it).
+DAWIN_HD float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+
+// Adds n values as one block: one max, then one exp per element.
+DAWIN_HD void entropy_state_push_block(EntropyState& st, const float* z, int n) {
+  float bm = -std::numeric_limits<float>::infinity();
+  for (int i = 0; i < n; ++i) bm = nan_max(bm, z[i]);
+  if (!entropy_state_begin_block(st, bm)) return;
+  for (int i = 0; i < n; ++i) entropy_state_accumulate(st, z[i]);
+}
+
+// Adds one element with the online rule (max may move).
+DAWIN_HD void entropy_state_push(EntropyState& st, float z) { entropy_state_push_block(st, &z, 1); }
 
 // Entropy of the row. A row whose entries are all -inf has no softmax distribution (PyTorch's
 // softmax gives NaN there too), so the result is NaN; a row holding +inf gives NaN as well.
