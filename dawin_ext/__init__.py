@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._loader import BUILD_INFO, ExtensionNotBuiltError
+from .checkpoints import CheckpointFormatError, UnsafeCheckpointError, load_state_dict, save_state_dict
 from .ops import (
     BLENDABLE_DTYPES,
     EntropyCoefficients,
@@ -25,15 +26,19 @@ def build_info() -> dict:
 __all__ = [
     "BLENDABLE_DTYPES",
     "BUILD_INFO",
+    "CheckpointFormatError",
     "EntropyCoefficients",
     "ExtensionNotBuiltError",
     "blend",
     "build_info",
     "entropy_coefficients",
     "interpolation",
+    "load_state_dict",
     "SampleWiseInterpolator",
     "UnsupportedParameterError",
     "sample_combine",
+    "save_state_dict",
     "softmax_entropy",
     "task_vector_coefficients",
+    "UnsafeCheckpointError",
 ]
