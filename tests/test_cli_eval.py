@@ -1,0 +1,308 @@
+"""``dawin-ext eval`` end to end on a tiny generated ImageFolder with tiny generated open_clip checkpoints.
+
+Every accuracy the command prints is recomputed here from the plain mirrors in ``dawin_ext.reference`` /
+``dawin_ext.reference_algorithms`` (dict-comprehension merges, per-sample merges, the reference EM), so a wiring
+mistake in the command (wrong labels, wrong head, wrong alpha, methods swapped) makes the comparison fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from dawin_ext import cli
+from dawin_ext.checkpoints import save_state_dict
+from dawin_ext.openclip import TINY_MODEL_CONFIGS, CLIPClassifier, create_clip_model, register_model_config
+
+ARCH = "dawin-evaltest-vit"
+# Deliberately not in sorted order: the folders are matched to these names by name.
+CLASSNAMES = ["zebra", "apple", "kite"]
+TEMPLATES = "simple"
+ALPHA = 0.3
+_expected_cache: dict[Path, dict[str, float]] = {}
+BATCH = 8
+ADAWISE_EVALS = 4
+PER_CLASS = 6
+
+
+def _write_images(root: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(CLASSNAMES):
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            # Class-dependent colour plus noise, odd sizes so resize and crop do real work.
+            base = np.array([60 + 80 * c, 200 - 70 * c, 40 + 50 * ((c + i) % 3)], dtype=np.float64)
+            img = np.clip(base + rng.normal(0, 60, size=(37 + i, 41, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU OpenMP's spinning
+    # makes a 1 ms forward take most of a second.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg_path = tmp / f"{ARCH}.json"
+    cfg_path.write_text(json.dumps(TINY_MODEL_CONFIGS["dawin-tiny-vit"]))
+    register_model_config(cfg_path)
+    torch.manual_seed(0)
+    model, preprocess, tokenizer = create_clip_model(ARCH)
+    # Zero-shot checkpoint: a whole CLIP state dict (the command builds the head from the text tower).
+    zs_path = save_state_dict(tmp / "zs.safetensors", model.state_dict())
+    zs = CLIPClassifier.from_clip(model, tokenizer, CLASSNAMES, TEMPLATES)
+    theta_zs = {k: v.clone() for k, v in zs.state_dict().items()}
+    # Fine-tuned checkpoint: classifier layout, theta_0 perturbed, saved as a weights-only torch file.
+    g = torch.Generator().manual_seed(1)
+    theta_ft = {}
+    for k, v in theta_zs.items():
+        scale = 0.4 * float(v.std()) if v.numel() > 1 else 0.05
+        theta_ft[k] = v + scale * torch.randn(v.shape, generator=g)
+    ft_path = tmp / "ft.pt"
+    torch.save(theta_ft, ft_path)
+    sets = [tmp / "set_a", tmp / "set_b"]
+    for i, s in enumerate(sets):
+        _write_images(s, seed=10 + i)
+    return {
+        "tmp": tmp,
+        "cfg": cfg_path,
+        "zs": zs_path,
+        "ft": ft_path,
+        "sets": sets,
+        "base": zs,
+        "theta_zs": theta_zs,
+        "theta_ft": theta_ft,
+        "preprocess": preprocess,
+    }
+
+
+def _args(setup, *extra: str, data=None, zs=None, ft=None, classnames=None) -> list[str]:
+    return [
+        "eval",
+        "--model",
+        ARCH,
+        "--model-config",
+        str(setup["cfg"]),
+        "--zeroshot",
+        str(zs or setup["zs"]),
+        "--finetuned",
+        str(ft or setup["ft"]),
+        "--classnames",
+        classnames or ",".join(CLASSNAMES),
+        "--templates",
+        TEMPLATES,
+        "--data",
+        *[str(d) for d in (data or setup["sets"])],
+        "--batch-size",
+        str(BATCH),
+        "--workers",
+        "0",
+        *extra,
+    ]
+
+
+def _load_set(root: Path, preprocess) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in ImageFolder's order (folders, then files, sorted), labelled by position in CLASSNAMES."""
+    xs, ys = [], []
+    for name in sorted(CLASSNAMES):
+        for f in sorted((root / name).iterdir()):
+            xs.append(preprocess(Image.open(f).convert("RGB")))
+            ys.append(CLASSNAMES.index(name))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def _acc(scores: torch.Tensor, y: torch.Tensor) -> float:
+    return float((scores.argmax(1) == y).double().mean())
+
+
+@torch.no_grad()
+def _expected(setup, root: Path) -> dict[str, float]:
+    from dawin_ext.adawise import make_gp
+    from dawin_ext.reference import interpolation_reference
+    from dawin_ext.reference_algorithms import (
+        adawise_reference,
+        beta_mixture_reference,
+        dawin_cluster_loop_reference,
+        dawin_coefficients_reference,
+    )
+
+    if root in _expected_cache:
+        return _expected_cache[root]
+    x, y = _load_set(root, setup["preprocess"])
+    base, zs, ft = setup["base"], setup["theta_zs"], setup["theta_ft"]
+    model = copy.deepcopy(base).eval()
+
+    def logits(sd, inputs=x):
+        model.load_state_dict(sd)
+        return model(inputs)
+
+    lz, lf = logits(zs), logits(ft)
+    lam = dawin_coefficients_reference(lz, lf)
+    mix = beta_mixture_reference(lam.numpy(), n_mixtures=3, seed=1)
+    batches = list(x.split(BATCH))
+    cluster = dawin_cluster_loop_reference(base, zs, ft, batches, mix["labels"], mix["means"])
+    exact = torch.cat([logits(interpolation_reference(float(lam[i]), zs, ft), x[i : i + 1]) for i in range(len(x))])
+    _, ada = adawise_reference(
+        base, zs, ft, batches, make_gp=lambda k: make_gp(k, seed=1), n_evals=ADAWISE_EVALS, n_init=3
+    )
+    ens = (1 - ALPHA) * F.softmax(lz, 1) + ALPHA * F.softmax(lf, 1)
+    _expected_cache[root] = {
+        "zeroshot": _acc(lz, y),
+        "finetuned": _acc(lf, y),
+        "wise-ft": _acc(logits(interpolation_reference(ALPHA, zs, ft)), y),
+        "ensemble": _acc(ens, y),
+        "dawin-cluster": _acc(cluster, y),
+        "dawin-exact": _acc(exact, y),
+        "adawise": _acc(torch.cat(ada), y),
+    }
+    return _expected_cache[root]
+
+
+def test_eval_all_methods_match_plain_mirrors(setup, capsys):
+    out_json = setup["tmp"] / "results.json"
+    rc = cli.main(_args(setup, "--alpha", str(ALPHA), "--adawise-evals", str(ADAWISE_EVALS), "--json", str(out_json)))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    results = json.loads(out_json.read_text())
+    assert results["skipped"] == {}
+    assert list(results["accuracy"]) == [
+        "zeroshot",
+        "finetuned",
+        "wise-ft",
+        "ensemble",
+        "dawin-cluster",
+        "dawin-exact",
+        "adawise",
+    ]
+    for root in setup["sets"]:
+        expected = _expected(setup, root)
+        got = {m: accs[root.name] for m, accs in results["accuracy"].items()}
+        assert got == pytest.approx(expected, abs=1e-12), root.name
+        assert results["test_sets"][root.name]["samples"] == PER_CLASS * len(CLASSNAMES)
+    # The table: one row per method, one column per set plus the mean.
+    lines = captured.out.strip().splitlines()
+    assert lines[0].split() == ["method", "set_a", "set_b", "mean"]
+    row = dict((ln.split()[0], [float(v) for v in ln.split()[1:]]) for ln in lines[1:])
+    za, zb = (results["accuracy"]["zeroshot"][s.name] for s in setup["sets"])
+    assert row["zeroshot"] == pytest.approx([100 * za, 100 * zb, 50 * (za + zb)], abs=0.006)
+    assert "labels matched to class names by folder name" in captured.err
+
+
+def test_eval_subprocess_and_progress(setup):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "dawin_ext.cli", *_args(setup, "--methods", "zeroshot", "finetuned", "ensemble")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["method", "zeroshot", "finetuned", "ensemble"]
+    assert "zero-shot + fine-tuned logits" in proc.stderr  # the tqdm bar
+    expected = [_expected(setup, root)["zeroshot"] for root in setup["sets"]]
+    got = [float(v) for v in lines[1].split()[1:3]]
+    assert got == pytest.approx([100 * e for e in expected], abs=0.006)
+
+
+def test_saved_module_checkpoint_needs_trust(setup, capsys):
+    module_path = setup["tmp"] / "ft_module.pt"
+    ft_module = copy.deepcopy(setup["base"])
+    ft_module.load_state_dict(setup["theta_ft"])
+    torch.save(ft_module, module_path)
+    rc = cli.main(_args(setup, "--methods", "finetuned", ft=module_path))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "refusing to load" in err and "--trust-pickle" in err and "CLIPClassifier" in err
+    out_json = setup["tmp"] / "trusted.json"
+    rc = cli.main(_args(setup, "--methods", "finetuned", "--trust-pickle", "--json", str(out_json), ft=module_path))
+    assert rc == 0
+    got = json.loads(out_json.read_text())["accuracy"]["finetuned"]
+    assert got == pytest.approx({r.name: _expected(setup, r)["finetuned"] for r in setup["sets"]}, abs=1e-12)
+
+
+def _bad_checkpoints(setup) -> dict[str, Path]:
+    tmp = setup["tmp"]
+    paths = {}
+    two_class = {k: v.clone() for k, v in setup["theta_ft"].items()}
+    two_class["head.weight"] = two_class["head.weight"][:2]
+    two_class["head.bias"] = two_class["head.bias"][:2]
+    paths["rows"] = save_state_dict(tmp / "rows.safetensors", two_class)
+    half = {k: v.half() for k, v in setup["theta_ft"].items()}
+    paths["dtype"] = save_state_dict(tmp / "half.safetensors", half)
+    nan = {k: v.clone() for k, v in setup["theta_ft"].items()}
+    nan["head.bias"][1] = float("nan")
+    paths["nan"] = save_state_dict(tmp / "nan.safetensors", nan)
+    other = {k: v for k, v in setup["theta_ft"].items() if k != "visual.ln_post.weight"}
+    paths["missing"] = save_state_dict(tmp / "missing.safetensors", other)
+    paths["linear"] = save_state_dict(tmp / "linear.safetensors", nn.Linear(3, 2))
+    return paths
+
+
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("rows", "'head.weight' has 2 rows (classes) but 3 class names"),
+        ("dtype", "key 'visual.class_embedding': --zeroshot has dtype torch.float32 but --finetuned has torch.float16"),
+        ("nan", "--finetuned"),
+        ("missing", "--finetuned: is missing key 'visual.ln_post.weight'"),
+        ("linear", "--finetuned: unrecognised checkpoint layout"),
+        ("no-file", "--finetuned"),
+        ("class-count", "has 3 class folders but --classnames gives 4 classes"),
+        ("duplicate", "'apple' appears twice"),
+        ("alpha", "--alpha must be in [0, 1], got 1.5"),
+        ("method", "unknown method 'dawin'"),
+        ("device", "--device cuda:7"),
+        ("not-imagefolder", "is not an ImageFolder layout"),
+        ("arch", "unknown open_clip architecture 'dawin-evaltest-vti'"),
+        ("batch", "--batch-size must be >= 1, got 0"),
+        ("temperature", "--temperatures must be finite and > 0"),
+    ],
+)
+def test_eval_bad_input(setup, capsys, case, fragment):
+    bad = _bad_checkpoints(setup)
+    kwargs, extra = {}, []
+    if case in bad:
+        kwargs["ft"] = bad[case]
+    elif case == "no-file":
+        kwargs["ft"] = setup["tmp"] / "absent.safetensors"
+    elif case == "class-count":
+        kwargs["classnames"] = ",".join([*CLASSNAMES, "extra"])
+    elif case == "duplicate":
+        kwargs["classnames"] = "apple,kite,apple"
+    elif case == "alpha":
+        extra = ["--alpha", "1.5"]
+    elif case == "method":
+        extra = ["--methods", "zeroshot", "dawin"]
+    elif case == "device":
+        extra = ["--device", "cuda:7"]
+    elif case == "not-imagefolder":
+        empty = setup["tmp"] / "empty_set"
+        empty.mkdir(exist_ok=True)
+        kwargs["data"] = [empty]
+    elif case == "batch":
+        extra = ["--batch-size", "0"]
+    elif case == "temperature":
+        extra = ["--temperatures", "1", "0"]
+    args = _args(setup, *extra, **kwargs)
+    if case == "arch":
+        args[args.index("--model") + 1] = "dawin-evaltest-vti"
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert fragment in err
+    if case == "nan":
+        assert "key 'head.bias' holds NaN or Inf" in err
