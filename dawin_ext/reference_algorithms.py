@@ -19,6 +19,7 @@ from scipy.special import betaln, gammaln, logsumexp
 from scipy.stats import norm
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from .reference import entropy_reference, interpolation_reference
@@ -316,10 +317,10 @@ def adawise_reference(
         gp = None
         while len(xs) < n_evals:
             gp = make_gp(prev_kernel if warm_start else None)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), threadpool_limits(1):
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 gp.fit(np.array(xs)[:, None], np.array(ys))
-            mu, sd = gp.predict(grid[:, None], return_std=True)
+                mu, sd = gp.predict(grid[:, None], return_std=True)
             imp = min(ys) - mu - xi
             with np.errstate(divide="ignore", invalid="ignore"):
                 zz = np.where(sd > 0, imp / sd, 0.0)
