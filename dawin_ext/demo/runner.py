@@ -120,6 +120,7 @@ def _lambda_fits(ctx: EvalContext, sets: dict[str, tuple[Tensor, Tensor]], seed:
 def run_benchmark(config: DemoConfig | None = None, log=print) -> DemoResult:
     """Runs the whole benchmark and returns its results (the report is written separately)."""
     cfg = config or DemoConfig()
+    log = log or (lambda _msg: None)
     tc = cfg.train
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
