@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from ._loader import BUILD_INFO, ExtensionNotBuiltError
+from .adawise import AdaWiSE
 from .checkpoints import CheckpointFormatError, UnsafeCheckpointError, load_state_dict, save_state_dict
+from .dawin import DaWin, dawin_coefficients
+from .mixture import BetaMixture, DirichletMixture
+from .models import BlendedModels, evaluate_accuracy
+from .multitask import DaWinMultiTask, task_vectors_from
 from .ops import (
     BLENDABLE_DTYPES,
     EntropyCoefficients,
@@ -14,6 +19,7 @@ from .ops import (
     softmax_entropy,
 )
 from .samplewise import SampleWiseInterpolator, UnsupportedParameterError, task_vector_coefficients
+from .wise_ft import diagonal_fisher, output_ensemble, wise_ft, wise_ft_sweep
 
 __version__ = BUILD_INFO["version"]
 
@@ -24,6 +30,19 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "AdaWiSE",
+    "BetaMixture",
+    "BlendedModels",
+    "DaWin",
+    "DaWinMultiTask",
+    "DirichletMixture",
+    "dawin_coefficients",
+    "diagonal_fisher",
+    "evaluate_accuracy",
+    "output_ensemble",
+    "task_vectors_from",
+    "wise_ft",
+    "wise_ft_sweep",
     "BLENDABLE_DTYPES",
     "BUILD_INFO",
     "CheckpointFormatError",
