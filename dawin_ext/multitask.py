@@ -211,8 +211,12 @@ class DaWinMultiTask:
                     "DaWinMultiTask: mode='exact' needs dawin_ext.samplewise.SampleWiseInterpolator, "
                     "which is not available"
                 ) from exc
-            self._exact = SampleWiseInterpolator(self.model, self.sources)
-        feats = self._exact(x, self.coefficient_rows(pi).float().to(x.device))
+            # The interpolator takes full parameter sets with rows summing to 1: [theta_0, theta_0 + tau_t]
+            # (the task models' buffers) with rows [1 - c * sum(pi), c * pi] give theta_0 + sum_t c pi_t tau_t.
+            self._exact = SampleWiseInterpolator(self.model, [self.theta_0, *self.task_models.buffers])
+        scales = self.multiplier * pi.to(torch.float64)
+        rows = torch.cat([1.0 - scales.sum(dim=1, keepdim=True), scales], dim=1)
+        feats = self._exact(x, rows.float().to(x.device))
         return feats if self.head is None else self.head(feats)
 
     def cluster_sizes(self) -> np.ndarray:

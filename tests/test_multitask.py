@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
@@ -155,3 +156,19 @@ def test_multitask_validation() -> None:
     xn[7, 1] = float("nan")
     with pytest.raises(ValueError, match="sample 7"):
         DaWinMultiTask(base, theta_0, thetas, head=head).fit([xn])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("dawin_ext.samplewise") is None, reason="dawin_ext.samplewise is not available"
+)
+def test_multitask_exact_mode_matches_per_sample_merges() -> None:
+    base, theta_0, thetas, head, x = _setup(n_tasks=3, seed=7)
+    mt = DaWinMultiTask(base, theta_0, thetas, head=head).fit([x])
+    out = mt.predict(x[:10], mode="exact")
+    pi, taus = _reference_pi(base, theta_0, thetas, head, x[:10])
+    m = copy.deepcopy(base)
+    with torch.no_grad():
+        for i in range(10):
+            m.load_state_dict(multitask_merge_reference(theta_0, taus, pi[i].tolist()))
+            torch.testing.assert_close(out[i], head(m(x[i : i + 1]))[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mt.predict_dataset([x[:45], x[45:]], mode="exact")[:10], out, rtol=1e-5, atol=1e-5)
