@@ -216,6 +216,17 @@ class _TestSet:
     remap: dict[int, int] = field(default_factory=dict)
 
 
+def _load_image(path: str):
+    """ImageFolder's loader, with an error that names the file (a corrupt image is found only when read)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as e:
+        raise EvalError(f"cannot read image {path!r}: {e}") from e
+
+
 def _open_test_sets(dirs: list[str], classnames: list[str], transform: Callable) -> list[_TestSet]:
     from torchvision.datasets import ImageFolder
 
@@ -226,7 +237,7 @@ def _open_test_sets(dirs: list[str], classnames: list[str], transform: Callable)
         if not root.is_dir():
             raise EvalError(f"--data {d!r} is not a directory")
         try:
-            ds = ImageFolder(str(root), transform=transform)
+            ds = ImageFolder(str(root), transform=transform, loader=_load_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise EvalError(
                 f"--data {d!r} is not an ImageFolder layout (one sub-folder of images per class): {e}"
@@ -409,10 +420,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def dawin_requested(methods) -> bool:
+    return "dawin-cluster" in methods or "dawin-exact" in methods
+
+
 def _shared_logits(args, methods, base, theta_zs, theta_ft, loader, device, tag: str, progress: bool):
     """Both models' logits over the set, once: through DaWin's fit when DaWin runs, else directly."""
     desc = f"{tag} zero-shot + fine-tuned logits"
-    if "dawin-cluster" in methods or "dawin-exact" in methods:
+    if dawin_requested(methods):
         from .dawin import DaWin
 
         dawin = DaWin(
@@ -465,7 +480,8 @@ def _evaluate_set(
             args, methods, base, theta_zs, theta_ft, loader, device, tag, progress
         )
     except ValueError as e:
-        raise MethodError(f"zero-shot/fine-tuned logits on {set_name}: {e}") from e
+        stage = "DaWin fit" if dawin_requested(methods) else "zero-shot/fine-tuned logits"
+        raise MethodError(f"{stage} on {set_name}: {e}") from e
     shared = time.perf_counter() - start
     for m in ("zeroshot", "finetuned"):
         if m in methods:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -141,6 +142,12 @@ def _check_arch(arch: str) -> dict:
     return cfg
 
 
+def _drop_random_init_warning(record: logging.LogRecord) -> bool:
+    # open_clip warns that the model is randomly initialized; here that is by design (weights come from
+    # checkpoints afterwards), so only that one message is dropped.
+    return not str(record.msg).startswith("No pretrained weights loaded")
+
+
 def create_clip_model(
     arch: str,
     *,
@@ -170,15 +177,20 @@ def create_clip_model(
             "image_interpolation": tag_cfg.get("interpolation"),
             "image_resize_mode": tag_cfg.get("resize_mode"),
         }
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        arch,
-        pretrained=None,
-        precision=precision,
-        device=device,
-        pretrained_image=False,
-        pretrained_text=False,  # never download base tower weights
-        **kwargs,
-    )
+    root_logger = logging.getLogger()
+    root_logger.addFilter(_drop_random_init_warning)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch,
+            pretrained=None,
+            precision=precision,
+            device=device,
+            pretrained_image=False,
+            pretrained_text=False,  # never download base tower weights
+            **kwargs,
+        )
+    finally:
+        root_logger.removeFilter(_drop_random_init_warning)
     tokenizer = open_clip.get_tokenizer(arch)
     model.eval()
     return model, preprocess, tokenizer

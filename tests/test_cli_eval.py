@@ -306,3 +306,36 @@ def test_eval_bad_input(setup, capsys, case, fragment):
     assert fragment in err
     if case == "nan":
         assert "key 'head.bias' holds NaN or Inf" in err
+
+
+def test_corrupt_image_is_named(setup, capsys):
+    broken = setup["tmp"] / "broken_set"
+    for name in CLASSNAMES:
+        (broken / name).mkdir(parents=True, exist_ok=True)
+        (broken / name / "ok.png").write_bytes((setup["sets"][0] / name / "0.png").read_bytes())
+    (broken / "kite" / "bad.png").write_bytes(b"\x89PNG not really")
+    rc = cli.main(_args(setup, "--methods", "zeroshot", data=[broken]))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "cannot read image" in err and "bad.png" in err
+
+
+def test_unavailable_methods_are_skipped_or_refused(setup, capsys, monkeypatch):
+    from dawin_ext import evaluate
+
+    monkeypatch.setattr(
+        evaluate, "_method_available", lambda m: None if m == "zeroshot" else "not available in this test"
+    )
+    out_json = setup["tmp"] / "skipped.json"
+    rc = cli.main(_args(setup, "--json", str(out_json)))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    results = json.loads(out_json.read_text())
+    assert list(results["accuracy"]) == ["zeroshot"]
+    assert set(results["skipped"]) == set(evaluate.METHODS) - {"zeroshot"}
+    assert "skipping adawise: not available in this test" in captured.err
+    assert "adawise" in captured.out and "skipped: not available in this test" in captured.out
+    # Asked for by name, an unavailable method is an error, not a silent omission.
+    rc = cli.main(_args(setup, "--methods", "zeroshot", "adawise"))
+    assert rc == 2
+    assert "--methods: adawise is not available in this test" in capsys.readouterr().err
