@@ -10,7 +10,14 @@ import torch
 
 from dawin_ext.demo.data import SHIFTS, TEST_SHIFTS, apply_shift, load_digits_splits, make_test_sets, normalize
 from dawin_ext.demo.model import build_model
-from dawin_ext.demo.report import PLOT_FILES, write_report
+from dawin_ext.demo.report import (
+    PLOT_FILES,
+    SECTION_BEGIN,
+    SECTION_END,
+    results_table,
+    update_results_section,
+    write_report,
+)
 from dawin_ext.demo.runner import DemoConfig, run_benchmark
 from dawin_ext.demo.train import TrainConfig, load_state_dict_file, train_pair
 from dawin_ext.reference import interpolation_reference
@@ -139,3 +146,16 @@ def test_full_inversion_is_one_minus_x():
 def test_unknown_shift_is_named():
     with pytest.raises(KeyError, match="swirl"):
         apply_shift(torch.zeros(1, 1, 16, 16), "swirl", 1.0, torch.Generator())
+
+
+def test_results_section_rewrites_only_its_markers(run, tmp_path):
+    result, report, _ = run
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# results\n\n## Kernels, CPU\n\nkernel table kept as is\n")
+    update_results_section(result, md, report.parent, "dawin-ext demo --out x", 12.5)
+    first = md.read_text()
+    update_results_section(result, md, report.parent, "dawin-ext demo --out x", 12.5)
+    assert md.read_text() == first
+    assert first.count(SECTION_BEGIN) == 1 and first.count(SECTION_END) == 1
+    assert "## Kernels, CPU\n\nkernel table kept as is\n" in first
+    assert results_table(result) in first

@@ -9,6 +9,8 @@ Trained checkpoints are cached (``--cache-dir``), so a second run skips training
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "busy machine extra threads slow training down many times over)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats per method and set (median)")
+    parser.add_argument(
+        "--results-md",
+        type=Path,
+        default=None,
+        help="also rewrite the 'Embedded benchmark' section of this markdown file (e.g. benchmarks/RESULTS.md)",
+    )
     parser.add_argument("--no-bench", action="store_true", help="skip the kernel speed table at the end")
 
 
@@ -55,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark, prints the table and writes the report; returns the exit status."""
     import torch
 
-    from .report import results_table, write_report
+    from .report import results_table, update_results_section, write_report
     from .runner import DemoConfig, run_benchmark
     from .train import TrainConfig
 
@@ -75,5 +83,12 @@ def run(args: argparse.Namespace) -> int:
         print("\nKernel and pipeline speed (dawin-ext bench --quick):")
         print(bench)
     report = write_report(result, args.out, bench_table=bench)
-    print(f"\nreport: {report}  (plots and results.json next to it); total {time.perf_counter() - t0:.1f} s")
+    wall = time.perf_counter() - t0
+    if args.results_md is not None:
+        # The options exactly as given, so that the documented command reproduces this section.
+        opts = " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
+        command = f"dawin-ext demo {opts}".strip()
+        update_results_section(result, args.results_md, args.out, command, wall)
+        print(f"updated the embedded-benchmark section of {args.results_md}")
+    print(f"\nreport: {report}  (plots and results.json next to it); total {wall:.1f} s")
     return 0
