@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# One-call GPU verification of dawin_ext: build against the torch installed on the GPU machine, run
+# the whole test suite with CUDA visible, run the kernel tests under compute-sanitizer (memcheck,
+# racecheck), run the GPU benchmarks (bandwidth fractions against a measured device-to-device copy),
+# and write one report, $OUT/gpu_report.md, next to the logs (7 files: the device tool returns 8 at most).
+#
+# 1. Here, on a machine with PyPI access (once; the lent GPU machines have no network and no
+#    open_clip_torch):     bash benchmarks/gpu_check.sh prepare
+#    This downloads the wheels open_clip_torch needs for Python 3.12 into .whl/ (git-ignored).
+# 2. On the GPU machine (device tool `run`, carry [".whl"]):
+#                          bash benchmarks/gpu_check.sh            (= all)
+#    or a subset of phases: bash benchmarks/gpu_check.sh build test sanitize bench
+#    Each phase has a time box (GPU_CHECK_<PHASE>_S seconds) so that the report is always written
+#    inside one 600 s call; a phase that runs out is reported as TIMED OUT, never as passed.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+PY=${PYTHON:-python3}
+OUT=${OUT:-$ROOT/gpu_check_out}
+mkdir -p "$OUT"
+REPORT=$OUT/gpu_report.md
+# Default boxes sum to about 540 s; raise them (and split the phases over two calls) if needed.
+BUILD_S=${GPU_CHECK_BUILD_S:-180}
+TEST_S=${GPU_CHECK_TEST_S:-150}
+SANITIZE_S=${GPU_CHECK_SANITIZE_S:-55}
+BENCH_S=${GPU_CHECK_BENCH_S:-50}
+PYBENCH_S=${GPU_CHECK_PYBENCH_S:-50}
+KERNEL_TESTS=(tests/test_entropy_ops.py tests/test_sample_combine_op.py)
+[[ -f tests/test_blend_op.py ]] && KERNEL_TESTS+=(tests/test_blend_op.py)
+WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0)
+
+prepare() {
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo '/.whl/' >>.git/info/exclude; }
+  local plat=()
+  for p in manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 any; do plat+=(--platform "$p"); done
+  "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
+    -d .whl "${WHEELS[@]}"
+  ls -l .whl
+}
+
+section() { printf '\n## %s\n\n' "$1" >>"$REPORT"; }
+# status NAME RC: a line for the summary table; 124 is timeout's exit status.
+STATUS=()
+status() {
+  local verdict=PASSED
+  if [[ $2 -eq 124 ]]; then verdict="TIMED OUT"; elif [[ $2 -ne 0 ]]; then verdict="FAILED (rc $2)"; fi
+  STATUS+=("| $1 | $verdict |")
+}
+# tail_log FILE N: the last N lines of a log, fenced, into the report.
+tail_log() {
+  { echo '```'; tail -n "$2" "$1"; echo '```'; } >>"$REPORT"
+}
+
+setup_env() {
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
+      echo "gpu_check: installing the carried wheels failed" >&2
+    export PYTHONPATH=/tmp/site:$ROOT
+  else
+    echo "gpu_check: no .whl/ carried; tests that need open_clip will fail (run '$0 prepare' here first)" >&2
+    export PYTHONPATH=$ROOT
+  fi
+  if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
+  export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH PYTHONUNBUFFERED=1
+  SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+}
+
+facts() {
+  section "Machine and versions"
+  {
+    echo '```'
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "| device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")' 2>&1
+    nvcc --version 2>&1 | tail -n 2
+    echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+    echo '```'
+  } >>"$REPORT"
+}
+
+build() {
+  section "Build (DAWIN_EXT_BUILD=cuda, TORCH_CUDA_ARCH_LIST=9.0)"
+  rm -f dawin_ext/_C*.so
+  DAWIN_EXT_BUILD=cuda TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) \
+    timeout "$BUILD_S" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+  local rc=$?
+  if [[ $rc -eq 0 ]]; then
+    "$PY" - >>"$OUT/build.log" 2>&1 <<'PYEOF'
+import torch, dawin_ext
+info = dawin_ext.build_info()
+print("build_info:", info)
+assert info["with_cuda"], "the build has no CUDA kernels"
+for op in ("softmax_entropy", "entropy_coefficients", "blend_", "sample_combine"):
+    has = torch._C._dispatch_has_kernel_for_dispatch_key(f"dawin_ext::{op}", "CUDA")
+    print(f"CUDA kernel for dawin_ext::{op}: {has}")
+PYEOF
+    rc=$?
+  fi
+  status build $rc
+  tail_log "$OUT/build.log" 8
+  return $rc
+}
+
+run_tests() {
+  section "Whole test suite (CUDA visible)"
+  timeout "$TEST_S" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rfE tests >"$OUT/pytest.log" 2>&1
+  local rc=$?
+  status "pytest tests/" $rc
+  tail_log "$OUT/pytest.log" 25
+}
+
+sanitize() {
+  if [[ ! -x $SANITIZER ]]; then
+    section "compute-sanitizer"
+    echo "compute-sanitizer not found" >>"$REPORT"
+    status "compute-sanitizer" 127
+    return
+  fi
+  # One allocation per tensor, so that an out-of-bounds access cannot land in the caching
+  # allocator's pool unnoticed.
+  local tool rc
+  for tool in memcheck racecheck; do
+    section "compute-sanitizer --tool $tool (CUDA cases of the kernel tests)"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$SANITIZE_S" "$SANITIZER" --tool "$tool" --error-exitcode 99 \
+      "$PY" -m pytest -q -x -p no:cacheprovider -o addopts="" -k "cuda and not opcheck" "${KERNEL_TESTS[@]}" \
+      >"$OUT/$tool.log" 2>&1
+    rc=$?
+    status "compute-sanitizer $tool" $rc
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.log" | tail -n 4 >>"$REPORT"
+  done
+}
+
+bench() {
+  section "GPU benchmarks: bandwidth fraction (target >= 0.85 of the measured copy)"
+  timeout "$BENCH_S" "$PY" benchmarks/gpu_bandwidth.py --json "$OUT/bandwidth.json" >/tmp/gpu_check_bench.log 2>&1
+  local rc=$?
+  status "bandwidth benchmark" $rc
+  cat /tmp/gpu_check_bench.log >>"$REPORT"
+  section "pytest-benchmark suites, CUDA cases (medians: reference vs dawin_ext, same run)"
+  timeout "$PYBENCH_S" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" benchmarks -k cuda --benchmark-only \
+    --benchmark-columns=median,iqr,rounds --benchmark-json "$OUT/pytest_bench.json" >/tmp/gpu_check_pybench.log 2>&1
+  rc=$?
+  status "pytest-benchmark (CUDA)" $rc
+  tail_log /tmp/gpu_check_pybench.log 60
+}
+
+finish() {
+  {
+    printf '\n## Summary\n\n| phase | result |\n| --- | --- |\n'
+    printf '%s\n' "${STATUS[@]}"
+  } >>"$REPORT"
+  echo "gpu_check: report at $REPORT"
+  cat "$REPORT"
+}
+
+main() {
+  local phases=("$@")
+  [[ ${#phases[@]} -eq 0 || ${phases[0]} == all ]] && phases=(build test sanitize bench)
+  if [[ ${phases[0]} == prepare ]]; then
+    prepare
+    return
+  fi
+  # No extension built for this Python yet (a fresh machine): build first whatever was asked.
+  local suffix
+  suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+  if [[ ! -f dawin_ext/_C$suffix && " ${phases[*]} " != *" build "* ]]; then phases=(build "${phases[@]}"); fi
+  printf '# dawin_ext GPU check, %s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" >"$REPORT"
+  setup_env
+  facts
+  trap finish EXIT
+  local p
+  for p in "${phases[@]}"; do
+    case $p in
+      build) build || { echo "gpu_check: build failed, skipping the rest" >&2; return 1; } ;;
+      test) run_tests ;;
+      sanitize) sanitize ;;
+      bench) bench ;;
+      *)
+        echo "usage: $0 [prepare | all | build test sanitize bench]" >&2
+        return 2
+        ;;
+    esac
+  done
+}
+
+main "$@"
