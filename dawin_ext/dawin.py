@@ -80,7 +80,7 @@ def _pseudo_labels(kind: str, zs: Tensor, ft: Tensor, merged: Tensor | None, lab
     if kind == "true":
         if labels is None:
             raise ValueError("DaWin: pseudo_label='true' (oracle) needs labels from the loader or y=")
-        return labels.long()
+        return labels.to(zs.device).long()
     if kind.startswith("ensemble"):
         p = F.softmax(zs / temps[0], dim=1) + F.softmax(ft / temps[1], dim=1)
         return p / 2 if kind.endswith("soft") else p.argmax(dim=1)
@@ -308,7 +308,7 @@ class DaWin:
         self._check_fitted()
         if not self.weight_space:
             raise RuntimeError(f"DaWin: expertise {self.expertise!r} does not cluster")
-        return torch.from_numpy(self.mixture_.predict(torch.as_tensor(coefficients).double().numpy()))
+        return torch.from_numpy(self.mixture_.predict(torch.as_tensor(coefficients).detach().double().cpu().numpy()))
 
     @torch.no_grad()
     def predict(self, x: Tensor, mode: str = "cluster", y: Tensor | None = None) -> Tensor:

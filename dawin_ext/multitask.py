@@ -125,7 +125,8 @@ class DaWinMultiTask:
     def coefficient_rows(self, pi: Tensor) -> Tensor:
         """Blend rows [N, 1 + T] = [1, c * pi_1, ..., c * pi_T] for task weights ``pi`` [N, T]."""
         pi = torch.as_tensor(pi, dtype=torch.float64)
-        return torch.cat([torch.ones(pi.shape[0], 1, dtype=torch.float64), self.multiplier * pi], dim=1)
+        ones = torch.ones(pi.shape[0], 1, dtype=torch.float64, device=pi.device)
+        return torch.cat([ones, self.multiplier * pi], dim=1)
 
     def _task_heads(self) -> list[_WithHead]:
         return [_WithHead(m, self.head) for m in self.task_models.models]
@@ -177,7 +178,7 @@ class DaWinMultiTask:
         pi = self.coefficients(x)
         if mode == "exact":
             return self._exact_forward(x, pi)
-        assignment = torch.from_numpy(self.mixture_.predict(pi.double().numpy()))
+        assignment = torch.from_numpy(self.mixture_.predict(pi.detach().double().cpu().numpy()))
         return route([_WithHead(m, self.head) for m in self.clusters.models], x, assignment)
 
     @torch.no_grad()

@@ -116,3 +116,18 @@ def test_adawise_validation() -> None:
         AdaWiSE(model, zs, ft).predict(x)
     with pytest.raises(ValueError, match="no batches"):
         AdaWiSE(model, zs, ft).predict_dataset([])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adawise_on_cuda_matches_cpu() -> None:
+    model, zs, ft, batches = _setup(3)
+    cpu = AdaWiSE(model, zs, ft, n_evals=5)
+    gpu = AdaWiSE(
+        copy.deepcopy(model).cuda(),
+        {k: v.cuda() for k, v in zs.items()},
+        {k: v.cuda() for k, v in ft.items()},
+        n_evals=5,
+    )
+    for x in batches:
+        torch.testing.assert_close(gpu.predict(x).cpu(), cpu.predict(x), rtol=1e-4, atol=1e-4)
+    assert [h["alpha"] for h in gpu.history_] == pytest.approx([h["alpha"] for h in cpu.history_], abs=1e-12)

@@ -299,3 +299,33 @@ def test_dawin_exact_mode_matches_per_sample_merges() -> None:
         m.load_state_dict(interpolation_reference(float(lam[i]), zs, ft))
         with torch.no_grad():
             torch.testing.assert_close(out[i], m(x[i : i + 1])[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dawin_on_cuda_matches_cpu() -> None:
+    model, zs, ft, x, y = _mlp_setup(9)
+    loader = _batches(x, y, 40)
+    cpu = DaWin(model, zs, ft, offset_adjustment=True).fit(loader)
+
+    def on_cuda(sd):
+        return {k: v.cuda() for k, v in sd.items()}
+
+    gpu = DaWin(copy.deepcopy(model).cuda(), on_cuda(zs), on_cuda(ft), offset_adjustment=True).fit(loader)
+    torch.testing.assert_close(gpu.coefficients_, cpu.coefficients_, rtol=0, atol=1e-5)
+    assert _same_partition(gpu.labels_.numpy(), cpu.labels_.numpy())
+    torch.testing.assert_close(gpu.predict_dataset(loader).cpu(), cpu.predict_dataset(loader), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.predict(x[:40]).cpu(), cpu.predict(x[:40]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("dawin_ext.samplewise") is None, reason="dawin_ext.samplewise is not available"
+)
+def test_dawin_exact_mode_on_tiny_open_clip_vit() -> None:
+    clf, zs, ft, x = _tiny_clip("dawin-tiny-vit", 12)
+    dw = DaWin(clf, zs, ft, temperatures=TEMPS).fit([x[:20], x[20:]])
+    out = dw.predict_dataset([x[:20], x[20:]], mode="exact")
+    m = copy.deepcopy(clf).eval()
+    with torch.no_grad():
+        for i in range(0, 40, 7):
+            m.load_state_dict(interpolation_reference(float(dw.coefficients_[i]), zs, ft))
+            torch.testing.assert_close(out[i], m(x[i : i + 1])[0], rtol=1e-4, atol=1e-4)

@@ -172,3 +172,22 @@ def test_multitask_exact_mode_matches_per_sample_merges() -> None:
             m.load_state_dict(multitask_merge_reference(theta_0, taus, pi[i].tolist()))
             torch.testing.assert_close(out[i], head(m(x[i : i + 1]))[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mt.predict_dataset([x[:45], x[45:]], mode="exact")[:10], out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_multitask_on_cuda_matches_cpu() -> None:
+    base, theta_0, thetas, head, x = _setup(seed=4)
+    cpu = DaWinMultiTask(base, theta_0, thetas, head=head, n_clusters=2).fit([x[:45], x[45:]])
+
+    def on_cuda(sd):
+        return {k: v.cuda() for k, v in sd.items()}
+
+    gpu = DaWinMultiTask(
+        copy.deepcopy(base).cuda(),
+        on_cuda(theta_0),
+        [on_cuda(t) for t in thetas],
+        head=copy.deepcopy(head).cuda(),
+        n_clusters=2,
+    ).fit([x[:45], x[45:]])
+    torch.testing.assert_close(gpu.pi_, cpu.pi_, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gpu.predict(x[:45]).cpu(), cpu.predict(x[:45]), rtol=1e-4, atol=1e-4)
