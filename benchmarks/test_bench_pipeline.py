@@ -37,6 +37,8 @@ from dawin_ext.models import route
 from dawin_ext.reference import coefficient_reference, interpolation_reference
 
 REPEATS = int(os.environ.get("DAWIN_BENCH_REPEATS", "3"))
+# Another open_clip architecture (e.g. a tiny registered one) for a quick check of the benchmark itself.
+ARCH = os.environ.get("DAWIN_BENCH_ARCH", "ViT-B-32")
 TEMPS = (0.9576, 0.9733)  # the reference's ViT-B/32 temperatures
 
 
@@ -53,7 +55,8 @@ def _median_time(fn, repeats: int = REPEATS) -> float:
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    clip, _, _ = openclip.create_clip_model("ViT-B-32")
+    openclip.register_tiny_configs()
+    clip, _, _ = openclip.create_clip_model(ARCH)
     n_classes = 100
     head = F.normalize(torch.randn(n_classes, clip.visual.output_dim), dim=-1) * clip.logit_scale.exp()
     model = openclip.CLIPClassifier(copy.deepcopy(clip.visual), head).eval()
@@ -62,7 +65,9 @@ def setup():
     g = torch.Generator().manual_seed(1)
     # A "fine-tuned" model: every weight moved by 5% of its tensor's spread.
     ft = {k: v + 0.05 * v.std().nan_to_num(0.0) * torch.randn(v.shape, generator=g) for k, v in zs.items()}
-    x = torch.randn(64, 3, 224, 224, generator=g)
+    size = model.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    x = torch.randn(64, 3, size, size, generator=g)
     return model, zs, ft, x
 
 
@@ -112,7 +117,7 @@ def test_dawin_cluster_pipeline_vit_b32(setup) -> None:
     }
     plain = t["plain forward (batch 64)"]
     sizes = np.bincount(labels.numpy(), minlength=3).tolist()
-    print(f"\nDaWin cluster-wise, open_clip ViT-B-32 random init, CPU, {torch.get_num_threads()} threads")
+    print(f"\nDaWin cluster-wise, open_clip {ARCH} random init, CPU, {torch.get_num_threads()} threads")
     print(f"cluster sizes in the batch: {sizes}, cluster lambdas: {[round(m, 4) for m in means]}")
     print("| pipeline | seconds | x plain forward |")
     print("|---|---|---|")
