@@ -123,6 +123,7 @@ def test_saved_module_needs_trust(tmp_path):
         load_state_dict(tmp_path / "both.pt")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_state_dict(tmp_path / "missing.pt")
