@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default 1: the 16x16 CNN's ops are too small to gain from more, and on a "
         "busy machine extra threads slow training down many times over)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timing repeats per method and set (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats per method and set (median)")
     parser.add_argument(
         "--results-md",
         type=Path,

@@ -30,7 +30,7 @@ class DemoConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Evaluate on only the first n test images of every set (None: all).
     test_subset: int | None = None
-    repeats: int = 3
+    repeats: int = 5
     cache_dir: Path | None = None
     retrain: bool = False
 
