@@ -29,11 +29,15 @@ TEST_SUBSET = 200
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    torch.set_num_threads(1)
-    cache = tmp_path_factory.mktemp("cache")
-    out = tmp_path_factory.mktemp("results")
-    result = run_benchmark(DemoConfig(train=SMALL, test_subset=TEST_SUBSET, repeats=1, cache_dir=cache), log=None)
-    report = write_report(result, out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo does; restored for the tests that follow
+    try:
+        cache = tmp_path_factory.mktemp("cache")
+        out = tmp_path_factory.mktemp("results")
+        result = run_benchmark(DemoConfig(train=SMALL, test_subset=TEST_SUBSET, repeats=1, cache_dir=cache), log=None)
+        report = write_report(result, out)
+    finally:
+        torch.set_num_threads(threads)
     return result, report, cache
 
 

@@ -142,6 +142,13 @@ def _setting_lines(result: DemoResult) -> list[str]:
     sizes = next(iter(n_test.values()), {})
     fam = ", ".join(f"{k} {lo:g}–{hi:g}" for k, (lo, hi) in GENERALIST_FAMILIES.items())
     shifts = ", ".join(f"{name} ({family} {strength:g})" for name, family, strength in TEST_SHIFTS)
+    inside = [
+        name
+        for name, family, strength in TEST_SHIFTS
+        if family in GENERALIST_FAMILIES
+        and GENERALIST_FAMILIES[family][0] <= strength <= GENERALIST_FAMILIES[family][1]
+    ]
+    outside = [name for name, _, _ in TEST_SHIFTS if name not in inside]
     return [
         f"- Seed {tc.seed}; {tc.image_size}×{tc.image_size} scikit-learn digits; small CNN, width {tc.width}.",
         f"- Generalist: {tc.generalist_epochs} epochs from scratch (lr {tc.generalist_lr:g}) on augmented "
@@ -149,7 +156,8 @@ def _setting_lines(result: DemoResult) -> list[str]:
         f"- Specialist: the generalist fine-tuned {tc.specialist_epochs} epochs (lr {tc.specialist_lr:g}) on "
         "the clean training digits only.",
         f"- Test sets ({', '.join(f'{k}: {v}' for k, v in sizes.items())} images): ID, and {shifts}. "
-        "Occlusion and elastic distortion were seen by neither model; every shift is new to the specialist.",
+        "Every shift is new to the specialist. Inside the generalist's pretraining families and strength ranges: "
+        f"{', '.join(inside) or 'none'}; new to both models: {', '.join(outside) or 'none'}.",
         "- DaWin: entropy expertise with temperatures (1, 1) and no offset adjustment; λ is the weight on the "
         f"specialist; the K=3 Beta mixture is fitted on each evaluation set's λ (seed {tc.seed}), as in the "
         "reference protocol. Selective: per sample, the model with the lower entropy. Output ensemble: equal "
