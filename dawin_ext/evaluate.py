@@ -227,7 +227,8 @@ def _load_image(path: str):
         raise EvalError(f"cannot read image {path!r}: {e}") from e
 
 
-def _open_test_sets(dirs: list[str], classnames: list[str], transform: Callable) -> list[_TestSet]:
+def _open_test_sets(dirs: list[str], classnames: list[str]) -> list[_TestSet]:
+    """Scans the ImageFolder layouts (no image is decoded); the transform is set once the model exists."""
     from torchvision.datasets import ImageFolder
 
     sets = []
@@ -237,7 +238,7 @@ def _open_test_sets(dirs: list[str], classnames: list[str], transform: Callable)
         if not root.is_dir():
             raise EvalError(f"--data {d!r} is not a directory")
         try:
-            ds = ImageFolder(str(root), transform=transform, loader=_load_image)
+            ds = ImageFolder(str(root), loader=_load_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise EvalError(
                 f"--data {d!r} is not an ImageFolder layout (one sub-folder of images per class): {e}"
@@ -290,16 +291,6 @@ def _run_batches(fn: Callable[[Tensor], Tensor], loader, device, desc: str, prog
     return torch.cat(outs), torch.cat(labels)
 
 
-def _load_checkpoint(path: str, flag: str, trust_pickle: bool) -> dict[str, Tensor]:
-    from .checkpoints import load_state_dict
-
-    sd = load_state_dict(path, map_location="cpu", trust_pickle=trust_pickle)
-    for key, t in sd.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise EvalError(f"{flag} {path!r}: key {key!r} holds NaN or Inf")
-    return sd
-
-
 def run(args: argparse.Namespace) -> int:
     """Runs ``dawin-ext eval``; returns the exit status (2 with a message on stderr for bad input)."""
     from .checkpoints import CheckpointFormatError, UnsafeCheckpointError
@@ -320,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from . import openclip as oc
-    from .statedict import check_compatible
+    from .checkpoints import CheckpointFormatError
+    from .statedict import IncompatibleStateDictsError
 
     # Everything about the input is checked before a model is built or an image is read.
     if not (math.isfinite(args.alpha) and 0.0 <= args.alpha <= 1.0):
@@ -342,40 +334,29 @@ def _run(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise EvalError(f"{flag} {path!r} does not exist or is not a file")
     classnames = parse_classnames(args.classnames)
+    test_sets = _open_test_sets(args.data, classnames)
     try:
-        templates = oc.get_templates(args.templates)
         for cfg in args.model_config:
             oc.register_model_config(cfg)
-        model, preprocess, tokenizer = oc.create_clip_model(args.model, pretrained_config=args.pretrained_config)
-    except (ValueError, TypeError) as e:
-        raise EvalError(str(e)) from e
-    test_sets = _open_test_sets(args.data, classnames, preprocess)
-    progress = not args.no_progress
-
-    raw_zs = _load_checkpoint(args.zeroshot, "--zeroshot", args.trust_pickle)
-    raw_ft = _load_checkpoint(args.finetuned, "--finetuned", args.trust_pickle)
-    try:
-        theta_zs = oc.classifier_state_dict(raw_zs, model, tokenizer, classnames, templates, name="--zeroshot")
-        theta_ft = oc.classifier_state_dict(raw_ft, model, tokenizer, classnames, templates, name="--finetuned")
-    except ValueError as e:
-        raise EvalError(str(e)) from e
-    del raw_zs, raw_ft
-    check_compatible([theta_zs, theta_ft], names=["--zeroshot", "--finetuned"])
-    dim = model.visual.output_dim
-    base = oc.CLIPClassifier(model.visual, torch.zeros(len(classnames), dim), classnames=classnames)
-    del model  # the text tower is no longer needed
-    base = base.to(device=device).eval()
-    # The methods need module and checkpoints in the same dtypes; the module is created in fp32, so e.g. fp16
-    # checkpoints are widened (exactly) and this is reported.
-    module_dtypes = {k: v.dtype for k, v in base.state_dict().items()}
-    widened = sorted({str(v.dtype) for k, v in theta_zs.items() if v.dtype != module_dtypes[k]})
-    if widened:
-        print(
-            f"dawin-ext eval: converting {', '.join(widened)} checkpoint tensors to the model's dtypes", file=sys.stderr
+        pair = oc.load_classifier_pair(
+            args.model,
+            args.zeroshot,
+            args.finetuned,
+            classnames,
+            args.templates,
+            pretrained_config=args.pretrained_config,
+            trust_pickle=args.trust_pickle,
+            dtype=torch.float32,
+            device=device,
         )
-    theta_zs = {k: v.to(device=device, dtype=module_dtypes[k]) for k, v in theta_zs.items()}
-    theta_ft = {k: v.to(device=device, dtype=module_dtypes[k]) for k, v in theta_ft.items()}
-    base.load_state_dict(theta_zs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, (IncompatibleStateDictsError, CheckpointFormatError)):
+            raise
+        raise EvalError(str(e)) from e
+    base, theta_zs, theta_ft = pair.model, pair.theta_zs, pair.theta_ft
+    for ts in test_sets:
+        ts.dataset.transform = pair.preprocess
+    progress = not args.no_progress
 
     print(
         f"dawin-ext eval: {args.model} ({sum(v.numel() for v in theta_zs.values()) / 1e6:.2f}M parameters), "

@@ -20,6 +20,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import open_clip
 import torch
@@ -30,6 +31,8 @@ from .statedict import StateDict
 
 __all__ = [
     "CLIPClassifier",
+    "ClassifierPair",
+    "load_classifier_pair",
     "TEMPLATE_SETS",
     "TINY_MODEL_CONFIGS",
     "build_zero_shot_head",
@@ -438,3 +441,67 @@ def _check_shapes(sd: Mapping[str, Tensor], expected: Mapping[str, Tensor], name
                 f"{name}: key {prefix + k!r} has shape {tuple(got.shape)} but this architecture expects "
                 f"{tuple(ref.shape)}"
             )
+
+
+class ClassifierPair(NamedTuple):
+    """What :func:`load_classifier_pair` returns."""
+
+    model: CLIPClassifier  #: the architecture, holding the zero-shot weights, in eval mode
+    theta_zs: StateDict  #: zero-shot classifier state dict
+    theta_ft: StateDict  #: fine-tuned classifier state dict
+    preprocess: Callable  #: open_clip's evaluation image transform
+
+
+def load_classifier_pair(
+    arch: str,
+    zeroshot: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    classnames: Sequence[str],
+    templates: str | Sequence[Template] = "openai",
+    *,
+    pretrained_config: str | None = None,
+    trust_pickle: bool = False,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+) -> ClassifierPair:
+    """Loads a zero-shot and a fine-tuned open_clip checkpoint as two :class:`CLIPClassifier` state dicts.
+
+    The files are read with :func:`dawin_ext.checkpoints.load_state_dict` (safetensors or
+    ``torch.load(weights_only=True)``; ``trust_pickle`` as documented there) and converted with
+    :func:`classifier_state_dict`; a checkpoint without a head gets the zero-shot head from ``classnames`` and
+    ``templates``. Before returning, NaN/Inf weights and any key, shape or dtype difference between the two
+    raise an error naming the file and the first offending key. Floating tensors are then converted to
+    ``dtype`` (fp32 by default; ``None`` keeps the checkpoints' dtype and converts the module instead).
+
+    The result plugs straight into the methods, e.g. ``DaWin(pair.model, pair.theta_zs, pair.theta_ft)``.
+    """
+    from .checkpoints import load_state_dict
+    from .statedict import check_compatible
+
+    names = _check_classnames(classnames)
+    temps = get_templates(templates)
+    model, preprocess, tokenizer = create_clip_model(arch, pretrained_config=pretrained_config)
+    thetas = []
+    for label, path in (("zero-shot checkpoint", zeroshot), ("fine-tuned checkpoint", finetuned)):
+        raw = load_state_dict(path, map_location="cpu", trust_pickle=trust_pickle)
+        for key, t in raw.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{label} {str(path)!r}: key {key!r} holds NaN or Inf")
+        thetas.append(classifier_state_dict(raw, model, tokenizer, names, temps, name=f"{label} {str(path)!r}"))
+    theta_zs, theta_ft = thetas
+    check_compatible([theta_zs, theta_ft], names=[f"zero-shot {str(zeroshot)!r}", f"fine-tuned {str(finetuned)!r}"])
+    classifier = CLIPClassifier(model.visual, torch.zeros(len(names), model.visual.output_dim), classnames=names)
+    if dtype is None:
+        floating = {t.dtype for t in theta_zs.values() if t.is_floating_point()}
+        if len(floating) > 1:
+            raise ValueError(f"the checkpoints mix floating dtypes {sorted(map(str, floating))}; pass dtype=")
+        dtype = floating.pop()
+    classifier = classifier.to(device=device, dtype=dtype).eval()
+    module_dtypes = {k: v.dtype for k, v in classifier.state_dict().items()}
+
+    def convert(sd: StateDict) -> StateDict:
+        return {k: v.to(device=device, dtype=module_dtypes[k]) for k, v in sd.items()}
+
+    theta_zs, theta_ft = convert(theta_zs), convert(theta_ft)
+    classifier.load_state_dict(theta_zs)
+    return ClassifierPair(classifier, theta_zs, theta_ft, preprocess)

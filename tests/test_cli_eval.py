@@ -283,10 +283,10 @@ def _bad_checkpoints(setup) -> dict[str, Path]:
     "case, fragment",
     [
         ("rows", "'head.weight' has 2 rows (classes) but 3 class names"),
-        ("dtype", "key 'visual.class_embedding': --zeroshot has dtype torch.float32 but --finetuned has torch.float16"),
-        ("nan", "--finetuned"),
-        ("missing", "--finetuned: is missing key 'visual.ln_post.weight'"),
-        ("linear", "--finetuned: unrecognised checkpoint layout"),
+        ("dtype", "key 'visual.class_embedding': zero-shot '"),
+        ("nan", "fine-tuned checkpoint '"),
+        ("missing", "missing.safetensors': is missing key 'visual.ln_post.weight'"),
+        ("linear", "linear.safetensors': unrecognised checkpoint layout"),
         ("no-file", "--finetuned"),
         ("class-count", "has 3 class folders but --classnames gives 4 classes"),
         ("duplicate", "'apple' appears twice"),
@@ -332,7 +332,9 @@ def test_eval_bad_input(setup, capsys, case, fragment):
     assert rc == 2, err
     assert fragment in err
     if case == "nan":
-        assert "key 'head.bias' holds NaN or Inf" in err
+        assert "nan.safetensors': key 'head.bias' holds NaN or Inf" in err
+    if case == "dtype":
+        assert "has dtype torch.float32 but fine-tuned '" in err and "half.safetensors' has torch.float16" in err
 
 
 def test_corrupt_image_is_named(setup, capsys):

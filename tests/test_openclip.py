@@ -8,6 +8,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from dawin_ext.openclip import (
     CLIPClassifier,
@@ -212,3 +213,40 @@ def test_classifier_module_validation(clip):
         CLIPClassifier(model.visual, torch.zeros(4, dim), torch.zeros(5))
     with pytest.raises(ValueError, match="3 class names for a head with 4 rows"):
         CLIPClassifier(model.visual, torch.zeros(4, dim), classnames=["a", "b", "c"])
+
+
+def test_load_classifier_pair(clip, tmp_path):
+    from dawin_ext.checkpoints import save_state_dict
+    from dawin_ext.openclip import load_classifier_pair
+    from dawin_ext.statedict import IncompatibleStateDictsError, check_compatible
+
+    arch, model, _, tokenizer = clip
+    expected_zs = CLIPClassifier.from_clip(model, tokenizer, CLASSES, "simple").state_dict()
+    ft = {k: v + 0.1 if v.is_floating_point() else v for k, v in expected_zs.items()}
+    save_state_dict(tmp_path / "zs.safetensors", model.state_dict())  # whole CLIP: head built from text
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ft.items()}}, tmp_path / "ft.pt")
+    pair = load_classifier_pair(arch, tmp_path / "zs.safetensors", tmp_path / "ft.pt", CLASSES, "simple")
+    check_compatible([pair.model.state_dict(), pair.theta_zs, pair.theta_ft])
+    for k, v in expected_zs.items():
+        torch.testing.assert_close(pair.theta_zs[k], v)
+        torch.testing.assert_close(pair.model.state_dict()[k], v)
+        torch.testing.assert_close(pair.theta_ft[k], ft[k])
+    assert not pair.model.training
+    assert pair.preprocess(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+
+    # fp16 checkpoints: converted to fp32 by default, or kept (with a fp16 module) when dtype=None.
+    half = {k: v.half() if v.is_floating_point() else v for k, v in ft.items()}
+    save_state_dict(
+        tmp_path / "zs16.safetensors", {k: v.half() if v.is_floating_point() else v for k, v in expected_zs.items()}
+    )
+    save_state_dict(tmp_path / "ft16.safetensors", half)
+    pair32 = load_classifier_pair(arch, tmp_path / "zs16.safetensors", tmp_path / "ft16.safetensors", CLASSES)
+    assert {v.dtype for v in pair32.theta_ft.values() if v.is_floating_point()} == {torch.float32}
+    pair16 = load_classifier_pair(
+        arch, tmp_path / "zs16.safetensors", tmp_path / "ft16.safetensors", CLASSES, dtype=None
+    )
+    assert pair16.model.head.weight.dtype == torch.float16
+    assert torch.equal(pair16.theta_ft["head.weight"], half["head.weight"])
+    # A dtype difference between the two is an error that names the key and both files.
+    with pytest.raises(IncompatibleStateDictsError, match=r"key 'visual\..*zs.safetensors.*ft16.safetensors"):
+        load_classifier_pair(arch, tmp_path / "zs.safetensors", tmp_path / "ft16.safetensors", CLASSES, "simple")
