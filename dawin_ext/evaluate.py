@@ -4,12 +4,12 @@ Example::
 
     dawin-ext eval --model ViT-B-32 --pretrained-config openai \\
         --zeroshot zs.safetensors --finetuned ft.safetensors \\
-        --classnames classnames.txt --data /data/imagenet/val /data/imagenet-r
+        --classnames classnames.txt --data /data/imagenet/val /data/imagenetv2 /data/imagenet-sketch
 
 The two checkpoints are loaded safely (safetensors or ``torch.load(weights_only=True)``; see
 :mod:`dawin_ext.checkpoints`), turned into :class:`~dawin_ext.openclip.CLIPClassifier` state dicts (a checkpoint
 without a head gets the zero-shot head built from ``--classnames`` and ``--templates``) and checked against each
-other before any image is read. The open_clip model is created with ``pretrained=None`` and never downloads.
+other before any image is read (every set must have one folder per class name). The open_clip model is created with ``pretrained=None`` and never downloads.
 
 Per test set, DaWin fits its Beta mixture on that set's own coefficients (the reference's offline setting), and
 AdaWiSE chooses one alpha per batch, so its result depends on ``--batch-size``.
@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -213,7 +213,6 @@ class _TestSet:
     root: Path
     dataset: object
     note: str = ""
-    remap: dict[int, int] = field(default_factory=dict)
 
 
 def _load_image(path: str):
@@ -301,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     except (EvalError, IncompatibleStateDictsError, CheckpointFormatError, UnsafeCheckpointError) as e:
         print(f"dawin-ext eval: error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except FileNotFoundError as e:  # a path that vanished between the checks and its use
         print(f"dawin-ext eval: error: {e}", file=sys.stderr)
         return 2
     except MethodError as e:
