@@ -9,7 +9,9 @@ Example::
 The two checkpoints are loaded safely (safetensors or ``torch.load(weights_only=True)``; see
 :mod:`dawin_ext.checkpoints`), turned into :class:`~dawin_ext.openclip.CLIPClassifier` state dicts (a checkpoint
 without a head gets the zero-shot head built from ``--classnames`` and ``--templates``) and checked against each
-other before any image is read (every set must have one folder per class name). The open_clip model is created with ``pretrained=None`` and never downloads.
+other before any image is read. Every test set must have one folder per class; folders named like the classes are
+matched by name, others are taken in sorted order. The open_clip model is created with ``pretrained=None`` and never
+downloads anything.
 
 Per test set, DaWin fits its Beta mixture on that set's own coefficients (the reference's offline setting), and
 AdaWiSE chooses one alpha per batch, so its result depends on ``--batch-size``.
