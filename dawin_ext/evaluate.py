@@ -373,7 +373,11 @@ def _run(args: argparse.Namespace) -> int:
         if ts.note:
             print(f"dawin-ext eval: {ts.name}: {ts.note}", file=sys.stderr)
         loader = torch.utils.data.DataLoader(
-            ts.dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers
+            ts.dataset,
+            batch_size=args.batch_size,
+            shuffle=False,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
         )
         set_results = _evaluate_set(args, methods, base, theta_zs, theta_ft, loader, device, ts.name, progress, seconds)
         for m, acc in set_results.items():
