@@ -282,6 +282,8 @@ class CLIPClassifier(nn.Module):
     """open_clip image encoder + linear head: ``logits = normalize(visual(x)) @ head.weight.T + head.bias``.
 
     Its state dict (``visual.*``, ``head.weight``, ``head.bias``) is what WiSE-FT / DaWin / AdaWiSE interpolate.
+    Like any container module it holds ``visual`` itself, not a copy (:meth:`from_clip` copies); the head
+    tensors are copied.
     """
 
     def __init__(
@@ -333,6 +335,32 @@ class CLIPClassifier(nn.Module):
         return cls(copy.deepcopy(model.visual), weight, bias, classnames=list(classnames))
 
 
+class _TextTower(nn.Module):
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, text: Tensor, normalize: bool = False) -> Tensor:
+        return self.clip.encode_text(text, normalize=normalize)
+
+
+class _StatelessCLIP:
+    """``encode_text`` / ``logit_scale`` / ``logit_bias`` of ``clip`` with a checkpoint's weights, without loading
+    them into ``clip`` (the caller's module stays as it was)."""
+
+    def __init__(self, clip: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+        ref = clip.state_dict()
+        # Same device and dtype as the module's own tensors, as load_state_dict would copy them.
+        params = {k: v.to(device=ref[k].device, dtype=ref[k].dtype) for k, v in state_dict.items()}
+        self._tower = _TextTower(clip)
+        self._params = {f"clip.{k}": v for k, v in params.items()}
+        self.logit_scale = params["logit_scale"]
+        self.logit_bias = params.get("logit_bias")
+
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
+        return torch.func.functional_call(self._tower, self._params, (text,), {"normalize": normalize})
+
+
 # Checkpoint layouts that classifier_state_dict understands.
 _WISE_FT_VISUAL = "image_encoder.model.visual."
 _WISE_FT_HEAD = "classification_head."
@@ -361,7 +389,8 @@ def classifier_state_dict(
     * the wise-ft / DaWin-reference ``ImageClassifier`` layout (``image_encoder.model.visual.*`` +
       ``classification_head.weight/bias``; the text tower it may carry is ignored);
     * a whole open_clip CLIP state dict (``visual.*`` + text tower, no head): it is loaded into ``model``
-      (which is modified) and the head is built from ``classnames`` and ``templates`` with its own text tower.
+      and the head is built from ``classnames`` and ``templates`` with its own text tower (run statelessly with
+      :func:`torch.func.functional_call`: ``model`` itself is not modified).
 
     The visual keys must match ``model.visual`` exactly, and the head must have ``len(classnames)`` rows; errors
     name the checkpoint (``name``) and the first offending key.
@@ -411,8 +440,7 @@ def classifier_state_dict(
             what = f"is missing key {missing[0]!r}" if missing else f"has unexpected key {extra[0]!r}"
             raise ValueError(f"{name}: open_clip CLIP checkpoint {what} for this architecture")
         _check_shapes(sd, model.state_dict(), name, "")
-        model.load_state_dict(sd, strict=True)
-        weight, bias = build_zero_shot_head(model, tokenizer, names, templates)
+        weight, bias = build_zero_shot_head(_StatelessCLIP(model, sd), tokenizer, names, templates)
         # The head takes the checkpoint's floating dtype so that zero-shot and fine-tuned layouts stay comparable.
         dtype = next(v.dtype for k, v in sd.items() if k.startswith("visual.") and v.is_floating_point())
         head = {"head.weight": weight.to(dtype), "head.bias": bias.to(dtype)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import open_clip
@@ -129,6 +130,17 @@ def test_classifier_state_dict_layouts(clip):
     assert list(from_clip) == list(expected)
     for k in expected:
         torch.testing.assert_close(from_clip[k], expected[k])
+    # ... another CLIP's weights give that CLIP's head, and the module passed in is left untouched.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other_clip = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in before.items()}
+    other = copy.deepcopy(model)
+    other.load_state_dict(other_clip)
+    got = classifier_state_dict(other_clip, model, tokenizer, CLASSES, "simple")
+    want = CLIPClassifier.from_clip(other, tokenizer, CLASSES, "simple").state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
     # 2. The classifier layout passes through (a missing bias becomes zeros).
     no_bias = {k: v for k, v in expected.items() if k != "head.bias"}
     out = classifier_state_dict(no_bias, model, tokenizer, CLASSES)
