@@ -300,6 +300,8 @@ _ISA_SCRIPT = textwrap.dedent(
         for shape in ((9, 1), (9, 3), (33, 1000), (2, 100003)):
             x = (torch.randn(shape) * 4).to(dtype)
             x[0, 0] = float("-inf")
+            x[1, -1] = float("nan")
+            x[min(2, shape[0] - 1), shape[1] // 2] = float("inf")
             for v in (x, x[:, 1:] if shape[1] > 1 else x, x.t().contiguous().t()):
                 got = dawin_ext.softmax_entropy(v).double()
                 torch.testing.assert_close(got, h64(v), atol=3e-5, rtol=3e-5, equal_nan=True)
