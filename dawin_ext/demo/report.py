@@ -255,7 +255,7 @@ def write_report(result: DemoResult, out_dir: Path, bench_table: str | None = No
         f"{result.pair.generalist_path.parent}"
     )
     if bench_table:
-        lines += ["", "## Kernel and pipeline speed (`dawin-ext bench --quick`)", "", bench_table]
+        lines += ["", "## Kernel speed (`dawin-ext bench --quick`)", "", "```", bench_table, "```"]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
 
@@ -295,7 +295,11 @@ def update_results_section(
     results_md = Path(results_md)
     rel = Path(os.path.relpath(Path(out_dir).resolve(), results_md.parent.resolve()))
     env = result.environment
-    cached = "models loaded from the cache" if result.pair.from_cache else "including training"
+    cached = (
+        "models loaded from the cache"
+        if result.pair.from_cache
+        else f"including {result.pair.train_seconds:.1f} s of training"
+    )
     body = [
         SECTION_BEGIN,
         "## Embedded benchmark",
@@ -304,8 +308,9 @@ def update_results_section(
         f"`{command.replace('dawin-ext', 'python -m dawin_ext.cli', 1)}`). The section between the markers is "
         "rewritten by that command; the numbers are not typed by hand.",
         "",
-        f"Wall time of that run: {wall_seconds:.1f} s ({cached}; training took {result.pair.train_seconds:.1f} s "
-        f"when the checkpoints were made). Device: {env['device']}. torch {env['torch']}, "
+        f"Wall time of that run: {wall_seconds:.1f} s ({cached}, and the kernel table if it ran); machine load "
+        f"average (1, 5, 15 min) at the end of the benchmark: {env['load average (1, 5, 15 min) at the end']}. "
+        f"Device: {env['device']}. torch {env['torch']}, "
         f"dawin_ext build {env['dawin_ext build_info']}.",
         "",
         results_table(result),

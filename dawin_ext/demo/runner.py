@@ -88,6 +88,8 @@ def environment_info(threads: int) -> dict:
         "scikit-learn": sklearn.__version__,
         "dawin_ext build_info": dawin_ext.build_info(),
         "platform": platform.platform(),
+        # Other processes on the machine slow every timing; the load says how busy it was.
+        "load average (1, 5, 15 min) at the end": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
     }
 
 
