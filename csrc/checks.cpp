@@ -69,8 +69,10 @@ void check_blend_args(at::TensorList sources, const at::Tensor& coefficients, at
                     " output tensors, got ", out.size());
   for (int64_t n = 0; n < N; ++n) {
     const at::Tensor& ref = sources[n];
-    TORCH_CHECK_TYPE(is_supported_float(ref.scalar_type()), "blend: tensor ", n,
-                     " must be float32, float16 or bfloat16, got ", ref.scalar_type());
+    TORCH_CHECK_VALUE(ref.device() == sources[0].device(), "blend: tensor ", n, " of source 0 is on ", ref.device(),
+                      " but tensor 0 is on ", sources[0].device(), "; all tensors must be on one device");
+    TORCH_CHECK_TYPE(is_supported_float(ref.scalar_type()) || ref.scalar_type() == at::kDouble, "blend: tensor ", n,
+                     " must be float32, float64, float16 or bfloat16, got ", ref.scalar_type());
     for (int64_t s = 1; s < S; ++s) {
       const at::Tensor& t = sources[s * N + n];
       TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "blend: tensor ", n, " of source ", s, " has shape ", t.sizes(),

@@ -7,7 +7,9 @@ if the compiled core is missing, importing ``dawin_ext`` fails with a message th
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -30,7 +32,7 @@ __all__ = [
 _ops = torch.ops.dawin_ext
 
 #: dtypes that ``blend`` interpolates; every other dtype is copied from source 0.
-BLENDABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLENDABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _MAX_CLUSTERS_PER_LAUNCH = 16
 _MAX_SOURCES = 16
 
@@ -152,7 +154,41 @@ def _as_coefficient_matrix(coefficients, num_sources: int) -> Tensor:
     if coef.shape[0] < 1:
         raise ValueError("blend: coefficients must have at least one row (K >= 1)")
     check_finite_matrix(coef, "blend: coefficients")
-    return coef.to(torch.float32)
+    # Kept in float64: the kernel rounds once to float32 for fp32/fp16/bf16 tensors and uses the
+    # exact values for float64 tensors.
+    return coef
+
+
+_MADV_HUGEPAGE = 14  # linux/mman.h
+_HUGE_PAGE = 2 << 20
+_libc = None
+
+
+def _hint_huge_pages(t: Tensor) -> None:
+    """Asks Linux to back a freshly allocated, not yet touched CPU tensor with transparent huge pages.
+
+    Fresh outputs cost one page fault per 4 KiB on first touch; on this class of (virtual) machine
+    that was the largest part of an allocating blend (see benchmarks/RESULTS.md). Only the 2 MiB
+    aligned interior of the tensor's own memory is advised, so nothing outside it changes. This is a
+    performance hint: where it is unavailable the result is the same, only slower.
+    """
+    global _libc
+    if t.device.type != "cpu" or not sys.platform.startswith("linux") or t.nbytes < 2 * _HUGE_PAGE:
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc.madvise.restype = ctypes.c_int
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    stop = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if stop > start:
+        _libc.madvise(start, stop - start, _MADV_HUGEPAGE)
+
+
+def _new_output(t: Tensor) -> Tensor:
+    o = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    _hint_huge_pages(o)
+    return o
 
 
 def blend(
@@ -163,8 +199,9 @@ def blend(
     """Builds K weighted blends of S parameter sets in one pass over the parameters.
 
     ``out[k][key] = sum_s coefficients[k, s] * sources[s][key]`` for every floating-point key
-    (float32, float16, bfloat16; accumulated in float32). Other keys (integer buffers and the like)
-    are copied from source 0 and never blended.
+    (float32, float16, bfloat16 accumulated in float32; float64 accumulated in float64). Other keys
+    (integer buffers and the like) are copied from source 0 and never blended; complex keys are refused.
+    Fresh outputs are separate contiguous tensors (no shared storage, so safetensors can save them).
 
     Args:
         sources: S state dicts (or modules) with identical keys, shapes, dtypes and devices (checked first; the
@@ -188,10 +225,7 @@ def blend(
     k_total = coef.shape[0]
     ref = sources[0]
     if out is None:
-        out = [
-            {key: torch.empty_like(ref[key], memory_format=torch.contiguous_format) for key in keys}
-            for _ in range(k_total)
-        ]
+        out = [{key: _new_output(ref[key]) for key in keys} for _ in range(k_total)]
     else:
         out = list(out)
         if len(out) != k_total:
@@ -208,7 +242,7 @@ def blend(
         if (t.is_floating_point() or t.is_complex()) and t.dtype not in BLENDABLE_DTYPES:
             # Copying such a key from source 0 would silently skip the interpolation.
             raise TypeError(
-                f"blend: key {key!r} has dtype {t.dtype}; blend interpolates float32, float16 and bfloat16 "
+                f"blend: key {key!r} has dtype {t.dtype}; blend interpolates float32, float64, float16 and bfloat16 "
                 "(convert the state dicts first, e.g. {k: v.float() for k, v in sd.items()})"
             )
     float_keys = [key for key in keys if ref[key].dtype in BLENDABLE_DTYPES]

@@ -7,6 +7,12 @@
 #define DAWIN_HD inline
 #endif
 
+#if defined(__CUDACC__) || defined(__HIPCC__) || defined(__clang__)
+#define DAWIN_UNROLL _Pragma("unroll")
+#else
+#define DAWIN_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace dawin_ext {
 namespace math {
 
@@ -15,23 +21,35 @@ namespace math {
 constexpr int kMaxSources = 16;
 constexpr int kMaxClusters = 16;
 
-// out[k] = sum_s coef[k * num_sources + s] * x[s], accumulated in fp32.
-template <int S>
-DAWIN_HD void blend_point(const float* x, const float* coef, int num_clusters, float* out) {
-  for (int k = 0; k < num_clusters; ++k) {
-    float acc = 0.f;
-#pragma unroll
-    for (int s = 0; s < S; ++s) acc += coef[k * S + s] * x[s];
-    out[k] = acc;
+// Accumulation type of blend: fp32 for fp32/fp16/bf16 tensors, double for double tensors.
+template <typename scalar_t>
+struct BlendAcc {
+  using type = float;
+};
+template <>
+struct BlendAcc<double> {
+  using type = double;
+};
+
+// sum_s coef_row[s] * x[s], in the order s = 0, 1, ... (fused multiply-adds where the target has them).
+// S > 0 fixes the number of sources at compile time; S == 0 uses num_sources.
+template <int S, typename acc_t>
+DAWIN_HD acc_t blend_dot(const acc_t* x, const acc_t* coef_row, int num_sources) {
+  const int n = S > 0 ? S : num_sources;
+  acc_t acc = coef_row[0] * x[0];
+  DAWIN_UNROLL
+  for (int s = 1; s < (S > 0 ? S : kMaxSources); ++s) {
+    if (S == 0 && s >= n) break;
+    acc += coef_row[s] * x[s];
   }
+  return acc;
 }
 
-DAWIN_HD void blend_point_dynamic(const float* x, const float* coef, int num_sources, int num_clusters, float* out) {
-  for (int k = 0; k < num_clusters; ++k) {
-    float acc = 0.f;
-    for (int s = 0; s < num_sources; ++s) acc += coef[k * num_sources + s] * x[s];
-    out[k] = acc;
-  }
+// out[k] = sum_s coef[k * S + s] * x[s] for k < num_clusters.
+template <int S, typename acc_t>
+DAWIN_HD void blend_point(const acc_t* x, const acc_t* coef, int num_sources, int num_clusters, acc_t* out) {
+  const int n = S > 0 ? S : num_sources;
+  for (int k = 0; k < num_clusters; ++k) out[k] = blend_dot<S, acc_t>(x, coef + k * n, n);
 }
 
 }  // namespace math

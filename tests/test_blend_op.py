@@ -1,0 +1,288 @@
+"""The multi-tensor blend kernel (``dawin_ext.blend`` / ``torch.ops.dawin_ext.blend_``) against a float64 reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import dawin_ext
+from dawin_ext.reference import blend_reference, interpolation_reference
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Odd sizes: empty, single element, shorter than any vector, a vector tail, and one past a chunk.
+SIZES = {"empty": (0,), "one": (1,), "three": (3,), "w1023": (31, 33), "big": ((1 << 16) + 1,)}
+# Half an output ulp for the rounding to the output dtype (round to nearest even), with slack.
+OUT_EPS = {torch.float32: 2.0**-23, torch.float64: 2.0**-52, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+ACC_EPS = {torch.float32: 1e-6, torch.float64: 1e-14, torch.float16: 1e-6, torch.bfloat16: 1e-6}
+
+
+def random_state_dicts(S: int, dtype: torch.dtype, device, gen: torch.Generator, sizes=SIZES) -> list[dict]:
+    return [
+        {
+            k: torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+            for k, shape in sizes.items()
+        }
+        for _ in range(S)
+    ]
+
+
+def expected(sources: list[dict], coef: torch.Tensor) -> list[dict]:
+    """float64 reference: out[k] = sum_s coef[k, s] * sources[s] (inputs exactly as stored)."""
+    coef = torch.as_tensor(coef, dtype=torch.float64)
+    return [
+        {key: sum(float(c) * sd[key].double().cpu() for c, sd in zip(row, sources, strict=True)) for key in sources[0]}
+        for row in coef
+    ]
+
+
+def assert_blend_close(got: dict, want: dict, sources: list[dict], coef, dtype) -> None:
+    """|got - want| within the output rounding plus the accumulation error bound, elementwise."""
+    coef = torch.as_tensor(coef, dtype=torch.float64)
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        for key in w:
+            assert g[key].dtype == dtype and g[key].shape == sources[0][key].shape
+            mag = sum(abs(float(c)) * sd[key].double().cpu().abs() for c, sd in zip(coef[k], sources, strict=True))
+            err = (g[key].double().cpu() - w[key]).abs()
+            bound = OUT_EPS[dtype] * w[key].abs() + ACC_EPS[dtype] * mag + 1e-30
+            if dtype == torch.float16:
+                bound = bound + 2.0**-25  # subnormal spacing
+            bad = err > bound
+            assert not bool(bad.any()), (
+                f"cluster {k} key {key!r}: max error {err.max().item():.3g} over bound at {bad.nonzero()[0].tolist()}"
+            )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("S", range(2, 10))
+def test_blend_matches_float64_reference(device, dtype, S):
+    gen = torch.Generator().manual_seed(100 + S)
+    sources = random_state_dicts(S, dtype, device, gen)
+    for K in range(1, 9):
+        coef = torch.randn(K, S, generator=gen, dtype=torch.float64)
+        got = dawin_ext.blend(sources, coef)
+        assert len(got) == K and all(list(g) == list(sources[0]) for g in got)
+        assert all(t.device.type == torch.device(device).type for g in got for t in g.values())
+        assert_blend_close(got, expected(sources, coef), sources, coef, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_noncontiguous_and_misaligned_sources(device, dtype):
+    gen = torch.Generator().manual_seed(7)
+    base = [torch.randn(1, 70001, generator=gen).to(dtype=dtype, device=device) for _ in range(3)]
+    mats = [torch.randn(257, 130, generator=gen).to(dtype=dtype, device=device) for _ in range(3)]
+    sources = [{"offset": b[0, 1:], "transposed": m.t(), "strided": m[:, ::2]} for b, m in zip(base, mats, strict=True)]
+    assert not sources[0]["transposed"].is_contiguous()
+    assert sources[0]["offset"].data_ptr() % 16 != 0
+    coef = torch.tensor([[0.25, 0.5, 0.25], [1.5, -0.75, 0.125]], dtype=torch.float64)
+    got = dawin_ext.blend(sources, coef)
+    assert all(t.is_contiguous() for g in got for t in g.values())
+    assert_blend_close(got, expected(sources, coef), sources, coef, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_misaligned_outputs_and_streaming_stores(device, dtype):
+    # > 32 MiB of output takes the CPU's non-temporal store path; outputs offset by one element
+    # (the same or different misalignment per cluster) take its scalar head / plain-store fallback.
+    n = (1 << 22) + 13
+    gen = torch.Generator().manual_seed(11)
+    sources = [{"w": torch.randn(n, generator=gen).to(dtype=dtype, device=device)} for _ in range(2)]
+    coef = torch.tensor([[0.3, 0.7], [-1.0, 2.0], [0.5, 0.5]], dtype=torch.float64)
+    want = expected(sources, coef)
+    for offsets in [(0, 0, 0), (1, 1, 1), (0, 1, 3)]:
+        bufs = [torch.zeros(n + 4, dtype=dtype, device=device) for _ in offsets]
+        out = [{"w": b[o : o + n]} for b, o in zip(bufs, offsets, strict=True)]
+        ptrs = [o["w"].data_ptr() for o in out]
+        dawin_ext.blend(sources, coef, out=out)
+        assert [o["w"].data_ptr() for o in out] == ptrs
+        assert_blend_close(out, want, sources, coef, dtype)
+        for b, o in zip(bufs, offsets, strict=True):  # nothing written outside the views
+            assert bool((b[:o] == 0).all()) and bool((b[o + n :] == 0).all())
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_cpu_code_path(capability):
+    """ATEN_CPU_CAPABILITY selects the scalar, AVX2 or AVX512 copy of the CPU kernel (once per process)."""
+    script = textwrap.dedent(
+        """
+        import torch, dawin_ext
+        gen = torch.Generator().manual_seed(3)
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            for S, K in ((2, 3), (3, 2), (5, 7)):
+                srcs = [torch.randn(40000 + 37, generator=gen, dtype=torch.float64).to(dtype) for _ in range(S)]
+                coef = torch.randn(K, S, generator=gen, dtype=torch.float64)
+                out = dawin_ext.blend([{"w": s[1:]} for s in srcs], coef)
+                want = coef @ torch.stack([s[1:].double() for s in srcs])
+                tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+                for k in range(K):
+                    torch.testing.assert_close(out[k]["w"].double(), want[k], atol=tol, rtol=tol)
+        print("ok", torch.backends.cpu.get_cpu_capability())
+        """
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ok")
+
+
+def test_out_writes_in_place_without_reallocating(device):
+    gen = torch.Generator().manual_seed(5)
+    sources = random_state_dicts(2, torch.float32, device, gen)
+    coef = torch.tensor([[0.2, 0.8], [0.6, 0.4]], dtype=torch.float64)
+    out = [{k: torch.full_like(v, float("nan")) for k, v in sources[0].items()} for _ in range(2)]
+    ptrs = [{k: v.data_ptr() for k, v in o.items()} for o in out]
+    for _ in range(2):
+        res = dawin_ext.blend(sources, coef, out=out)
+        assert res is out or all(r is o for r, o in zip(res, out, strict=True))
+        assert [{k: v.data_ptr() for k, v in o.items()} for o in out] == ptrs
+        assert_blend_close(out, expected(sources, coef), sources, coef, torch.float32)
+
+
+def test_out_into_a_live_models_parameters(device):
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Linear(9, 33), nn.BatchNorm1d(33), nn.Linear(33, 5)).to(device)
+
+    m0, m1, live = make(), make(), make()
+    for m in (m0, m1):
+        m.train()(torch.randn(8, 9, device=device))  # updates running stats and num_batches_tracked
+    sd0, sd1 = m0.state_dict(), m1.state_dict()
+    params = {n: p.data_ptr() for n, p in live.named_parameters()}
+    dawin_ext.blend([sd0, sd1], [[0.3, 0.7]], out=[live.state_dict()])
+    assert {n: p.data_ptr() for n, p in live.named_parameters()} == params
+    for key, v in live.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.3 * sd0[key] + 0.7 * sd1[key], atol=1e-6, rtol=1e-6)
+        else:  # num_batches_tracked: copied from source 0, not blended
+            assert v.dtype == sd0[key].dtype and torch.equal(v, sd0[key])
+    # The module still works and autograd still sees its parameters.
+    live(torch.randn(4, 9, device=device)).sum().backward()
+    assert all(p.grad is not None for p in live.parameters())
+
+
+def test_non_floating_keys_are_copied_not_blended(device):
+    gen = torch.Generator().manual_seed(9)
+    sources = []
+    for s in range(3):
+        sd = {"w": torch.randn(5, generator=gen).to(device)}
+        sd["steps"] = torch.tensor(10 * (s + 1), device=device)
+        sd["mask"] = torch.tensor([True, s == 0, False], device=device)
+        sd["idx"] = torch.arange(4, device=device, dtype=torch.int32) + s
+        sources.append(sd)
+    coef = [[0.2, 0.3, 0.5], [1.0, 1.0, 1.0]]
+    for out in (None, [{k: torch.empty_like(v) for k, v in sources[0].items()} for _ in coef]):
+        got = dawin_ext.blend(sources, coef, out=out)
+        for g in got:
+            for key in ("steps", "mask", "idx"):
+                assert g[key].dtype == sources[0][key].dtype
+                assert torch.equal(g[key], sources[0][key])
+                assert g[key].data_ptr() != sources[0][key].data_ptr()  # a copy, not an alias
+
+
+def test_inputs_are_not_mutated(device):
+    gen = torch.Generator().manual_seed(13)
+    sources = random_state_dicts(3, torch.bfloat16, device, gen)
+    sources[0]["transposed"] = torch.randn(6, 7, generator=gen).to(device).t()
+    for sd in sources[1:]:
+        sd["transposed"] = torch.randn(6, 7, generator=gen).to(device).t()
+    before = [{k: v.clone() for k, v in sd.items()} for sd in sources]
+    coef = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    coef_before = coef.clone()
+    dawin_ext.blend(sources, coef)
+    for sd, sb in zip(sources, before, strict=True):
+        for k in sd:
+            assert torch.equal(sd[k], sb[k])
+    assert torch.equal(coef, coef_before)
+
+
+def test_in_place_into_source_zero(device):
+    """out may be one of the sources (exact aliasing): every element is read before it is written."""
+    gen = torch.Generator().manual_seed(17)
+    sources = random_state_dicts(2, torch.float32, device, gen)
+    want = expected(sources, [[0.25, 0.75]])
+    dawin_ext.blend(sources, [[0.25, 0.75]], out=[sources[0]])
+    for key in want[0]:
+        torch.testing.assert_close(sources[0][key].double().cpu(), want[0][key], atol=1e-6, rtol=1e-6)
+
+
+def test_nan_is_propagated_not_hidden(device):
+    a = {"w": torch.tensor([1.0, float("nan"), 3.0], device=device)}
+    b = {"w": torch.tensor([1.0, 2.0, float("inf")], device=device)}
+    out = dawin_ext.blend([a, b], [[1.0, 0.0], [0.5, 0.5]])
+    assert torch.isnan(out[0]["w"][1]) and torch.isnan(out[1]["w"][1])
+    assert torch.isnan(out[0]["w"][2])  # 0 * inf is NaN, as in the reference arithmetic
+    assert torch.isinf(out[1]["w"][2])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, 1.7, torch.tensor(0.45)])
+def test_interpolation_equals_reference_comprehension(device, alpha):
+    gen = torch.Generator().manual_seed(21)
+    w1, w2 = random_state_dicts(2, torch.float32, device, gen)
+    got = dawin_ext.interpolation(alpha, w1, w2)
+    want = interpolation_reference(alpha, w1, w2)
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].device == want[key].device
+        # fp32 with one rounding (FMA) vs the reference's three: equal to a few ulps.
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-6)
+
+
+def test_more_than_sixteen_clusters_are_split(device):
+    gen = torch.Generator().manual_seed(23)
+    sources = random_state_dicts(3, torch.float16, device, gen)
+    coef = torch.randn(37, 3, generator=gen, dtype=torch.float64)
+    got = dawin_ext.blend(sources, coef)
+    assert len(got) == 37
+    assert_blend_close(got, expected(sources, coef), sources, coef, torch.float16)
+    ref = blend_reference([{k: v.double() for k, v in sd.items()} for sd in sources], coef)
+    for g, r in zip(got, ref, strict=True):
+        for key in r:
+            torch.testing.assert_close(g[key].double(), r[key].to(g[key].dtype).double(), atol=2e-3, rtol=2e-3)
+
+
+def test_float64_accumulates_in_double(device):
+    a = {"w": torch.full((1000,), 1.0 + 2.0**-40, dtype=torch.float64, device=device)}
+    b = {"w": torch.full((1000,), 1.0, dtype=torch.float64, device=device)}
+    got = dawin_ext.blend([a, b], [[1.0, -1.0]])[0]["w"]
+    assert bool((got == 2.0**-40).all())  # float32 accumulation would give 0
+
+
+def test_op_level_errors_name_the_problem(device):
+    op = torch.ops.dawin_ext.blend_
+    x = [torch.randn(4, device=device), torch.randn(4, device=device)]
+    out = [torch.empty(4, device=device)]
+    with pytest.raises(ValueError, match="clusters"):
+        op(x, torch.zeros(0, 2), [])
+    with pytest.raises(ValueError, match="output tensors"):
+        op(x, torch.ones(2, 2), out)
+    with pytest.raises(ValueError, match="tensor 0 of source 1 has shape"):
+        op([x[0], torch.randn(5, device=device)], torch.ones(1, 2), out)
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        op([x[0].int(), x[1].int()], torch.ones(1, 2), [out[0].int()])
+    with pytest.raises(ValueError, match="must be contiguous"):
+        op(
+            [torch.randn(4, 2, device=device), torch.randn(4, 2, device=device)],
+            torch.ones(1, 2),
+            [torch.empty(2, 4, device=device).t()],
+        )
+    with pytest.raises(TypeError, match="complex"):
+        dawin_ext.blend([{"z": torch.zeros(2, dtype=torch.complex64)}] * 2, [[0.5, 0.5]])
+
+
+def test_opcheck(device):
+    gen = torch.Generator().manual_seed(29)
+    sources = [torch.randn(37, generator=gen).to(device) for _ in range(4)] + [
+        torch.randn(3, 5, generator=gen).to(device).half() for _ in range(2)
+    ]
+    # Source-major flat list of S = 2 sources with N = 3 tensors each (fp32, fp32, fp16), and K = 2
+    # cluster-major outputs.
+    flat = [sources[0], sources[1], sources[4], sources[2], sources[3], sources[5]]
+    out = [torch.empty_like(t) for _ in range(2) for t in flat[:3]]
+    coef = torch.tensor([[0.5, 0.5], [0.1, 0.9]])
+    torch.library.opcheck(torch.ops.dawin_ext.blend_.default, (flat, coef, out))
