@@ -49,12 +49,14 @@ def random_rows(batch: int, num: int, seed: int, device="cpu") -> torch.Tensor:
 
 
 def merged_state_dict(sources: list[dict], row: torch.Tensor) -> dict:
-    """sum_s row[s] * sources[s] in float64 (the reference per-sample merge); other entries from source 0."""
+    """sum_s row[s] * sources[s], key by key as the reference code merges; other entries from source 0."""
     out = {}
     for k, v in sources[0].items():
         if v.is_floating_point():
-            acc = sum(float(row[s]) * sd[k].double() for s, sd in enumerate(sources))
-            out[k] = acc.to(v.dtype)
+            acc = float(row[0]) * v
+            for s in range(1, len(sources)):
+                acc.add_(sources[s][k], alpha=float(row[s]))
+            out[k] = acc
         else:
             out[k] = v
     return out
