@@ -376,4 +376,6 @@ class DaWin:
     def cluster_sizes(self) -> np.ndarray:
         """How many fit samples each cluster holds."""
         self._check_fitted()
+        if not self.weight_space:
+            raise RuntimeError(f"DaWin: expertise {self.expertise!r} does not cluster")
         return np.bincount(self.labels_.numpy(), minlength=self.n_clusters)
