@@ -9,14 +9,7 @@ from torch import Tensor, nn
 
 StateDict = dict[str, Tensor]
 
-__all__ = [
-    "StateDict",
-    "as_state_dict",
-    "check_compatible",
-    "check_finite_matrix",
-    "check_finite_state_dict",
-    "IncompatibleStateDictsError",
-]
+__all__ = ["StateDict", "as_state_dict", "check_compatible", "check_finite_matrix", "IncompatibleStateDictsError"]
 
 
 class IncompatibleStateDictsError(ValueError):
@@ -86,18 +79,3 @@ def check_finite_matrix(matrix: Tensor, what: str) -> None:
     if bool(bad.any()):
         idx = bad.nonzero()[0].tolist()
         raise ValueError(f"{what} must be finite; entry {tuple(idx)} is {matrix[tuple(idx)].item()}")
-
-
-def check_finite_state_dict(state_dict: Mapping[str, Tensor], name: str) -> None:
-    """Raises ValueError naming the first key (and index and value) of ``state_dict`` holding NaN or Inf.
-
-    Blending multiplies every source by its coefficient, and ``0 * nan`` is NaN, so one bad weight in any
-    source poisons every blend; the high-level API checks its sources once, up front, with this.
-    """
-    for key, t in state_dict.items():
-        if not (t.is_floating_point() or t.is_complex()):
-            continue
-        bad = ~torch.isfinite(t.detach())
-        if bool(bad.any()):
-            idx = tuple(bad.nonzero()[0].tolist())
-            raise ValueError(f"{name}[{key!r}] is not finite: entry {idx} is {t[idx].item()}")
