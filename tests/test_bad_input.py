@@ -502,6 +502,15 @@ def _fitted_dawin():
     return _dawin(n_clusters=2).fit(_batches())
 
 
+def _tiny_prelu(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.PReLU(), torch.nn.Linear(8, 4))
+
+
+def _interpolator():
+    return _mod("samplewise").SampleWiseInterpolator(_tiny_prelu(0), [_tiny_prelu(1), _tiny_prelu(2)])
+
+
 def _unsafe_checkpoint():
     import tempfile
 
@@ -808,6 +817,51 @@ HIGH_LEVEL_CASES = [
         lambda: _mod("mixture").DirichletMixture().fit(np.array([[0.2, 0.8], [1.5, -0.5]])),
         ValueError,
         r"sample 1 has negative entry",
+    ),
+    # ---- exact per-sample interpolation
+    (
+        "samplewise-coefficient-shape",
+        lambda: _interpolator()(torch.randn(3, 6), torch.full((3, 3), 1 / 3)),
+        ValueError,
+        r"coefficients must have shape \[B, 2\].*\(3, 3\)",
+    ),
+    (
+        "samplewise-coefficient-nan",
+        lambda: _interpolator()(torch.randn(3, 6), torch.tensor([[0.3, 0.7], [NAN, 0.5], [0.5, 0.5]])),
+        ValueError,
+        r"finite; entry \(1, 0\) is nan",
+    ),
+    (
+        "samplewise-row-sum",
+        lambda: _interpolator()(torch.randn(3, 6), torch.tensor([[0.3, 0.7], [0.3, 0.5], [0.5, 0.5]])),
+        ValueError,
+        r"row 1 sums to 0\.8",
+    ),
+    (
+        "samplewise-batch-mismatch",
+        lambda: _interpolator()(torch.randn(3, 6), torch.tensor([[0.3, 0.7]] * 2)),
+        ValueError,
+        r"batch size 3 but coefficients have 2 rows",
+    ),
+    (
+        "samplewise-integer-coefficients",
+        lambda: _interpolator()(torch.randn(3, 6), torch.ones(3, 2, dtype=torch.long)),
+        TypeError,
+        r"floating point, got torch\.int64",
+    ),
+    (
+        "samplewise-unsupported-parameter",
+        lambda: _mod("samplewise").SampleWiseInterpolator(
+            _tiny_prelu(0), [_tiny_prelu(1).state_dict(), {**_tiny_prelu(2).state_dict(), "2.weight": torch.ones(1)}]
+        ),
+        ValueError,  # UnsupportedParameterError
+        r"parameter '2\.weight' \(in PReLU\) differs",
+    ),
+    (
+        "samplewise-key-mismatch",
+        lambda: _mod("samplewise").SampleWiseInterpolator(_tiny(0), [_tiny_sd(1), _tiny_sd(2, **{"3.bias": None})]),
+        ValueError,
+        r"source 1 is missing key '3\.bias'",
     ),
     # ---- checkpoints
     (

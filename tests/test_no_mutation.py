@@ -241,6 +241,19 @@ def test_adawise():
     assert_unchanged(before_model, fingerprint(model))
 
 
+def test_samplewise_interpolator():
+    samplewise = pytest.importorskip("dawin_ext.samplewise")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 4))
+    sources = [_tiny_model(1).state_dict(), _tiny_model(2).state_dict()]
+    sources = [{k: v for k, v in sd.items() if not k.startswith("1.")} for sd in sources]  # drop BatchNorm
+    sources = [{**sd, "1.weight": torch.rand(8), "1.bias": torch.rand(8)} for sd in sources]
+    interp = call_and_check(samplewise.SampleWiseInterpolator, model, sources)
+    lam = torch.rand(5)
+    call_and_check(interp, torch.randn(5, 6), torch.stack([1 - lam, lam], 1))
+    call_and_check(interp.forward_candidates, torch.randn(5, 6), torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+
+
 def test_fingerprint_catches_in_place_writes():
     # The checker itself must be able to fail.
     x = torch.randn(3)
