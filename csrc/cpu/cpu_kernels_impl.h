@@ -117,7 +117,8 @@ void entropy_rows_typed(const EntropyRowsArgs& a) {
   const int64_t R = a.rows, C = a.cols;
   const auto scale_of = [&](int64_t r) { return a.inv_temps[r / a.rows_per_group]; };
   if (C <= kSplit) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / C);
+    // At least ~128K elements per task: below that a second thread costs more than it saves.
+    const int64_t grain = std::max<int64_t>(1, 131072 / C);
     at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const math::EntropyState st = range_state(base + r * a.row_stride, 0, C, a.col_stride, scale_of(r));
