@@ -1,0 +1,96 @@
+"""pytest-benchmark suite: blend of the open_clip ViT-B-32 state dict into K = 3 models, against the references.
+
+Run: python -m pytest benchmarks/test_bench_blend.py --benchmark-only --benchmark-group-by=group
+Each group holds dawin_ext and its reference, measured in the same run:
+  * "new outputs": dawin_ext.blend allocating its outputs vs the reference dict comprehension
+    (K calls of the reference interpolation);
+  * "out=": dawin_ext.blend writing into existing tensors vs the comprehension and vs per-tensor
+    torch.lerp(..., out=) into the same tensors;
+  * "fresh memory" (CPU): allocating K output dicts and touching every page once, with the huge-page
+    hint blend uses and with plain 4 KiB pages: the page-fault cost inside "new outputs".
+`dawin-ext bench` prints the same comparison as one table.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dawin_ext
+from dawin_ext.bench import CLUSTER_ALPHAS, vit_b32_state_dicts
+from dawin_ext.ops import _new_output
+from dawin_ext.reference import interpolation_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+COEF = [[1.0 - a, a] for a in CLUSTER_ALPHAS]
+# Each call moves gigabytes; a few rounds are enough for a stable median.
+PEDANTIC = {"rounds": 5, "iterations": 1, "warmup_rounds": 1}
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def vit(request):
+    device = torch.device(request.param)
+    sd0, sd1 = vit_b32_state_dicts(device, quick=False)
+    out = [{k: torch.empty_like(v) for k, v in sd0.items()} for _ in CLUSTER_ALPHAS]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return device, sd0, sd1, out, sync
+
+
+def _reference(sd0, sd1):
+    return [interpolation_reference(a, sd0, sd1) for a in CLUSTER_ALPHAS]
+
+
+@pytest.mark.parametrize("impl", ["reference", "dawin_ext"])
+def test_blend_new_outputs(benchmark, vit, impl):
+    device, sd0, sd1, _, sync = vit
+
+    def run():
+        r = _reference(sd0, sd1) if impl == "reference" else dawin_ext.blend([sd0, sd1], COEF)
+        sync()
+        return r
+
+    benchmark.group = f"blend {device.type} ViT-B-32 K=3 new outputs"
+    got = benchmark.pedantic(run, **PEDANTIC)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    torch.testing.assert_close(got[1][key], 0.5 * sd0[key] + 0.5 * sd1[key], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "lerp_out", "dawin_ext"])
+def test_blend_out(benchmark, vit, impl):
+    device, sd0, sd1, out, sync = vit
+
+    def lerp_out():
+        for a, o in zip(CLUSTER_ALPHAS, out, strict=True):
+            for k, v in sd0.items():
+                torch.lerp(v, sd1[k], a, out=o[k])
+
+    fn = {
+        "reference": lambda: _reference(sd0, sd1),
+        "lerp_out": lerp_out,
+        "dawin_ext": lambda: dawin_ext.blend([sd0, sd1], COEF, out=out),
+    }[impl]
+
+    def run():
+        fn()
+        sync()
+
+    benchmark.group = f"blend {device.type} ViT-B-32 K=3 out="
+    benchmark.extra_info["bytes_moved"] = sum(v.numel() * v.element_size() for v in sd0.values()) * (2 + len(COEF))
+    benchmark.pedantic(run, **PEDANTIC)
+
+
+@pytest.mark.parametrize("pages", ["huge_page_hint", "4k_pages"])
+def test_fresh_output_memory(benchmark, vit, pages):
+    device, sd0, _, _, _ = vit
+    if device.type != "cpu":
+        pytest.skip("page faults of fresh host memory are a CPU cost")
+    new = _new_output if pages == "huge_page_hint" else torch.empty_like
+
+    def run():
+        outs = [{k: new(v) for k, v in sd0.items()} for _ in CLUSTER_ALPHAS]
+        for o in outs:
+            for v in o.values():
+                v.fill_(0.0)
+
+    benchmark.group = "fresh memory for K=3 ViT-B-32 outputs: allocate + first touch"
+    benchmark.pedantic(run, **PEDANTIC)

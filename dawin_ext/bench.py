@@ -1,0 +1,227 @@
+"""``dawin-ext bench``: the compiled kernels against the plain-PyTorch reference, side by side.
+
+Every row times one op and its reference in the same run, alternating between the two on each
+repeat (so that a busy machine slows both alike), and reports both medians and their ratio:
+
+* ``softmax_entropy`` on fp32 logits of B x 1000 against ``-(softmax * log_softmax).sum(-1)``;
+* ``blend`` of the open_clip ViT-B-32 state dict (random init, no download) into K = 3 models,
+  allocating new outputs and with ``out=``, against the reference dict comprehension and, for
+  ``out=``, against per-tensor ``torch.lerp(..., out=)`` into the same tensors;
+* on the CPU, the cost of fresh output memory alone (allocate + first touch, i.e. page faults), with
+  and without the transparent-huge-page hint that ``blend`` gives its fresh outputs;
+* on CUDA, the device-to-device copy bandwidth and each kernel's fraction of it.
+
+``--quick`` uses smaller sizes (a third of the ViT-B-32 state dict, B up to 4096) and finishes in
+about 20 s on an idle 2-core machine. :func:`kernel_rows` returns the rows for reuse (the demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["kernel_rows", "format_table", "add_arguments", "run"]
+
+CLUSTER_ALPHAS = (0.2, 0.5, 0.8)  # K = 3 WiSE-FT / DaWin cluster coefficients
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _time_pair(fn_a: Callable, fn_b: Callable | None, repeats: int, sync: Callable[[], None]):
+    """Medians (seconds) of fn_a and fn_b, measured alternately after one warm-up call each."""
+    ta, tb = [], []
+    for fn in (fn_a, fn_b):
+        if fn is not None:
+            fn()
+            sync()
+    for _ in range(repeats):
+        for fn, acc in ((fn_a, ta), (fn_b, tb)):
+            if fn is None:
+                continue
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(ta), (statistics.median(tb) if tb else None)
+
+
+def _row(op: str, case: str, ours: float, reference: str | None, ref_s: float | None, **extra) -> dict:
+    row = {"op": op, "case": case, "ours_s": ours, "reference": reference, "reference_s": ref_s}
+    row["speedup"] = (ref_s / ours) if ref_s is not None and ours > 0 else None
+    row.update(extra)
+    return row
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of ``repeats``."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    t, _ = _time_pair(lambda: dst.copy_(src), None, repeats, _sync(device))
+    return 2 * nbytes / t
+
+
+def vit_b32_state_dicts(device: torch.device, quick: bool, num_sources: int = 2) -> list[dict[str, torch.Tensor]]:
+    """S fp32 state dicts of open_clip ViT-B-32 at random init (``pretrained=None``; nothing is downloaded).
+
+    ``quick`` keeps every third key (about a third of the parameters).
+    """
+    import open_clip
+
+    gen = torch.Generator().manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    base = {k: v.detach().to(device) for k, v in model.state_dict().items()}
+    del model
+    if quick:
+        base = {k: v for i, (k, v) in enumerate(base.items()) if i % 3 == 0}
+    sources = [base]
+    for _ in range(num_sources - 1):
+        sources.append({k: v + 0.01 * torch.randn(v.shape, generator=gen).to(v) for k, v in base.items()})
+    return sources
+
+
+def entropy_rows(device: torch.device, quick: bool, repeats: int, bandwidth: float | None) -> list[dict]:
+    import dawin_ext
+    from dawin_ext.reference import entropy_reference
+
+    rows = []
+    sync = _sync(device)
+    for b in (1024, 4096) if quick else (1024, 4096, 16384):
+        x = (torch.randn(b, 1000, generator=torch.Generator().manual_seed(b)) * 3).to(device)
+        ours, ref = _time_pair(
+            lambda x=x: dawin_ext.softmax_entropy(x), lambda x=x: entropy_reference(x), repeats, sync
+        )
+        extra = {}
+        if bandwidth:
+            extra["bandwidth_fraction"] = (x.numel() * 4 + b * 4) / ours / bandwidth
+        rows.append(_row("softmax_entropy", f"{b}x1000 fp32", ours, "-(softmax*log_softmax).sum(-1)", ref, **extra))
+    return rows
+
+
+def blend_rows(device: torch.device, quick: bool, repeats: int, bandwidth: float | None) -> list[dict]:
+    import dawin_ext
+    from dawin_ext.ops import _new_output
+    from dawin_ext.reference import interpolation_reference
+
+    sync = _sync(device)
+    sd0, sd1 = vit_b32_state_dicts(device, quick)
+    numel = sum(v.numel() for v in sd0.values())
+    name = f"ViT-B-32{' (1/3 of keys)' if quick else ''} {numel / 1e6:.0f}M params fp32, K=3"
+    coef = [[1.0 - a, a] for a in CLUSTER_ALPHAS]
+    out = [{k: torch.empty_like(v) for k, v in sd0.items()} for _ in CLUSTER_ALPHAS]
+
+    def reference():
+        return [interpolation_reference(a, sd0, sd1) for a in CLUSTER_ALPHAS]
+
+    def lerp_out():
+        for a, o in zip(CLUSTER_ALPHAS, out, strict=True):
+            for k, v in sd0.items():
+                torch.lerp(v, sd1[k], a, out=o[k])
+
+    rows = []
+    ours, ref = _time_pair(lambda: dawin_ext.blend([sd0, sd1], coef), reference, repeats, sync)
+    rows.append(_row("blend", f"{name}, new outputs", ours, "dict comprehension", ref))
+    ours, ref = _time_pair(lambda: dawin_ext.blend([sd0, sd1], coef, out=out), reference, repeats, sync)
+    extra = {}
+    if bandwidth:
+        extra["bandwidth_fraction"] = numel * 4 * (2 + len(CLUSTER_ALPHAS)) / ours / bandwidth
+    rows.append(_row("blend", f"{name}, out=", ours, "dict comprehension", ref, **extra))
+    ours, ref = _time_pair(lambda: dawin_ext.blend([sd0, sd1], coef, out=out), lerp_out, repeats, sync)
+    rows.append(_row("blend", f"{name}, out=", ours, "per-tensor lerp(out=)", ref, **extra))
+    if device.type == "cpu":
+        # Fresh memory alone: allocate K output dicts and touch every page once (fill_), with the
+        # huge-page hint that blend uses and with plain 4 KiB pages.
+        def fresh(new):
+            def f():
+                outs = [{k: new(v) for k, v in sd0.items()} for _ in CLUSTER_ALPHAS]
+                for o in outs:
+                    for v in o.values():
+                        v.fill_(0.0)
+
+            return f
+
+        hinted, plain = _time_pair(fresh(_new_output), fresh(torch.empty_like), repeats, sync)
+        rows.append(_row("fresh outputs", f"{name}: allocate + first touch", hinted, "same, 4 KiB pages", plain))
+    return rows
+
+
+def kernel_rows(device: str | torch.device = "cpu", quick: bool = False, repeats: int | None = None) -> list[dict]:
+    """Runs the kernel benchmarks and returns one dict per row.
+
+    Keys: ``op``, ``case``, ``ours_s`` and ``reference_s`` (medians in seconds), ``reference`` (what
+    was compared against), ``speedup`` (reference / ours) and, on CUDA, ``bandwidth_fraction`` of the
+    measured device-to-device copy bandwidth (a separate row holds that bandwidth).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("dawin-ext bench: --device cuda was asked for but torch.cuda.is_available() is False")
+    repeats = repeats or (3 if quick else 5)
+    rows = []
+    bandwidth = None
+    if device.type == "cuda":
+        bandwidth = copy_bandwidth(device)
+        rows.append({"op": "copy_", "case": "device-to-device bandwidth", "bandwidth_GBps": bandwidth / 1e9})
+    rows += entropy_rows(device, quick, repeats, bandwidth)
+    rows += blend_rows(device, quick, repeats, bandwidth)
+    return rows
+
+
+def environment(device: str | torch.device) -> dict:
+    import dawin_ext
+
+    env = {
+        "torch": torch.__version__,
+        "dawin_ext": dawin_ext.build_info(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def format_table(rows: list[dict]) -> str:
+    """Fixed-width text table of :func:`kernel_rows`' output."""
+    lines = [f"{'op':<16} {'case':<58} {'ours':>10} {'reference':>10}  {'ratio':>7}  vs / note"]
+    for r in rows:
+        if "bandwidth_GBps" in r:
+            lines.append(f"{r['op']:<16} {r['case']:<58} {r['bandwidth_GBps']:>8.1f} GB/s")
+            continue
+        ref = f"{r['reference_s'] * 1e3:>8.2f}ms" if r["reference_s"] is not None else f"{'':>10}"
+        ratio = f"{r['speedup']:>6.2f}x" if r["speedup"] is not None else f"{'':>7}"
+        note = r["reference"] or ""
+        if r.get("bandwidth_fraction") is not None:
+            note += f"; {100 * r['bandwidth_fraction']:.0f}% of copy bandwidth"
+        lines.append(f"{r['op']:<16} {r['case']:<58} {r['ours_s'] * 1e3:>8.2f}ms {ref}  {ratio}  {note}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (about 20 s on an idle 2-core CPU)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per op (default 5, quick 3)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment to PATH as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    env = environment(args.device)
+    print(
+        f"dawin-ext bench on {args.device}: torch {env['torch']}, {env['threads']} threads, "
+        f"CPU capability {env['cpu_capability']}" + (f", {env['gpu']}" if "gpu" in env else "")
+    )
+    rows = kernel_rows(args.device, quick=args.quick, repeats=args.repeats)
+    print(format_table(rows))
+    print("ratio = reference median / ours median, both measured alternately in this run")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "quick": args.quick, "rows": rows}, f, indent=2)
+    return 0
