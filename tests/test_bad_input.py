@@ -340,6 +340,28 @@ def test_mixed_cpu_cuda(op, cuda_device):
             sample_combine(_logits(2, 3, 4, 5).to(gpu), _logits(2, 4))
 
 
+@pytest.mark.parametrize("method", ["wise_ft", "DaWin", "AdaWiSE", "DaWinMultiTask"])
+@pytest.mark.parametrize(
+    "other",
+    ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_state_dicts_on_two_devices(method, other):
+    # The methods refuse weights split across devices before any work, naming the key and both devices.
+    import dawin_ext
+
+    if method == "DaWinMultiTask" and other == "meta":
+        pytest.skip("DaWinMultiTask checks finiteness (which reads values) before devices; meta tensors have none")
+    model, sd_cpu = _tiny(0), _tiny_sd(1)
+    sd_other = {k: v.to(other) for k, v in _tiny_sd(2).items()}
+    with pytest.raises(ValueError, match=rf"'0\.weight'.*cpu.*{other}"):
+        if method == "wise_ft":
+            dawin_ext.wise_ft(sd_cpu, sd_other, 0.5)
+        elif method == "DaWinMultiTask":
+            dawin_ext.DaWinMultiTask(model, sd_cpu, task_vectors=[sd_other])
+        else:
+            getattr(dawin_ext, method)(model, sd_cpu, sd_other)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus():
     with pytest.raises(ValueError, match=r"cuda:0.*cuda:1"):
