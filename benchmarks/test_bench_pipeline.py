@@ -5,7 +5,7 @@ Run (takes a few minutes on 2 cores; run it on a quiet machine):
     python -m pytest -q -s benchmarks/test_bench_pipeline.py
 
 What is timed, all in the same run, on the same batch of 64 images (224 x 224), medians of
-``DAWIN_BENCH_REPEATS`` (default 3) runs after one warm-up:
+``DAWIN_BENCH_REPEATS`` (default 3) interleaved rounds after one warm-up round:
 
 * ``plain``: one forward pass of the stock classifier (image tower + zero-shot-style head).
 * ``dawin streaming``: ``DaWin.predict(batch)``: both models score the batch, lambda -> fitted Beta-mixture
@@ -42,14 +42,19 @@ ARCH = os.environ.get("DAWIN_BENCH_ARCH", "ViT-B-32")
 TEMPS = (0.9576, 0.9733)  # the reference's ViT-B/32 temperatures
 
 
-def _median_time(fn, repeats: int = REPEATS) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _interleaved_medians(fns: dict, repeats: int = REPEATS) -> dict[str, float]:
+    """Median seconds per pipeline; rounds interleave the pipelines so that load changes hit all of them alike.
+
+    The first round is a warm-up and is not counted.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +111,17 @@ def test_dawin_cluster_pipeline_vit_b32(setup) -> None:
     assert torch.equal(ours.argmax(1), ref.argmax(1))
     torch.testing.assert_close(route(dw.clusters.models, x, labels), reference_loop(x, labels), rtol=1e-4, atol=1e-4)
 
-    t = {
-        "plain forward (batch 64)": _median_time(lambda: model(x)),
-        "dawin streaming predict": _median_time(lambda: dw.predict(x)),
-        "reference streaming (re-merge per cluster)": _median_time(lambda: reference_streaming(x)),
-        "dawin offline routing (labels known)": _median_time(lambda: route(dw.clusters.models, x, labels)),
-        "reference loop (labels known)": _median_time(lambda: reference_loop(x, labels)),
-        "dawin streaming latency, batch 1": _median_time(lambda: dw.predict(x[:1])),
-        "dawin streaming latency, batch 32": _median_time(lambda: dw.predict(x[:32])),
-    }
+    t = _interleaved_medians(
+        {
+            "plain forward (batch 64)": lambda: model(x),
+            "dawin streaming predict": lambda: dw.predict(x),
+            "reference streaming (re-merge per cluster)": lambda: reference_streaming(x),
+            "dawin offline routing (labels known)": lambda: route(dw.clusters.models, x, labels),
+            "reference loop (labels known)": lambda: reference_loop(x, labels),
+            "dawin streaming latency, batch 1": lambda: dw.predict(x[:1]),
+            "dawin streaming latency, batch 32": lambda: dw.predict(x[:32]),
+        }
+    )
     plain = t["plain forward (batch 64)"]
     sizes = np.bincount(labels.numpy(), minlength=3).tolist()
     print(f"\nDaWin cluster-wise, open_clip {ARCH} random init, CPU, {torch.get_num_threads()} threads")
