@@ -6,8 +6,9 @@ Each group holds dawin_ext and its reference, measured in the same run:
     (K calls of the reference interpolation);
   * "out=": dawin_ext.blend writing into existing tensors vs the comprehension and vs per-tensor
     torch.lerp(..., out=) into the same tensors;
-  * "fresh memory" (CPU): allocating K output dicts and touching every page once, with the huge-page
-    hint blend uses and with plain 4 KiB pages: the page-fault cost inside "new outputs".
+  * "fresh memory" (CPU): allocating the K outputs' worth of memory and touching every page once,
+    with the huge-page hint blend uses and with plain 4 KiB pages (the page-fault cost inside "new
+    outputs"), and blend's own fresh outputs against fresh torch.empty_like outputs.
 `dawin-ext bench` prints the same comparison as one table.
 """
 
@@ -18,7 +19,7 @@ import torch
 
 import dawin_ext
 from dawin_ext.bench import CLUSTER_ALPHAS, vit_b32_state_dicts
-from dawin_ext.ops import _new_output
+from dawin_ext.ops import _hint_huge_pages
 from dawin_ext.reference import interpolation_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -84,13 +85,30 @@ def test_fresh_output_memory(benchmark, vit, pages):
     device, sd0, _, _, _ = vit
     if device.type != "cpu":
         pytest.skip("page faults of fresh host memory are a CPU cost")
-    new = _new_output if pages == "huge_page_hint" else torch.empty_like
+    numel = sum(v.numel() for v in sd0.values()) * len(CLUSTER_ALPHAS)
 
     def run():
-        outs = [{k: new(v) for k, v in sd0.items()} for _ in CLUSTER_ALPHAS]
-        for o in outs:
-            for v in o.values():
-                v.fill_(0.0)
+        buf = torch.empty(numel, dtype=torch.float32)
+        if pages == "huge_page_hint":
+            _hint_huge_pages(buf)
+        buf.fill_(0.0)  # one parallel first touch of every page
 
     benchmark.group = "fresh memory for K=3 ViT-B-32 outputs: allocate + first touch"
+    benchmark.pedantic(run, **PEDANTIC)
+
+
+@pytest.mark.parametrize("pages", ["huge_page_hint", "4k_pages"])
+def test_blend_into_fresh_outputs(benchmark, vit, pages):
+    """blend's own fresh outputs (huge-page hint) against fresh torch.empty_like outputs passed as out=."""
+    device, sd0, sd1, _, sync = vit
+    if device.type != "cpu":
+        pytest.skip("page faults of fresh host memory are a CPU cost")
+
+    def run():
+        if pages == "huge_page_hint":
+            dawin_ext.blend([sd0, sd1], COEF)
+        else:
+            dawin_ext.blend([sd0, sd1], COEF, out=[{k: torch.empty_like(v) for k, v in sd0.items()} for _ in COEF])
+
+    benchmark.group = "blend cpu ViT-B-32 K=3 into fresh outputs"
     benchmark.pedantic(run, **PEDANTIC)
