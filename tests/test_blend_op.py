@@ -201,14 +201,18 @@ def test_inputs_are_not_mutated(device):
     assert torch.equal(coef, coef_before)
 
 
-def test_in_place_into_source_zero(device):
+@pytest.mark.parametrize("S,K", [(2, 1), (3, 2), (5, 6)])
+def test_in_place_into_source_zero(device, S, K):
     """out may be one of the sources (exact aliasing): every element is read before it is written."""
     gen = torch.Generator().manual_seed(17)
-    sources = random_state_dicts(2, torch.float32, device, gen)
-    want = expected(sources, [[0.25, 0.75]])
-    dawin_ext.blend(sources, [[0.25, 0.75]], out=[sources[0]])
-    for key in want[0]:
-        torch.testing.assert_close(sources[0][key].double().cpu(), want[0][key], atol=1e-6, rtol=1e-6)
+    sources = random_state_dicts(S, torch.float32, device, gen)
+    coef = torch.randn(K, S, generator=gen, dtype=torch.float64)
+    want = expected(sources, coef)
+    out = [sources[0]] + [{k: torch.empty_like(v) for k, v in sources[0].items()} for _ in range(K - 1)]
+    dawin_ext.blend(sources, coef, out=out)
+    for k in range(K):
+        for key in want[k]:
+            torch.testing.assert_close(out[k][key].double().cpu(), want[k][key], atol=1e-5, rtol=1e-5)
 
 
 def test_nan_is_propagated_not_hidden(device):

@@ -128,8 +128,67 @@ __device__ __forceinline__ void blend_chunk(const BlendTable& t, const int64_t n
   }
 }
 
+// Runtime S and K without keeping all S sources in registers (which spills for large S): each
+// output re-reads the S source vectors, which the thread has just loaded, from L1. Only valid when
+// no output overlaps a source (an in-place blend would read already-blended values).
+template <typename scalar_t>
+__device__ __forceinline__ void blend_chunk_reread(const BlendTable& t, const int64_t n, const int64_t begin,
+                                                   const int S, const int K,
+                                                   const typename math::BlendAcc<scalar_t>::type* coef) {
+  using acc_t = typename math::BlendAcc<scalar_t>::type;
+  using P = BlendPack<scalar_t, kVecBytes / static_cast<int>(sizeof(scalar_t))>;
+  constexpr int V = kVecBytes / static_cast<int>(sizeof(scalar_t));
+  const int64_t numel = t.numel[n];
+  const int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
+  const scalar_t* const* src = reinterpret_cast<const scalar_t* const*>(t.src + n * S);
+  scalar_t* const* dst = reinterpret_cast<scalar_t* const*>(t.dst + n * K);
+  bool aligned = true;
+  for (int s = 0; s < S; ++s) aligned &= (reinterpret_cast<uintptr_t>(src[s] + begin) % kVecBytes) == 0;
+  for (int k = 0; k < K; ++k) aligned &= (reinterpret_cast<uintptr_t>(dst[k] + begin) % kVecBytes) == 0;
+  int64_t i = begin;
+  if (aligned) {
+    const int64_t nvec = (end - begin) / V;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+      const int64_t e = begin + j * V;
+      for (int k = 0; k < K; ++k) {
+        acc_t acc[V];
+        const P p0 = *reinterpret_cast<const P*>(src[0] + e);
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[v] = coef[k * S] * static_cast<acc_t>(p0.v[v]);
+        for (int s = 1; s < S; ++s) {
+          const P p = *reinterpret_cast<const P*>(src[s] + e);
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[v] += coef[k * S + s] * static_cast<acc_t>(p.v[v]);
+        }
+        P o;
+#pragma unroll
+        for (int v = 0; v < V; ++v) o.v[v] = static_cast<scalar_t>(acc[v]);
+        *reinterpret_cast<P*>(dst[k] + e) = o;
+      }
+    }
+    i = begin + nvec * V;
+  }
+  for (int64_t e = i + threadIdx.x; e < end; e += blockDim.x) {
+    for (int k = 0; k < K; ++k) {
+      acc_t acc = coef[k * S] * static_cast<acc_t>(src[0][e]);
+      for (int s = 1; s < S; ++s) acc += coef[k * S + s] * static_cast<acc_t>(src[s][e]);
+      dst[k][e] = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
+template <bool kReread, int S_, int K_, typename scalar_t>
+__device__ __forceinline__ void blend_chunk_any(const BlendTable& t, const int64_t n, const int64_t begin, const int S,
+                                                const int K, const typename math::BlendAcc<scalar_t>::type* coef) {
+  if constexpr (kReread) {
+    blend_chunk_reread<scalar_t>(t, n, begin, S, K, coef);
+  } else {
+    blend_chunk<S_, K_, scalar_t>(t, n, begin, S, K, coef);
+  }
+}
+
 // One block per chunk; the chunk's tensor decides the dtype (uniform within a block).
-template <int S_, int K_>
+template <bool kReread, int S_, int K_>
 __global__ void __launch_bounds__(kThreads) blend_kernel(const BlendTable t, const int S, const int K) {
   __shared__ float coef_f[math::kMaxSources * math::kMaxClusters];
   __shared__ double coef_d[math::kMaxSources * math::kMaxClusters];
@@ -141,16 +200,16 @@ __global__ void __launch_bounds__(kThreads) blend_kernel(const BlendTable t, con
   const ChunkEntry c = t.chunks[blockIdx.x];
   switch (t.dtype[c.tensor]) {
     case kF32:
-      blend_chunk<S_, K_, float>(t, c.tensor, c.begin, S, K, coef_f);
+      blend_chunk_any<kReread, S_, K_, float>(t, c.tensor, c.begin, S, K, coef_f);
       break;
     case kF64:
-      blend_chunk<S_, K_, double>(t, c.tensor, c.begin, S, K, coef_d);
+      blend_chunk_any<kReread, S_, K_, double>(t, c.tensor, c.begin, S, K, coef_d);
       break;
     case kF16:
-      blend_chunk<S_, K_, c10::Half>(t, c.tensor, c.begin, S, K, coef_f);
+      blend_chunk_any<kReread, S_, K_, c10::Half>(t, c.tensor, c.begin, S, K, coef_f);
       break;
     case kBF16:
-      blend_chunk<S_, K_, c10::BFloat16>(t, c.tensor, c.begin, S, K, coef_f);
+      blend_chunk_any<kReread, S_, K_, c10::BFloat16>(t, c.tensor, c.begin, S, K, coef_f);
       break;
     default:
       break;  // unreachable: dtypes are checked on the host
@@ -190,6 +249,19 @@ void blend_cuda(at::TensorList sources, const at::Tensor& coefficients, at::Tens
   // Strided sources are made contiguous (stream-ordered copies that live until the kernel ran).
   std::vector<at::Tensor> src_c(sources.size());
   for (size_t i = 0; i < sources.size(); ++i) src_c[i] = sources[i].contiguous();
+
+  // Does any output share memory with a source of the same tensor (an in-place blend)?
+  bool outputs_overlap_sources = false;
+  for (int64_t n = 0; n < N && !outputs_overlap_sources; ++n) {
+    const int64_t nbytes = src_c[n].numel() * static_cast<int64_t>(src_c[n].element_size());
+    for (int64_t k = 0; k < K; ++k) {
+      const auto* o = static_cast<const char*>(out[k * N + n].data_ptr());
+      for (int64_t s = 0; s < S; ++s) {
+        const auto* x = static_cast<const char*>(src_c[s * N + n].const_data_ptr());
+        outputs_overlap_sources |= (o < x + nbytes) && (x < o + nbytes);
+      }
+    }
+  }
 
   std::vector<ChunkEntry> chunks;
   for (int64_t n = 0; n < N; ++n) {
@@ -242,15 +314,17 @@ void blend_cuda(at::TensorList sources, const at::Tensor& coefficients, at::Tens
   const dim3 grid(static_cast<unsigned>(chunks.size()));
   const int s = static_cast<int>(S), k = static_cast<int>(K);
   if (S == 2 && K == 1) {
-    blend_kernel<2, 1><<<grid, kThreads, 0, stream>>>(t, s, k);
+    blend_kernel<false, 2, 1><<<grid, kThreads, 0, stream>>>(t, s, k);
   } else if (S == 2 && K == 2) {
-    blend_kernel<2, 2><<<grid, kThreads, 0, stream>>>(t, s, k);
+    blend_kernel<false, 2, 2><<<grid, kThreads, 0, stream>>>(t, s, k);
   } else if (S == 2 && K == 3) {
-    blend_kernel<2, 3><<<grid, kThreads, 0, stream>>>(t, s, k);
+    blend_kernel<false, 2, 3><<<grid, kThreads, 0, stream>>>(t, s, k);
   } else if (S == 2 && K == 4) {
-    blend_kernel<2, 4><<<grid, kThreads, 0, stream>>>(t, s, k);
+    blend_kernel<false, 2, 4><<<grid, kThreads, 0, stream>>>(t, s, k);
+  } else if (!outputs_overlap_sources) {
+    blend_kernel<true, 0, 0><<<grid, kThreads, 0, stream>>>(t, s, k);
   } else {
-    blend_kernel<0, 0><<<grid, kThreads, 0, stream>>>(t, s, k);
+    blend_kernel<false, 0, 0><<<grid, kThreads, 0, stream>>>(t, s, k);  // in place: all sources in registers
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // `dev` and the contiguous copies are freed to the caching allocator after this point; their
