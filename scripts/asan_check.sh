@@ -68,7 +68,7 @@ print('asan_check: loaded', L._C.__file__)
 "
 echo "== pytest $* (log: $LOG)"
 set +e
-python -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$LOG"
+python -m pytest -q -p no:cacheprovider --durations=10 "$@" 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
 set -e
 unset LD_PRELOAD
