@@ -466,6 +466,10 @@ def test_source_validation_errors():
         SampleWiseInterpolator(m, [sd, bad])
     with pytest.raises(TypeError, match="sequence of state dicts"):
         SampleWiseInterpolator(m, sd)
+    with pytest.raises(ValueError, match="combine must be one of"):
+        SampleWiseInterpolator(m, [sd], combine="fused")
+    single = SampleWiseInterpolator(m, [sd])  # S = 1: rows must be [[1.0]]
+    torch.testing.assert_close(single(torch.ones(2, 3), torch.ones(2, 1)), m(torch.ones(2, 3)))
 
 
 def test_coefficient_validation_errors():

@@ -45,7 +45,7 @@ COMBINE_STRATEGIES = ("kernel", "torch")
 class CoefficientState:
     """The coefficient rows of the forward pass in progress, shared by every sample-wise layer of one model."""
 
-    def __init__(self, num_sources: int, combine: str = "kernel") -> None:
+    def __init__(self, num_sources: int, combine: str = "torch") -> None:
         if combine not in COMBINE_STRATEGIES:
             raise ValueError(f"combine must be one of {COMBINE_STRATEGIES}, got {combine!r}")
         self.num_sources = num_sources

@@ -133,7 +133,9 @@ class SampleWiseInterpolator(nn.Module):
         module: the network (not modified: a deep copy is transformed).
         sources: S state dicts with exactly ``module.state_dict()``'s keys and shapes.
         atol: tolerance on ``|sum(row) - 1|``.
-        combine: ``"kernel"`` (``dawin_ext.sample_combine``) or ``"torch"`` (addcmul) for blending partial outputs.
+        combine: how output-stacked layers blend their partial outputs: ``"torch"`` (addcmul chain, the default: it
+            measured at least as fast as the scalar CPU kernel, see benchmarks/test_bench_samplewise.py) or
+            ``"kernel"`` (``dawin_ext.sample_combine``).
     """
 
     def __init__(
@@ -142,7 +144,7 @@ class SampleWiseInterpolator(nn.Module):
         sources: Sequence[Mapping[str, Tensor] | nn.Module],
         *,
         atol: float = 1e-5,
-        combine: str = "kernel",
+        combine: str = "torch",
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
