@@ -127,7 +127,8 @@ class SampleWiseInterpolator(nn.Module):
 
     Coefficient rows must sum to 1 (within ``atol``); source 0's coefficient is then taken as
     ``1 - sum_{s>0} c_s``. Rows that do not sum to 1 are refused: for task arithmetic build the rows with
-    :func:`task_vector_coefficients`. Inference only: the copy is put in eval mode.
+    :func:`task_vector_coefficients`. Inference only: the copy is put in eval mode, and the coefficients are
+    treated as constants (detached; no gradient flows to them).
 
     Args:
         module: the network (not modified: a deep copy is transformed).
