@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -132,10 +133,14 @@ def test_cuda_memory_flat_over_10000_calls(name, cuda_device):
 
 def test_rss_probe_sees_an_allocation():
     # The measurement itself must be able to fail: 64 MiB touched shows up in /proc/self/statm.
+    # A fresh anonymous mapping, so that memory the allocator kept from earlier tests cannot be reused.
+    size = 64 << 20
+    block = mmap.mmap(-1, size)
     before = rss_bytes()
-    block = torch.ones(16 << 20)  # 64 MiB of float32, written so the pages are resident
+    for offset in range(0, size, _PAGE):  # touch every page so it becomes resident
+        block[offset] = 1
     assert rss_bytes() - before > 32 << 20
-    del block
+    block.close()
 
 
 # --------------------------------------------------------------------------------------------
