@@ -71,6 +71,28 @@ def test_adawise_objective_is_mean_entropy_of_the_merged_model() -> None:
         assert torch.equal(v, zs[k])
 
 
+@pytest.mark.parametrize("q", [2, 3])
+def test_adawise_candidates_in_one_pass(q: int) -> None:
+    # Several alphas scored in one exact per-sample pass: every objective is the mean entropy of the merged
+    # model at that alpha, the returned logits are the chosen alpha's, and the budget is respected.
+    model, zs, ft, batches = _setup(2)
+    ada = AdaWiSE(model, zs, ft, n_evals=7, n_init=3, candidates_per_pass=q, seed=0)
+    m = copy.deepcopy(model)
+    for x in batches[:2]:
+        out = ada.predict(x)
+        h = ada.history_[-1]
+        assert len(h["alphas"]) == 7 and len(set(h["alphas"])) == 7
+        assert h["alpha"] == h["alphas"][int(np.argmin(h["objectives"]))]
+        for a, obj in zip(h["alphas"], h["objectives"], strict=True):
+            m.load_state_dict(interpolation_reference(a, zs, ft))
+            with torch.no_grad():
+                z = m(x)
+            assert obj == pytest.approx(float(entropy_reference(z).mean()), abs=1e-5)
+            if a == h["alpha"]:
+                torch.testing.assert_close(out, z, rtol=1e-4, atol=1e-4)
+    assert ada._exact is not None  # the one-pass path really ran
+
+
 def test_adawise_on_tiny_open_clip() -> None:
     openclip.register_tiny_configs()
     torch.manual_seed(4)
@@ -104,6 +126,8 @@ def test_adawise_validation() -> None:
         AdaWiSE(model, zs, ft, n_init=0)
     with pytest.raises(ValueError, match="n_evals"):
         AdaWiSE(model, zs, ft, n_evals=2, n_init=3)
+    with pytest.raises(ValueError, match="candidates_per_pass"):
+        AdaWiSE(model, zs, ft, candidates_per_pass=0)
     bad = dict(ft)
     del bad["1.weight"]
     with pytest.raises(IncompatibleStateDictsError, match="1.weight"):
