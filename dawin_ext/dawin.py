@@ -80,7 +80,14 @@ def _pseudo_labels(kind: str, zs: Tensor, ft: Tensor, merged: Tensor | None, lab
     if kind == "true":
         if labels is None:
             raise ValueError("DaWin: pseudo_label='true' (oracle) needs labels from the loader or y=")
-        return labels.to(zs.device).long()
+        labels = labels.to(zs.device).long()
+        if labels.shape != zs.shape[:1]:
+            raise ValueError(f"DaWin: got {tuple(labels.shape)} labels for {zs.shape[0]} samples")
+        bad = (labels < 0) | (labels >= zs.shape[1])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"DaWin: label of sample {i} is {int(labels[i])}, outside [0, {zs.shape[1]}) classes")
+        return labels
     if kind.startswith("ensemble"):
         p = F.softmax(zs / temps[0], dim=1) + F.softmax(ft / temps[1], dim=1)
         return p / 2 if kind.endswith("soft") else p.argmax(dim=1)

@@ -1003,3 +1003,23 @@ class TestMixtureEdgeCases:
         assert np.isfinite(dm.predict_proba(pi)).all()
         dm2 = _mod("mixture").DirichletMixture(n_components=1).fit(pi[:2])
         assert np.isfinite(dm2.params_).all()
+
+
+def test_samplewise_refuses_nan_weights_naming_the_key() -> None:
+    from dawin_ext import SampleWiseInterpolator
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    zs = {k: v.clone() for k, v in model.state_dict().items()}
+    ft = {k: v.clone() for k, v in zs.items()}
+    ft["0.bias"][1] = float("nan")
+    with pytest.raises(ValueError, match=r"source 1\['0.bias'\] holds a non-finite value"):
+        SampleWiseInterpolator(model, [zs, ft])
+
+
+def test_dawin_oracle_labels_out_of_range_name_the_sample() -> None:
+    from dawin_ext.dawin import dawin_coefficients
+
+    zs, ft = torch.randn(5, 3), torch.randn(5, 3)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    with pytest.raises(ValueError, match=r"label of sample 3 is 3, outside \[0, 3\)"):
+        dawin_coefficients(zs, ft, expertise="cross_entropy", pseudo_label="true", labels=labels)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..models import check_finite_state_dict
 from ..statedict import as_state_dict, check_compatible, check_finite_matrix
 from . import layers as L
 from . import openclip as oc
@@ -169,6 +170,8 @@ class SampleWiseInterpolator(nn.Module):
                         f"source {i} key {k!r} has shape {tuple(t.shape)}, the module has {tuple(ref[k].shape)}"
                     )
         check_compatible(sds, names=[f"source {i}" for i in range(len(sds))])
+        for i, sd in enumerate(sds):  # a NaN weight would otherwise surface as NaN outputs far from the cause
+            check_finite_state_dict(sd, f"SampleWiseInterpolator: source {i}")
         self.num_sources = len(sds)
         self.atol = float(atol)
 
