@@ -10,7 +10,11 @@ repeat (so that a busy machine slows both alike), and reports both medians and t
 * on the CPU, the cost of fresh output memory (page faults on first touch): the share of the
   allocating call (new outputs minus ``out=``), blend's fresh outputs (transparent-huge-page hint)
   against fresh ``torch.empty_like`` outputs, and allocation + first touch alone;
-* on CUDA, the device-to-device copy bandwidth and each kernel's fraction of it.
+* on CUDA, the device-to-device copy bandwidth and each kernel's fraction of it;
+* with ``--pipeline``, the pipelines on an open_clip classifier at random init (ViT-B-32 at batch 64; the tiny
+  ViT config at batch 16 with ``--quick``): DaWin cluster-wise streaming ``predict`` against the reference's
+  re-merge-per-cluster loop, and the exact per-sample interpolator against the per-sample merge-and-forward
+  loop, each also relative to one plain forward pass of the same batch.
 
 ``--quick`` uses smaller sizes (a third of the ViT-B-32 state dict, B up to 4096) and finishes in
 about 20 s on an idle 2-core machine. :func:`kernel_rows` returns the rows for reuse (the demo).
@@ -27,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["kernel_rows", "format_table", "add_arguments", "run"]
+__all__ = ["kernel_rows", "pipeline_rows", "format_table", "add_arguments", "run"]
 
 CLUSTER_ALPHAS = (0.2, 0.5, 0.8)  # K = 3 WiSE-FT / DaWin cluster coefficients
 
@@ -187,6 +191,94 @@ def kernel_rows(device: str | torch.device = "cpu", quick: bool = False, repeats
     return rows
 
 
+def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]:
+    """Pipeline rows: DaWin cluster-wise and exact per-sample inference against the reference loops.
+
+    Each row's note gives the time relative to one plain forward pass of the same batch, measured in the
+    same run (the ``plain`` row).
+    """
+    import copy
+
+    from .dawin import DaWin
+    from .openclip import CLIPClassifier, create_clip_model, register_tiny_configs
+    from .reference import coefficient_reference, interpolation_reference
+    from .samplewise import SampleWiseInterpolator
+
+    arch, batch = ("dawin-tiny-vit", 16) if quick else ("ViT-B-32", 64)
+    register_tiny_configs()
+    torch.manual_seed(0)
+    clip, _, tokenizer = create_clip_model(arch, device=device)
+    clf = CLIPClassifier.from_clip(clip, tokenizer, [f"class {i}" for i in range(10)], templates="classname")
+    clf = clf.to(device).eval()
+    del clip
+    gen = torch.Generator().manual_seed(1)
+    zs = {k: v.detach().clone() for k, v in clf.state_dict().items()}
+    ft = {
+        k: (v + 0.05 * v.float().std().nan_to_num(0.02) * torch.randn(v.shape, generator=gen).to(v))
+        if v.is_floating_point()
+        else v.clone()
+        for k, v in zs.items()
+    }
+    size = clf.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    calib = [torch.randn(batch, 3, size, size, generator=gen).to(device) for _ in range(2)]
+    sync = _sync(device)
+    name = f"{arch}, batch {batch}"
+
+    temps = (0.9576, 0.9733)
+    dawin = DaWin(clf, zs, ft, temperatures=temps, n_clusters=3, seed=1).fit(calib)
+    ref_zs, ref_ft, ref_merged = (copy.deepcopy(clf).eval() for _ in range(3))
+    ref_zs.load_state_dict(zs)
+    ref_ft.load_state_dict(ft)
+    means = dawin.mixture_.means_
+
+    @torch.inference_mode()
+    def reference_streaming():
+        # naver-ai/dawin's loop: for every cluster present in the batch, merge the full state dict again.
+        lam = coefficient_reference(ref_zs(x), ref_ft(x), temps)
+        assignment = dawin.assign(lam)
+        out = torch.empty(batch, ref_zs.head.out_features, device=device)
+        for j in torch.unique(assignment).tolist():
+            ref_merged.load_state_dict(interpolation_reference(float(means[j]), zs, ft))
+            idx = (assignment == j).to(device)
+            out[idx] = ref_merged(x[idx])
+        return out
+
+    lam = torch.rand(batch, generator=gen).to(device)
+    rows_c = torch.stack([1 - lam, lam], 1)
+    exact = SampleWiseInterpolator(clf, [zs, ft])
+    loop_model = copy.deepcopy(clf).eval()
+
+    @torch.inference_mode()
+    def per_sample_loop():
+        for b in range(batch):
+            loop_model.load_state_dict(interpolation_reference(float(lam[b]), zs, ft))
+            loop_model(x[b : b + 1])
+
+    with torch.inference_mode():
+        plain, _ = _time_pair(lambda: clf(x), None, repeats, sync)
+        streaming, ref_stream = _time_pair(lambda: dawin.predict(x), reference_streaming, repeats, sync)
+        exact_s, loop_s = _time_pair(lambda: exact(x, rows_c), per_sample_loop, repeats, sync)
+    return [
+        _row("forward", f"{name}: one plain forward pass", plain, None, None),
+        _row(
+            "dawin cluster",
+            f"{name}: streaming predict, K=3",
+            streaming,
+            f"re-merge per cluster present; ours {streaming / plain:.2f}x plain forward",
+            ref_stream,
+        ),
+        _row(
+            "dawin exact",
+            f"{name}: per-sample weights, S=2",
+            exact_s,
+            f"per-sample merge + forward loop; ours {exact_s / plain:.2f}x plain forward",
+            loop_s,
+        ),
+    ]
+
+
 def environment(device: str | torch.device) -> dict:
     import dawin_ext
 
@@ -223,6 +315,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per op (default 5, quick 3)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment to PATH as JSON")
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="also time DaWin cluster-wise and exact per-sample inference against the reference loops "
+        "(ViT-B-32 at batch 64: several minutes on a 2-core CPU; tiny ViT with --quick)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
         f"CPU capability {env['cpu_capability']}" + (f", {env['gpu']}" if "gpu" in env else "")
     )
     rows = kernel_rows(args.device, quick=args.quick, repeats=args.repeats)
+    if args.pipeline:
+        rows += pipeline_rows(torch.device(args.device), args.quick, args.repeats or 3)
     print(format_table(rows))
     print("ratio = reference median / ours median, both measured alternately in this run")
     if args.json:
