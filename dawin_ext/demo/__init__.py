@@ -42,27 +42,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also rewrite the 'Embedded benchmark' section of this markdown file (e.g. benchmarks/RESULTS.md)",
     )
-    parser.add_argument("--no-bench", action="store_true", help="skip the kernel speed table at the end")
+    parser.add_argument("--no-bench", action="store_true", help="skip the kernel and pipeline speed table at the end")
 
 
-def _bench_table(log, threads: int) -> str | None:
-    """The ``dawin-ext bench --quick`` table (CPU), run with ``threads`` torch threads; None if unavailable."""
+def _bench_table(threads: int) -> str:
+    """The ``dawin-ext bench --quick --pipeline`` table (CPU), run with ``threads`` torch threads."""
     import torch
 
-    try:
-        from dawin_ext import bench
-    except ImportError as err:
-        log(f"\nkernel speed table: not available (dawin_ext.bench is not importable: {err})")
-        return None
-    missing = [n for n in ("kernel_rows", "format_table", "environment") if not hasattr(bench, n)]
-    if missing:
-        log(f"\nkernel speed table: not available (dawin_ext.bench has no {', '.join(missing)})")
-        return None
+    from dawin_ext import bench
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         env = bench.environment("cpu")
         rows = bench.kernel_rows("cpu", quick=True)
+        rows += bench.pipeline_rows(torch.device("cpu"), quick=True, repeats=3)
     finally:
         torch.set_num_threads(previous)
     head = (
@@ -94,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(cfg)
     print()
     print(results_table(result))
-    bench = None if args.no_bench else _bench_table(print, default_threads)
+    bench = None if args.no_bench else _bench_table(default_threads)
     if bench:
-        print("\nKernel speed (dawin-ext bench --quick):")
+        print("\nKernel and pipeline speed (dawin-ext bench --quick --pipeline):")
         print(bench)
     report = write_report(result, args.out, bench_table=bench)
     wall = time.perf_counter() - t0

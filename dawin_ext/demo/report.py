@@ -255,7 +255,14 @@ def write_report(result: DemoResult, out_dir: Path, bench_table: str | None = No
         f"{result.pair.generalist_path.parent}"
     )
     if bench_table:
-        lines += ["", "## Kernel speed (`dawin-ext bench --quick`)", "", "```", bench_table, "```"]
+        lines += [
+            "",
+            "## Kernel and pipeline speed (`dawin-ext bench --quick --pipeline`)",
+            "",
+            "```",
+            bench_table,
+            "```",
+        ]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
 
