@@ -39,6 +39,8 @@ namespace {
 constexpr int64_t kChunk = 32768;
 // Above this many output bytes per call the outputs cannot stay in cache, so streaming stores win.
 constexpr int64_t kStreamBytes = int64_t{32} << 20;
+// Below this many element reads plus writes a blend runs on the calling thread (see blend_cpu).
+constexpr int64_t kSerialBelowElements = int64_t{1} << 18;
 
 struct BlendItem {
   int64_t tensor;
@@ -206,8 +208,14 @@ void blend_cpu(at::TensorList sources, const at::Tensor& coefficients, at::Tenso
   plan.stream = out_bytes >= kStreamBytes;
   if (plan.items.empty()) return;
 
+  // A small state dict (a few thousand elements) costs less than waking the thread pool, and on a busy
+  // machine a parallel region can wait milliseconds for a core: run it on the calling thread.
+  int64_t touched = 0;
+  for (const auto& item : plan.items) touched += (item.end - item.begin) * (S + K);
+  const int64_t num_items = static_cast<int64_t>(plan.items.size());
+  const int64_t grain = touched < kSerialBelowElements ? num_items : 1;
   const BlendIsa isa = blend_isa();
-  at::parallel_for(0, static_cast<int64_t>(plan.items.size()), 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, num_items, grain, [&](int64_t i0, int64_t i1) {
     switch (isa) {
 #if DAWIN_BLEND_X86_SIMD
       case BlendIsa::kAvx512:
