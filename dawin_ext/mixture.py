@@ -53,6 +53,13 @@ def _kmeans_responsibilities(data: np.ndarray, n_components: int, random_state: 
     return resp
 
 
+def _check_em_settings(what: str, n_components: int, n_init: int, max_iter: int) -> None:
+    if int(n_components) < 1:
+        raise ValueError(f"{what}: n_components must be >= 1, got {n_components}")
+    if int(n_init) < 1 or int(max_iter) < 1:
+        raise ValueError(f"{what}: n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
+
+
 def _check_n_components(n_components: int, x: np.ndarray, what: str) -> None:
     if n_components > x.shape[0]:
         raise ValueError(f"{what}: n_components={n_components} is more than the {x.shape[0]} samples")
@@ -85,10 +92,7 @@ class BetaMixture:
         tol: float = 1e-4,
         clip_eps: float = 1e-6,
     ) -> None:
-        if int(n_components) < 1:
-            raise ValueError(f"BetaMixture: n_components must be >= 1, got {n_components}")
-        if int(n_init) < 1 or int(max_iter) < 1:
-            raise ValueError(f"BetaMixture: n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
+        _check_em_settings("BetaMixture", n_components, n_init, max_iter)
         if not 0.0 < clip_eps < 0.5:
             raise ValueError(f"BetaMixture: clip_eps must be in (0, 0.5), got {clip_eps}")
         self.n_components = int(n_components)
@@ -189,10 +193,7 @@ class DirichletMixture:
         tol: float = 1e-5,
         clip_eps: float = 1e-12,
     ) -> None:
-        if int(n_components) < 1:
-            raise ValueError(f"DirichletMixture: n_components must be >= 1, got {n_components}")
-        if int(n_init) < 1 or int(max_iter) < 1:
-            raise ValueError(f"DirichletMixture: n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
+        _check_em_settings("DirichletMixture", n_components, n_init, max_iter)
         self.n_components = int(n_components)
         self.seed = int(seed)
         self.n_init = int(n_init)
