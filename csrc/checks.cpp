@@ -109,6 +109,42 @@ void check_sample_combine_args(const at::Tensor& stacked, const at::Tensor& weig
                     " but stacked is on ", stacked.device());
 }
 
+void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& weights,
+                                  const std::optional<at::Tensor>& biases, const at::Tensor& coefficients) {
+  TORCH_CHECK_VALUE(input.dim() >= 2, "samplewise_linear: input must be [B, ..., in_features], got shape ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(weights.dim() == 3,
+                    "samplewise_linear: weights must be [G sources, out_features, in_features], got shape ",
+                    weights.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()),
+                   "samplewise_linear: input must be float32, float16 or bfloat16, got ", input.scalar_type());
+  TORCH_CHECK_TYPE(weights.scalar_type() == input.scalar_type(), "samplewise_linear: weights are ",
+                   weights.scalar_type(), " but input is ", input.scalar_type(), "; they must match");
+  TORCH_CHECK_VALUE(weights.size(0) >= 1 && weights.size(0) <= math::kMaxSources, "samplewise_linear: need 1 to ",
+                    math::kMaxSources, " weight sources, got ", weights.size(0));
+  TORCH_CHECK_VALUE(weights.size(2) == input.size(-1), "samplewise_linear: weights have in_features ", weights.size(2),
+                    " but input's last dim is ", input.size(-1), " (input shape ", input.sizes(), ")");
+  TORCH_CHECK_VALUE(
+      coefficients.dim() == 2 && coefficients.size(0) == input.size(0) && coefficients.size(1) == weights.size(0),
+      "samplewise_linear: coefficients must be [B, G] = [", input.size(0), ", ", weights.size(0), "], got shape ",
+      coefficients.sizes());
+  TORCH_CHECK_TYPE(coefficients.is_floating_point(), "samplewise_linear: coefficients must be floating point, got ",
+                   coefficients.scalar_type());
+  TORCH_CHECK_VALUE(weights.device() == input.device(), "samplewise_linear: weights are on ", weights.device(),
+                    " but input is on ", input.device());
+  TORCH_CHECK_VALUE(coefficients.device() == input.device(), "samplewise_linear: coefficients are on ",
+                    coefficients.device(), " but input is on ", input.device());
+  if (biases) {
+    TORCH_CHECK_VALUE(biases->dim() == 2 && biases->size(0) == weights.size(0) && biases->size(1) == weights.size(1),
+                      "samplewise_linear: biases must be [G, out_features] = [", weights.size(0), ", ", weights.size(1),
+                      "], got shape ", biases->sizes());
+    TORCH_CHECK_TYPE(biases->scalar_type() == input.scalar_type(), "samplewise_linear: biases are ",
+                     biases->scalar_type(), " but input is ", input.scalar_type(), "; they must match");
+    TORCH_CHECK_VALUE(biases->device() == input.device(), "samplewise_linear: biases are on ", biases->device(),
+                      " but input is on ", input.device());
+  }
+}
+
 at::Tensor coefficients_from_entropies(const at::Tensor& entropies, bool offset_adjustment) {
   // entropies: [M, B] fp32. Result [B, M].
   if (!offset_adjustment) {

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -22,6 +23,12 @@ std::tuple<at::Tensor, at::Tensor> entropy_coefficients_cpu(const at::Tensor& lo
 void blend_cpu(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out);
 // stacked [B, M, S, N], weights [B, S] -> [B, M, N] with out[b, m, n] = sum_s w[b, s] * x[b, m, s, n].
 at::Tensor sample_combine_cpu(const at::Tensor& stacked, const at::Tensor& weights);
+// input [B, ..., K], weights [G, N, K], biases [G, N] or none, coefficients [B, G] ->
+// out [B, ..., N] with out[b] = input[b] @ (sum_g c[b, g] W_g)^T + sum_g c[b, g] bias_g.
+at::Tensor samplewise_linear_cpu(const at::Tensor& input, const at::Tensor& weights,
+                                 const std::optional<at::Tensor>& biases, const at::Tensor& coefficients);
+// Whether torch's oneDNN brgemm micro-kernel (samplewise_linear's fp32 fast path) works in this process.
+bool samplewise_linear_has_brgemm();
 
 #ifdef DAWIN_EXT_WITH_CUDA
 at::Tensor softmax_entropy_cuda(const at::Tensor& logits, double temperature);
@@ -30,6 +37,8 @@ std::tuple<at::Tensor, at::Tensor> entropy_coefficients_cuda(const at::Tensor& l
                                                              bool offset_adjustment);
 void blend_cuda(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out);
 at::Tensor sample_combine_cuda(const at::Tensor& stacked, const at::Tensor& weights);
+at::Tensor samplewise_linear_cuda(const at::Tensor& input, const at::Tensor& weights,
+                                  const std::optional<at::Tensor>& biases, const at::Tensor& coefficients);
 int cuda_runtime_version();
 #endif
 
@@ -39,6 +48,8 @@ void check_entropy_coefficients_args(const at::Tensor& logits, c10::ArrayRef<dou
                                      bool offset_adjustment);
 void check_blend_args(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out);
 void check_sample_combine_args(const at::Tensor& stacked, const at::Tensor& weights);
+void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& weights,
+                                  const std::optional<at::Tensor>& biases, const at::Tensor& coefficients);
 // Coefficients from entropies [M, B] (any device): softmax over models of -H, or DaWin's offset
 // adjustment for M == 2. Composite of ATen ops, shared by the CPU and CUDA paths.
 at::Tensor coefficients_from_entropies(const at::Tensor& entropies, bool offset_adjustment);

@@ -23,6 +23,7 @@ TORCH_LIBRARY(dawin_ext, m) {
       " -> (Tensor coefficients, Tensor entropies)");
   m.def("blend_(Tensor[] sources, Tensor coefficients, Tensor(a!)[] out) -> ()");
   m.def("sample_combine(Tensor stacked, Tensor weights) -> Tensor");
+  m.def("samplewise_linear(Tensor input, Tensor weights, Tensor? biases, Tensor coefficients) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dawin_ext, CPU, m) {
@@ -30,6 +31,7 @@ TORCH_LIBRARY_IMPL(dawin_ext, CPU, m) {
   m.impl("entropy_coefficients", &dawin_ext::entropy_coefficients_cpu);
   m.impl("blend_", &dawin_ext::blend_cpu);
   m.impl("sample_combine", &dawin_ext::sample_combine_cpu);
+  m.impl("samplewise_linear", &dawin_ext::samplewise_linear_cpu);
 }
 
 namespace {

@@ -16,6 +16,8 @@ from .ops import (
     entropy_coefficients,
     interpolation,
     sample_combine,
+    samplewise_linear,
+    samplewise_linear_weights,
     softmax_entropy,
 )
 from .samplewise import SampleWiseInterpolator, UnsupportedParameterError, task_vector_coefficients
@@ -56,6 +58,8 @@ __all__ = [
     "SampleWiseInterpolator",
     "UnsupportedParameterError",
     "sample_combine",
+    "samplewise_linear",
+    "samplewise_linear_weights",
     "save_state_dict",
     "softmax_entropy",
     "task_vector_coefficients",

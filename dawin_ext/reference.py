@@ -59,6 +59,19 @@ def blend_reference(sources: Sequence[Mapping[str, Tensor]], coefficients) -> li
     return out
 
 
+def samplewise_linear_reference(
+    input: Tensor, weights: Tensor, coefficients: Tensor, biases: Tensor | None = None
+) -> Tensor:
+    """Merge the weights for each sample, then ``F.linear`` that sample alone (the per-sample loop)."""
+    outs = []
+    for b in range(input.shape[0]):
+        c = coefficients[b].to(weights.dtype)
+        w = sum(c[g] * weights[g] for g in range(weights.shape[0]))
+        bias = None if biases is None else sum(c[g] * biases[g] for g in range(biases.shape[0]))
+        outs.append(torch.nn.functional.linear(input[b], w, bias))
+    return torch.stack(outs) if outs else input.new_empty((*input.shape[:-1], weights.shape[1]))
+
+
 def sample_combine_reference(stacked: Tensor, weights: Tensor) -> Tensor:
     """``out[b, m, n] = sum_s weights[b, s] * stacked[b, m, s, n]``."""
     return torch.einsum("bmsn,bs->bmn", stacked, weights.to(stacked.dtype))

@@ -25,7 +25,7 @@ TOL = {
     torch.float16: {"atol": 3e-5, "rtol": 3e-5},
     torch.bfloat16: {"atol": 3e-5, "rtol": 3e-5},
 }
-OPS = ["softmax_entropy", "entropy_coefficients", "blend_", "sample_combine"]
+OPS = ["softmax_entropy", "entropy_coefficients", "blend_", "sample_combine", "samplewise_linear"]
 
 
 def entropy64(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -308,6 +308,11 @@ _ISA_SCRIPT = textwrap.dedent(
         s = torch.randn(3, 2, 4, 1003).to(dtype); w = torch.randn(3, 4)
         want = torch.einsum("bmsn,bs->bmn", s.double(), w.double())
         torch.testing.assert_close(dawin_ext.sample_combine(s, w).double(), want, atol=5e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2 if dtype != torch.float32 else 1e-5)
+    # samplewise_linear's fp32 weight mixing (odd block tails: K = 389 > one K block, N = 67)
+    x = torch.randn(3, 5, 389); wts = torch.randn(3, 67, 389) / 20; bs = torch.randn(3, 67); c = torch.randn(3, 3)
+    merged = torch.einsum("bg,gnk->bnk", c.double(), wts.double())
+    want = torch.einsum("bmk,bnk->bmn", x.double(), merged) + (c.double() @ bs.double())[:, None]
+    torch.testing.assert_close(dawin_ext.samplewise_linear(x, wts, c, bs).double(), want, atol=1e-4, rtol=1e-4)
     print(isa)
     """
 )

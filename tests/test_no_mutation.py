@@ -15,7 +15,15 @@ import torch
 from torch import Tensor, nn
 
 import dawin_ext
-from dawin_ext import blend, entropy_coefficients, interpolation, sample_combine, softmax_entropy
+from dawin_ext import (
+    blend,
+    entropy_coefficients,
+    interpolation,
+    sample_combine,
+    samplewise_linear,
+    samplewise_linear_weights,
+    softmax_entropy,
+)
 
 
 def _tensors(obj, path="arg"):
@@ -138,6 +146,16 @@ def test_sample_combine():
     x = torch.randn(3, 2, 4, 10)[..., ::2]
     w = torch.rand(3, 4).requires_grad_(True)
     call_and_check(sample_combine, x, w)
+
+
+def test_samplewise_linear():
+    x = torch.randn(3, 7, 20)[..., ::2]  # strided input
+    w = torch.randn(2, 12, 10)
+    c = torch.rand(3, 2)
+    b = torch.randn(2, 12)
+    call_and_check(samplewise_linear, x, w, c, b)
+    call_and_check(samplewise_linear, x, samplewise_linear_weights(list(w)), c.double())
+    call_and_check(samplewise_linear_weights, [w[0], w[1]])
 
 
 def test_outputs_do_not_alias_inputs():
@@ -269,6 +287,14 @@ def test_fingerprint_catches_in_place_writes():
 
 
 def test_public_ops_are_covered():
-    covered = {"softmax_entropy", "entropy_coefficients", "blend", "interpolation", "sample_combine"}
+    covered = {
+        "softmax_entropy",
+        "entropy_coefficients",
+        "blend",
+        "interpolation",
+        "sample_combine",
+        "samplewise_linear",
+        "samplewise_linear_weights",
+    }
     ops = {n for n in dawin_ext.ops.__all__ if callable(getattr(dawin_ext.ops, n)) and n[0].islower()}
     assert ops <= covered, f"add no-mutation tests for {ops - covered}"

@@ -19,7 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from dawin_ext import blend, entropy_coefficients, interpolation, sample_combine, softmax_entropy
+from dawin_ext import (
+    blend,
+    entropy_coefficients,
+    interpolation,
+    sample_combine,
+    samplewise_linear,
+    samplewise_linear_weights,
+    softmax_entropy,
+)
 
 CALLS = 10_000
 WARMUP = 500
@@ -54,6 +62,8 @@ def _workloads(device="cpu") -> dict[str, Callable[[], object]]:
     coef = torch.tensor([[0.2, 0.8], [0.5, 0.5], [1.0, 0.0]])
     stacked = torch.randn(4, 2, 3, 16, generator=g).to(device)
     weights = torch.rand(4, 3, generator=g).to(device)
+    sw_input = torch.randn(4, 8, 24, generator=g).to(device)
+    sw_weights = samplewise_linear_weights(list(torch.randn(3, 16, 24, generator=g).to(device)))
 
     def entropy_backward():
         softmax_entropy(grad_logits, 0.9).sum().backward()
@@ -84,6 +94,7 @@ def _workloads(device="cpu") -> dict[str, Callable[[], object]]:
         "blend_out": lambda: blend(sources, coef, out=out),
         "interpolation": lambda: interpolation(0.3, sources[0], sources[1]),
         "sample_combine": lambda: sample_combine(stacked, weights),
+        "samplewise_linear": lambda: samplewise_linear(sw_input, sw_weights, weights),
         "error_path_kernel": bad_temperature,
         "error_path_python": bad_blend,
     }
@@ -170,11 +181,14 @@ def _thread_tasks() -> list[Callable[[], object]]:
         coef = torch.rand(2 + i % 4, 3, generator=g)
         stacked = torch.randn(6, 2, 3, 40 + i, generator=g)
         weights = torch.rand(6, 3, generator=g)
+        sw_input = torch.randn(6, 7, 20 + i, generator=g)
+        sw_weights = torch.randn(3, 11 + 3 * i, 20 + i, generator=g)
         tasks += [
             lambda x=logits, t=0.5 + i / 10: softmax_entropy(x, t),
             lambda x=stacked_logits: entropy_coefficients(x, [1.1, 0.9], True),
             lambda s=sources, k=coef: blend(s, k),
             lambda s=stacked, w=weights: sample_combine(s, w),
+            lambda x=sw_input, w=sw_weights, c=weights: samplewise_linear(x, w, c),
         ]
     return tasks
 

@@ -186,6 +186,64 @@ def test_tiny_net_matches_per_sample_merge(device, num_sources, combine, batch_f
     assert isinstance(net.attn, nn.MultiheadAttention) and isinstance(net.conv, nn.Conv2d)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["sample", "in", "out"])
+@pytest.mark.parametrize("rows_per_sample", [1, 5, 6, 50])
+def test_affine_stack_modes_agree(device, mode, rows_per_sample):
+    """The three layouts of a per-sample linear map give the per-sample-merge result, with and without
+    autograd (the "sample" layout switches to differentiable matmuls when a gradient is needed)."""
+    from dawin_ext.samplewise.layers import AffineStack, CoefficientState
+
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(70, 40, generator=g).to(device) / 7 for _ in range(3)]
+    biases = [torch.randn(70, generator=g).to(device) for _ in range(3)]
+    rows = random_rows(4, 3, seed=4, device=device)
+    state = CoefficientState(3)
+    stack = AffineStack(weights, biases, state, "probe", mode=mode)
+    assert stack.mode == mode
+    x = torch.randn(4, rows_per_sample, 40, generator=g).to(device)
+    want = torch.stack(
+        [
+            F.linear(
+                x[b], sum(rows[b, s] * weights[s] for s in range(3)), sum(rows[b, s] * biases[s] for s in range(3))
+            )
+            for b in range(4)
+        ]
+    )
+    state.set(rows)
+    with torch.no_grad():
+        torch.testing.assert_close(stack.linear(x), want, atol=2e-5, rtol=2e-5)
+    xg = x.clone().requires_grad_(True)
+    out = stack.linear(xg)
+    torch.testing.assert_close(out.detach(), want, atol=2e-5, rtol=2e-5)
+    out.square().sum().backward()
+    xr = x.clone().requires_grad_(True)
+    ref = torch.stack(
+        [
+            F.linear(
+                xr[b], sum(rows[b, s] * weights[s] for s in range(3)), sum(rows[b, s] * biases[s] for s in range(3))
+            )
+            for b in range(4)
+        ]
+    )
+    ref.square().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stack.sliced(10, 30).linear(x.detach()), want[..., 10:30], atol=2e-5, rtol=2e-5)
+    state.set(None)
+
+
+def test_default_mode_on_cpu_fp32_is_per_sample_mixing():
+    """fp32 linear layers on a CPU with brgemm use the mixing kernel by default; otherwise the stacked GEMM."""
+    from dawin_ext.ops import samplewise_linear_cpu_path
+    from dawin_ext.samplewise.layers import AffineStack, CoefficientState
+
+    w = [torch.randn(8, 4), torch.randn(8, 4)]
+    want = "sample" if samplewise_linear_cpu_path() == "brgemm" else "in"
+    assert AffineStack(w, None, CoefficientState(2), "probe").mode == want
+    assert AffineStack([t.double() for t in w], None, CoefficientState(2), "probe").mode == "in"  # in < out
+    assert AffineStack([t.double().t() for t in w], None, CoefficientState(2), "probe").mode == "out"
+
+
 def test_identical_sources_keep_stock_layers_and_equal_plain_forward():
     torch.manual_seed(0)
     net = TinyNet().eval()
@@ -398,6 +456,7 @@ def test_full_size_open_clip_matches_per_sample_merge(device, arch, num_sources)
         want = per_sample_reference(clf, sources, rows, x)
         base = clf(x)
     err = (got - want).abs().max().item()
+    print(f"exactness {arch} S={num_sources} {device}: max abs logit diff {err:.2e}")  # shown with pytest -s
     assert err <= 1e-4, f"{arch} S={num_sources} {device}: max abs logit diff {err}"
     assert (base - want).abs().max().item() > 1e-2  # the interpolation really matters to the logits
 

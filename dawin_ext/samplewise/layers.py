@@ -6,6 +6,8 @@ parameters ``sum_s c[b, s] * theta_s``. Two tools do it:
 * matrices (linear, convolution, attention projections, embeddings): one GEMM on the stacked
   ``[W0; W_a - W0; ...]`` produces the partial outputs side by side, then :func:`combine` blends them per
   sample with the row ``[1, c_a, ...]``. This is exact because the op is linear in (weight, bias) jointly.
+  Linear maps on the CPU instead form each sample's merged weights block by block inside the GEMM
+  (:func:`dawin_ext.samplewise_linear`), which costs about one GEMM instead of 1 + |active|.
 * vectors (LayerNorm / BatchNorm affine and statistics, class token, positional embedding): the merged
   parameter itself is cheap to build per sample (``[B, numel]``), so it is built and applied directly.
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import sample_combine
+from ..ops import _ops, sample_combine, samplewise_linear_cpu_path, samplewise_linear_weights
 
 __all__ = [
     "CoefficientState",
@@ -122,10 +124,27 @@ def _active(per_source: Sequence[Sequence[Tensor | None]]) -> tuple[int, ...]:
     )
 
 
+def _sample_mode_pays(w0: Tensor) -> bool:
+    """Per-sample weight mixing (``"sample"`` mode) is the faster choice: fp32 on a CPU with brgemm."""
+    return (
+        w0.dim() == 2
+        and w0.device.type == "cpu"
+        and w0.dtype == torch.float32
+        and samplewise_linear_cpu_path() == "brgemm"
+    )
+
+
 class AffineStack(nn.Module):
     """One GEMM for a per-sample interpolated linear map ``y[b] = x[b] @ W(c_b)^T + bias(c_b)``.
 
-    Two layouts of the same exact sum ``W(c) = W0 + sum_a c_a (W_a - W0)``, picked by which side is smaller:
+    Three layouts of the same exact sum ``W(c) = W0 + sum_a c_a (W_a - W0)``:
+
+    * ``"sample"`` (2-D weights, the default for fp32 on a CPU where brgemm works): ``[W0, D_a, ...]``
+      stored as ``[G, K, N]`` and :func:`dawin_ext.samplewise_linear` merges each sample's weights block
+      by block in cache, about one GEMM's cost instead of G. Under autograd it computes the G partial
+      outputs with differentiable matmuls instead (same result).
+
+    Otherwise the smaller side picks between:
 
     * ``"out"``: weight ``[W0; D_a; ...]`` stacked along outputs -> partial outputs ``[.., G, N]``, then
       :func:`combine` with ``[1, c_a, ...]`` per sample (one extra pass over G*N outputs).
@@ -151,12 +170,19 @@ class AffineStack(nn.Module):
         self.active = _active([(w, b) for w, b in zip(weights, bias_list, strict=True)])
         w0 = weights[0].detach()
         self.out_features, self.in_features = w0.shape[0], w0.shape[1]
-        if mode is None:
+        if mode is None and _sample_mode_pays(w0):
+            mode = "sample"
+        elif mode is None:
             mode = "in" if self.in_features < self.out_features else "out"
+        if mode == "sample" and w0.dim() != 2:
+            raise ValueError(f"{name}: 'sample' mode needs a 2-D (linear) weight, got shape {tuple(w0.shape)}")
         self.mode = mode if self.active else "out"
         deltas = [weights[s].detach() - w0 for s in self.active]
         bdeltas = [biases[s].detach() - biases[0].detach() for s in self.active] if biases is not None else []
-        if self.mode == "out":
+        if self.mode == "sample":
+            self.register_buffer("weight", samplewise_linear_weights([w0, *deltas]))
+            bias = torch.stack([biases[0].detach(), *bdeltas], 0) if biases is not None else None
+        elif self.mode == "out":
             self.register_buffer("weight", torch.cat([w0, *deltas], 0))
             bias = torch.cat([biases[0].detach(), *bdeltas], 0) if biases is not None else None
         else:
@@ -177,12 +203,16 @@ class AffineStack(nn.Module):
 
     def base_weight(self) -> Tensor:
         """Source 0's weight (a view), for code that inspects ``.weight`` (dtype, device, shape)."""
+        if self.mode == "sample":
+            return self.weight[0]
         if self.mode == "out":
             return self.weight[: self.out_features]
         return self.weight[:, : self.in_features]
 
     def base_bias(self) -> Tensor | None:
-        return None if self.bias is None else self.bias[: self.out_features]
+        if self.bias is None:
+            return None
+        return self.bias[0] if self.mode == "sample" else self.bias[: self.out_features]
 
     def sliced(self, start: int, end: int) -> AffineStack:
         """The stack of output rows ``[start, end)`` (views, no copies), e.g. q/k/v of a packed projection."""
@@ -191,7 +221,10 @@ class AffineStack(nn.Module):
         part.state, part.active, part.mode = self.state, self.active, self.mode
         part.name = f"{self.name}[{start}:{end}]"
         part.out_features, part.in_features = end - start, self.in_features
-        if self.mode == "out":
+        if self.mode == "sample":
+            w = self.weight[:, start:end]  # keeps unit stride along outputs: the kernel reads it in place
+            b = None if self.bias is None else self.bias[:, start:end]
+        elif self.mode == "out":
             g = self.groups
             w = self.weight.view(g, self.out_features, -1)[:, start:end].reshape(g * (end - start), -1)
             b = None if self.bias is None else self.bias.view(g, -1)[:, start:end].reshape(-1)
@@ -222,11 +255,18 @@ class AffineStack(nn.Module):
         """``[x, c_a x, ...]`` along the channel dim ("in" mode), plus trailing ``c_a`` columns for bias deltas."""
         b, g = x.shape[0], self.groups
         c = self.state.deltas(self.active).to(x.dtype)
+        # Written in place into one buffer, except under autograd (out= ops do not record gradients).
+        differentiable = torch.is_grad_enabled() and x.requires_grad
         if channel_dim_last:
             k = x.shape[-1]
             x3 = x.reshape(b, -1, k)
             m = x3.shape[1]
             extra = len(self.active) if bias_columns else 0
+            if differentiable:
+                parts = [x3, (x3.unsqueeze(2) * c.view(b, 1, g - 1, 1)).flatten(2)]
+                if extra:
+                    parts.append(c.view(b, 1, g - 1).expand(b, m, g - 1))
+                return torch.cat(parts, -1).view(*x.shape[:-1], g * k + extra)
             xp = x.new_empty(b, m, g * k + extra)
             xg = xp[..., : g * k].unflatten(-1, (g, k))
             xg[:, :, 0].copy_(x3)
@@ -235,9 +275,12 @@ class AffineStack(nn.Module):
                 xp[..., g * k :].copy_(c.view(b, 1, g - 1).expand(b, m, g - 1))
             return xp.view(*x.shape[:-1], g * k + extra)
         cin = x.shape[1]
+        cb = c.view(b, g - 1, *([1] * (x.dim() - 1)))
+        if differentiable:
+            return torch.cat([x.unsqueeze(1), x.unsqueeze(1) * cb], 1).view(b, g * cin, *x.shape[2:])
         xp = x.new_empty(b, g, *x.shape[1:])
         xp[:, 0].copy_(x)
-        torch.mul(x.unsqueeze(1), c.view(b, g - 1, *([1] * (x.dim() - 1))), out=xp[:, 1:])
+        torch.mul(x.unsqueeze(1), cb, out=xp[:, 1:])
         return xp.view(b, g * cin, *x.shape[2:])
 
     def linear(self, x: Tensor) -> Tensor:
@@ -245,10 +288,24 @@ class AffineStack(nn.Module):
         if x.dim() < 2:
             raise ValueError(f"{self.name}: expected a batched input [B, ..., features], got shape {tuple(x.shape)}")
         self.state.check_batch(x.shape[0], self.name)
+        if self.mode == "sample":
+            return self._sample_linear(x)
         if self.mode == "in":
             has_bias_cols = self.weight.shape[1] > self.groups * self.in_features
             return F.linear(self.expand_input(x, True, has_bias_cols), self.weight, self.bias)
         return self.combine_channels(F.linear(x, self.weight, self.bias), x.shape[0], channel_dim_last=True)
+
+    def _sample_linear(self, x: Tensor) -> Tensor:
+        w = self.state.combine_weights(self.active)
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return _ops.samplewise_linear(x, self.weight, self.bias, w)
+        # Differentiable form of the same sum: G partial outputs, blended per sample.
+        b, k = x.shape[0], x.shape[-1]
+        parts = torch.matmul(x.reshape(b, 1, -1, k), self.weight.transpose(1, 2).unsqueeze(0))  # [B, G, M, N]
+        if self.bias is not None:
+            parts = parts + self.bias.view(1, self.groups, 1, -1)
+        out = combine(parts.transpose(1, 2), w, self.state.combine)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 class VectorStack(nn.Module):

@@ -1,0 +1,148 @@
+// CPU samplewise_linear: out[b] = x[b] @ (sum_g c[b, g] W_g)^T + sum_g c[b, g] bias_g.
+//
+// Fast path (fp32, oneDNN's brgemm micro-kernel available): work items are (block of kBlockN output
+// features, sample b), samples innermost so that the sources' weight block stays in L2 across samples.
+// For each item the sample's merged weights of that block are formed in a thread-local buffer
+// (cpu::mix_block) and multiplied by the sample's rows with brgemm straight from L2. Forming costs G
+// multiply-adds per weight per sample against M (rows per sample) for the GEMM, so for a ViT with
+// M = 50 tokens the whole layer costs about 1.2-1.5x one plain GEMM, where the stacked GEMM of
+// AffineStack's "out" mode costs G x (measured in benchmarks/RESULTS.md).
+//
+// Fewer than kMinRowsForMixing rows per sample, other dtypes, or a torch without the brgemm
+// micro-kernel take the stacked path: G plain GEMMs over all rows, blended per sample in fp32 (what
+// AffineStack's "out" mode does). _samplewise_linear_cpu_path() reports whether brgemm is usable.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../ops.h"
+#include "cpu_kernels.h"
+
+namespace dawin_ext {
+
+namespace {
+constexpr int64_t kBlockN = 64;   // output features per work item
+constexpr int64_t kBlockK = 384;  // input features per brgemm call: the [kBlockK, kBlockN] block is 96 KiB
+constexpr int64_t kBlockM = 256;  // rows per brgemm call
+// Below this many rows per sample, forming merged weights costs more than the G-fold GEMM of the
+// stacked path (measured on a 2-core AVX512 VM, K = N = 768, G = 2: crossover between 4 and 8 rows).
+constexpr int64_t kMinRowsForMixing = 6;
+
+bool probe_brgemm() {
+  // Builds without oneDNN's ukernel raise from brgemm; check the arithmetic too.
+  try {
+    float a[2] = {2.f, 5.f}, b[2] = {3.f, 7.f}, c[1] = {1.f};
+    at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, /*add_C=*/true, a, b, c, /*is_vnni=*/false);
+    at::native::cpublas::brgemm_release(false);
+    return c[0] == 42.f;
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
+void samplewise_linear_brgemm(const at::Tensor& x, const at::Tensor& wt, const at::Tensor* bias_rows,
+                              const at::Tensor& c, at::Tensor& out) {
+  // x [B, M, K] contiguous, wt [G, K, N] with unit stride along N (fp32); c [B, G]; bias_rows [B, N] or
+  // null; out [B, M, N].
+  const int64_t B = x.size(0), M = x.size(1), K = x.size(2), G = wt.size(0), N = wt.size(2);
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = wt.const_data_ptr<float>();
+  const float* cp = c.const_data_ptr<float>();
+  const float* bp = bias_rows ? bias_rows->const_data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t blocks = (N + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, blocks * B, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> merged(static_cast<size_t>(std::min(kBlockK, K) * std::min(kBlockN, N)));
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t j = item / B, b = item % B;
+      const int64_t n0 = j * kBlockN, nn = std::min(kBlockN, N - n0);
+      float* ob = op + b * M * N + n0;
+      if (bp) {
+        for (int64_t m = 0; m < M; ++m) std::copy(bp + b * N + n0, bp + b * N + n0 + nn, ob + m * N);
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+        const int64_t kk = std::min(kBlockK, K - k0);
+        cpu::MixBlockArgs mix{};
+        mix.src = wp + k0 * wt.stride(1) + n0;
+        mix.source_stride = wt.stride(0);
+        mix.row_stride = wt.stride(1);
+        mix.coef = cp + b * G;
+        mix.sources = G;
+        mix.rows = kk;
+        mix.cols = nn;
+        mix.dst = merged.data();
+        cpu::mix_block(mix);
+        const bool accumulate = bp != nullptr || k0 > 0;
+        for (int64_t m0 = 0; m0 < M; m0 += kBlockM) {
+          const int64_t mm = std::min(kBlockM, M - m0);
+          at::native::cpublas::brgemm(mm, nn, kk, /*ld_a=*/K, /*ld_b=*/nn, /*ld_c=*/N, accumulate,
+                                      xp + (b * M + m0) * K + k0, merged.data(), ob + m0 * N, /*is_vnni=*/false);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(false);
+  });
+}
+
+// The G partial outputs x @ W_g^T over all rows at once, blended per sample: G plain GEMMs, for any
+// dtype. Used where mixing does not pay: few rows per sample (the merge would cost more than the
+// GEMM), other dtypes (computed in fp32 and rounded once), or no brgemm.
+void samplewise_linear_stacked(const at::Tensor& x, const at::Tensor& weights, const at::Tensor* bias_rows,
+                               const at::Tensor& c, at::Tensor& out) {
+  const int64_t B = x.size(0), M = x.size(1), K = x.size(2), G = weights.size(0), N = weights.size(1);
+  const at::Tensor x2 = x.reshape({B * M, K}).to(at::kFloat);
+  const at::Tensor c_rows = c.repeat_interleave(M, 0);  // [B * M, G]
+  at::Tensor acc = bias_rows ? bias_rows->repeat_interleave(M, 0) : at::zeros({B * M, N}, x2.options());
+  for (int64_t g = 0; g < G; ++g) {
+    acc.addcmul_(at::mm(x2, weights[g].t().to(at::kFloat)), c_rows.narrow(1, g, 1));
+  }
+  out.copy_(acc.view({B, M, N}));
+}
+}  // namespace
+
+bool samplewise_linear_has_brgemm() {
+  static const bool ok = probe_brgemm();
+  return ok;
+}
+
+at::Tensor samplewise_linear_cpu(const at::Tensor& input, const at::Tensor& weights,
+                                 const std::optional<at::Tensor>& biases, const at::Tensor& coefficients) {
+  check_samplewise_linear_args(input, weights, biases, coefficients);
+  const int64_t B = input.size(0), K = input.size(-1), N = weights.size(1);
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, input.options());
+  if (out.numel() == 0) return out;
+  const int64_t M = out.numel() / (B * N);
+  const at::Tensor x = input.reshape({B, M, K}).contiguous();
+  const at::Tensor c = coefficients.to(at::kFloat).contiguous();
+  at::Tensor out3 = out.view({B, M, N});
+  at::Tensor bias_rows;
+  if (biases) bias_rows = at::mm(c, biases->to(at::kFloat)).contiguous();  // [B, N] merged bias per sample
+  const at::Tensor* bias_ptr = biases ? &bias_rows : nullptr;
+  if (input.scalar_type() == at::kFloat && M >= kMinRowsForMixing && K > 0 && samplewise_linear_has_brgemm()) {
+    // The kernel reads rows of W_g^T: weights with unit stride along out_features (the layout
+    // samplewise_linear_weights builds, and slices of it) are used in place, others are copied per call.
+    at::Tensor wt = weights.transpose(1, 2);
+    if (wt.stride(2) != 1) wt = wt.contiguous();
+    samplewise_linear_brgemm(x, wt, bias_ptr, c, out3);
+  } else {
+    samplewise_linear_stacked(x, weights, bias_ptr, c, out3);
+  }
+  return out;
+}
+
+}  // namespace dawin_ext
+
+// Private introspection op: which CPU path samplewise_linear takes for float32 inputs with at least
+// kMinRowsForMixing rows per sample ("brgemm" or "stacked").
+TORCH_LIBRARY_FRAGMENT(dawin_ext, m) {
+  m.def("_samplewise_linear_cpu_path() -> str",
+        [] { return std::string(dawin_ext::samplewise_linear_has_brgemm() ? "brgemm" : "stacked"); });
+}
