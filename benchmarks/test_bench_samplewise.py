@@ -142,3 +142,34 @@ def test_combine_strategies(benchmark, device, strategy, shape):
     out = benchmark(lambda: (combine(y, w, strategy), _sync(device))[0])
     ref = torch.einsum("bmgn,bg->bmn", y.double(), w.double())
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["samplewise_linear", "stacked_gemm", "plain_linear"])
+@pytest.mark.parametrize("shape", [(768, 3072), (3072, 768), (768, 2304)], ids=lambda s: f"{s[0]}to{s[1]}")
+def test_samplewise_linear_op(benchmark, device, impl, shape):
+    """One ViT-B-32 linear layer at batch 64 x 50 tokens, two sources: dawin_ext.samplewise_linear (per-sample
+    weights merged in cache) vs the stacked GEMM on [W0; W1 - W0] plus a per-sample blend, and one plain
+    F.linear of a single source for scale."""
+    k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 50, k, generator=gen).to(device)
+    w0, w1 = (torch.randn(n, k, generator=gen).div(k**0.5).to(device) for _ in range(2))
+    lam = torch.rand(64, generator=gen).to(device)
+    coef = torch.stack([torch.ones_like(lam), lam], 1)
+    fast = dawin_ext.samplewise_linear_weights([w0, w1 - w0])
+    stacked_w = torch.cat([w0, w1 - w0])
+    fns = {
+        "samplewise_linear": lambda: dawin_ext.samplewise_linear(x, fast, coef),
+        "stacked_gemm": lambda: combine(torch.nn.functional.linear(x, stacked_w).view(64, 50, 2, n), coef, "torch"),
+        "plain_linear": lambda: torch.nn.functional.linear(x, w0),
+    }
+    benchmark.group = f"samplewise_linear {device} {k}->{n}"
+    benchmark.extra_info.update(cpu_path=dawin_ext.ops.samplewise_linear_cpu_path())
+    with torch.inference_mode():
+        out = benchmark(lambda: (fns[impl](), _sync(device))[0])
+        if impl != "plain_linear":
+            want = torch.einsum("bmk,nk->bmn", x.double(), w0.double()) + lam.double().view(-1, 1, 1) * torch.einsum(
+                "bmk,nk->bmn", x.double(), (w1 - w0).double()
+            )
+            torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)

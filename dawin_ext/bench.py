@@ -170,6 +170,54 @@ def blend_rows(device: torch.device, quick: bool, repeats: int, bandwidth: float
     return rows
 
 
+def samplewise_linear_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]:
+    """samplewise_linear on ViT-B-32's linear shapes (batch 64 x 50 tokens, two sources) against the stacked
+    GEMM that the exact mode used before it (one F.linear on [W0; W1 - W0], then a per-sample blend). The note
+    gives one plain F.linear of a single source, and the same kernel with a single source (no mixing)."""
+    import torch.nn.functional as F
+
+    import dawin_ext
+
+    sync = _sync(device)
+    gen = torch.Generator().manual_seed(5)
+    batch, tokens = (16, 50) if quick else (64, 50)
+    rows = []
+    for k, n, label in ((768, 3072, "MLP up"), (3072, 768, "MLP down"), (768, 2304, "qkv"))[: 1 if quick else 3]:
+        x = torch.randn(batch, tokens, k, generator=gen).to(device)
+        w = [(torch.randn(n, k, generator=gen) * k**-0.5).to(device) for _ in range(2)]
+        b = [torch.randn(n, generator=gen).to(device) for _ in range(2)]
+        lam = torch.rand(batch, generator=gen).to(device)
+        coef = torch.stack([torch.ones_like(lam), lam], 1)  # weights of [W0, W1 - W0]
+        w_fast = dawin_ext.samplewise_linear_weights([w[0], w[1] - w[0]])
+        b_stack = torch.stack([b[0], b[1] - b[0]])
+        w_cat, b_cat = torch.cat([w[0], w[1] - w[0]]), torch.cat([b[0], b[1] - b[0]])
+
+        def stacked(x=x, w_cat=w_cat, b_cat=b_cat, n=n, lam=lam):
+            y = F.linear(x, w_cat, b_cat).view(batch, tokens, 2, n)
+            return torch.addcmul(y[:, :, 0], y[:, :, 1], lam.view(-1, 1, 1))
+
+        with torch.inference_mode():
+            ours, ref = _time_pair(
+                lambda x=x, w=w_fast, c=coef, bs=b_stack: dawin_ext.samplewise_linear(x, w, c, bs),
+                stacked,
+                repeats,
+                sync,
+            )
+            plain, one = _time_pair(
+                lambda x=x, w=w[0], b=b[0]: F.linear(x, w, b),
+                lambda x=x, w=w_fast[:1], c=coef[:, :1], bs=b_stack[:1]: dawin_ext.samplewise_linear(x, w, c, bs),
+                repeats,
+                sync,
+            )
+        # "one source" runs the same kernel with S=1: the GEMM alone, so ours - one is the cost of mixing.
+        note = (
+            f"stacked GEMM + blend; ours {ours / plain:.2f}x one plain F.linear ({plain * 1e3:.1f} ms), "
+            f"same kernel with one source {one * 1e3:.1f} ms"
+        )
+        rows.append(_row("samplewise_lin", f"{label} {k}->{n}, {batch}x{tokens} rows, S=2", ours, note, ref))
+    return rows
+
+
 def kernel_rows(device: str | torch.device = "cpu", quick: bool = False, repeats: int | None = None) -> list[dict]:
     """Runs the kernel benchmarks and returns one dict per row.
 
@@ -188,6 +236,7 @@ def kernel_rows(device: str | torch.device = "cpu", quick: bool = False, repeats
         rows.append({"op": "copy_", "case": "device-to-device bandwidth", "bandwidth_GBps": bandwidth / 1e9})
     rows += entropy_rows(device, quick, repeats, bandwidth)
     rows += blend_rows(device, quick, repeats, bandwidth)
+    rows += samplewise_linear_rows(device, quick, repeats)
     return rows
 
 
