@@ -28,7 +28,7 @@ TEST_S=${GPU_CHECK_TEST_S:-140}
 SANITIZE_S=${GPU_CHECK_SANITIZE_S:-70}
 BENCH_S=${GPU_CHECK_BENCH_S:-50}
 PYBENCH_S=${GPU_CHECK_PYBENCH_S:-50}
-KERNEL_TESTS=(tests/test_entropy_ops.py tests/test_sample_combine_op.py)
+KERNEL_TESTS=(tests/test_entropy_ops.py tests/test_sample_combine_op.py tests/test_samplewise_linear_op.py)
 [[ -f tests/test_blend_op.py ]] && KERNEL_TESTS+=(tests/test_blend_op.py)
 WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0)
 

@@ -42,7 +42,7 @@ if [ "$#" -eq 0 ]; then
   # The op-level tests: each kernel's own tests, the property tests, the ops' bad-input and NaN cases,
   # and the 4-thread tests (the high-level API's tests exercise no other kernel code).
   set -- $(ls tests/test_ops*.py tests/test_kernel*.py tests/test_blend*.py tests/test_entropy*.py \
-    tests/test_sample_combine*.py tests/test_properties.py 2>/dev/null | sort -u)
+    tests/test_sample_combine*.py tests/test_samplewise_linear*.py tests/test_properties.py 2>/dev/null | sort -u)
   if [ "$#" -eq 0 ]; then
     echo "asan_check: no kernel test files found" >&2
     exit 1
