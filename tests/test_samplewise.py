@@ -237,9 +237,10 @@ def test_default_mode_on_cpu_fp32_is_per_sample_mixing():
     from dawin_ext.ops import samplewise_linear_cpu_path
     from dawin_ext.samplewise.layers import AffineStack, CoefficientState
 
-    w = [torch.randn(8, 4), torch.randn(8, 4)]
+    w = [torch.randn(128, 64), torch.randn(128, 64)]
     want = "sample" if samplewise_linear_cpu_path() == "brgemm" else "in"
     assert AffineStack(w, None, CoefficientState(2), "probe").mode == want
+    assert AffineStack([t[:8, :4] for t in w], None, CoefficientState(2), "probe").mode == "in"  # tiny
     assert AffineStack([t.double() for t in w], None, CoefficientState(2), "probe").mode == "in"  # in < out
     assert AffineStack([t.double().t() for t in w], None, CoefficientState(2), "probe").mode == "out"
 
