@@ -33,7 +33,7 @@ def make(shape, dtype, device, scale=1.0):
 
 
 # (B, middle dims, K, N, G): empty batch, one row, odd sizes, K and N across several blocks
-# (the CPU kernel blocks K by 384 and N by 64), several middle dims, G up to 9.
+# (the CPU kernel blocks K by 384, N by 64 and rows by 256), several middle dims, G up to 9, empty K or N.
 SHAPES = [
     (0, (3,), 8, 5, 2),
     (1, (), 1, 1, 1),
@@ -42,6 +42,9 @@ SHAPES = [
     (3, (7,), 389, 67, 3),
     (2, (2, 3), 33, 129, 4),
     (4, (5,), 17, 9, 9),
+    (2, (300,), 40, 70, 2),  # more rows per sample than one brgemm call takes (256)
+    (2, (7,), 0, 5, 2),  # no input features: the output is the merged bias
+    (2, (7,), 6, 0, 2),  # no output features
 ]
 
 
@@ -52,7 +55,7 @@ SHAPES = [
 def test_matches_float64(device, dtype, shape, with_bias):
     b, mid, k, n, g = shape
     x = make((b, *mid, k), dtype, device)
-    weights = make((g, n, k), dtype, device, scale=k**-0.5)
+    weights = make((g, n, k), dtype, device, scale=max(k, 1) ** -0.5)
     biases = make((g, n), dtype, device) if with_bias else None
     coefficients = torch.softmax(torch.randn(b, g, dtype=torch.float64), -1).float().to(device)
     with torch.no_grad():
