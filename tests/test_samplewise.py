@@ -245,6 +245,28 @@ def test_default_mode_on_cpu_fp32_is_per_sample_mixing():
     assert AffineStack([t.double().t() for t in w], None, CoefficientState(2), "probe").mode == "out"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_patchify_conv_matches_per_sample_merge(device):
+    """A kernel == stride convolution (ViT patch embedding) runs as a per-sample linear map of the patches;
+    the trailing rows and columns that do not fill a patch are dropped, as the convolution drops them."""
+    from dawin_ext.samplewise.layers import SampleWiseConv2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 64, kernel_size=4, stride=4, bias=True)).eval().to(device)
+    sources = perturbed_sources({k: v.cpu() for k, v in net.state_dict().items()}, 3, seed=5)
+    sources = [{k: v.to(device) for k, v in sd.items()} for sd in sources]
+    sw = SampleWiseInterpolator(net, sources)
+    layer = sw.module[0]
+    assert isinstance(layer, SampleWiseConv2d)
+    rows = random_rows(5, 3, seed=6, device=device)
+    x = torch.randn(5, 4, 18, 23, device=device)  # 4x5 patches, 2 and 3 pixels left over
+    with torch.no_grad():
+        got = sw(x, rows)
+        want = per_sample_reference(net, sources, rows, x)
+    assert got.shape == want.shape == (5, 64, 4, 5)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_identical_sources_keep_stock_layers_and_equal_plain_forward():
     torch.manual_seed(0)
     net = TinyNet().eval()

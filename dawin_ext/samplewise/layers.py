@@ -396,12 +396,26 @@ class SampleWiseConv2d(nn.Module):
         self.conv = conv  # holds the hyper-parameters; its own weight is replaced by the stack below
         self.name = prefix.rstrip(".")
         self.state = state
-        # Stack along the smaller side per sample: inputs (~3 passes over G*Cin*H*W) or outputs (~5 over G*Cout*H'*W').
-        stride = conv.stride[0] * conv.stride[1]
-        mode = "in" if conv.groups == 1 and 3 * conv.in_channels * stride < 5 * conv.out_channels else "out"
-        self.stack = AffineStack(
-            _per_source(sources, prefix + "weight"), _maybe(sources, prefix + "bias"), state, self.name, mode
+        weights = _per_source(sources, prefix + "weight")
+        biases = _maybe(sources, prefix + "bias")
+        # A patchify convolution (kernel == stride, no padding: ViT's patch embedding) is a linear map of each
+        # patch, so it can use the per-sample mixing of linear layers where that pays.
+        self.patchify = (
+            conv.groups == 1
+            and tuple(conv.kernel_size) == tuple(conv.stride)
+            and tuple(conv.dilation) == (1, 1)
+            and conv.padding in ((0, 0), "valid")
+            and _sample_mode_pays(weights[0].reshape(weights[0].shape[0], -1))
         )
+        if self.patchify:
+            flat = [w.reshape(w.shape[0], -1) for w in weights]
+            self.stack = AffineStack(flat, biases, state, self.name, "sample")
+        else:
+            # Stack along the smaller side per sample: inputs (~3 passes over G*Cin*H*W) or outputs
+            # (~5 over G*Cout*H'*W').
+            stride = conv.stride[0] * conv.stride[1]
+            mode = "in" if conv.groups == 1 and 3 * conv.in_channels * stride < 5 * conv.out_channels else "out"
+            self.stack = AffineStack(weights, biases, state, self.name, mode)
         # The stack owns the weights; drop the conv's copies so memory is not held twice.
         del self.conv.weight
         self.conv.register_buffer("weight", None)
@@ -414,6 +428,13 @@ class SampleWiseConv2d(nn.Module):
             raise ValueError(f"{self.name}: expected a batched input [B, C, H, W], got shape {tuple(x.shape)}")
         self.state.check_batch(x.shape[0], self.name)
         st = self.stack
+        if self.patchify:
+            b, c, h, w = x.shape
+            p, q = self.conv.kernel_size
+            hp, wq = h // p, w // q  # a convolution drops the incomplete trailing patches too
+            patches = x[:, :, : hp * p, : wq * q].reshape(b, c, hp, p, wq, q).permute(0, 2, 4, 1, 3, 5)
+            y = st.linear(patches.reshape(b, hp * wq, c * p * q))  # [B, patches, Cout]
+            return y.transpose(1, 2).reshape(b, -1, hp, wq)
         if st.mode == "in":
             y = self.conv._conv_forward(st.expand_input(x, False, False), st.weight, st.bias)
             if st.bias_delta is not None:
