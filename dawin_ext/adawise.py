@@ -27,8 +27,10 @@ entropy of the model's predictions. The design choices made here:
   its own coefficient row ``[1 - alpha, alpha]``. The ``q`` proposals of a round come from expected
   improvement with the "constant liar" rule: after each pick, a pseudo-observation at the current best value
   is added and the GP (kernel fixed) is refitted, so the next pick moves elsewhere. This pays off where one
-  large pass is cheaper than ``q`` small ones (a GPU at small batch sizes); on a CPU the exact pass costs
-  about 1.7x a plain forward per candidate, so the default stays ``q = 1``.
+  large pass is cheaper than ``q`` blends and forwards: a GPU at small batch sizes, and a CPU running a ViT in
+  fp32, where the exact pass costs about 0.65x a plain forward per candidate (its linear layers mix weights
+  per sample in cache; benchmarks/RESULTS.md). The default stays ``q = 1`` because batched proposals follow
+  a different (constant-liar) search path than sequential ones, so results would change with the default.
 """
 
 from __future__ import annotations
