@@ -45,3 +45,33 @@ def make_state_dict(gen) -> Callable[..., dict[str, torch.Tensor]]:
         return sd
 
     return make
+
+
+@pytest.fixture
+def tiny_clip() -> Callable[..., tuple]:
+    """Factory for a tiny open_clip zero-shot classifier at random init and a "fine-tuned" copy.
+
+    ``tiny_clip(arch, seed, noise)`` returns ``(classifier, theta_zs, theta_ft, gen)``: theta_ft adds
+    ``noise`` times each tensor's std of Gaussian noise to theta_zs, and ``gen`` is the seeded generator
+    that made it, to draw test inputs from.
+    """
+
+    def make(arch: str, seed: int, noise: float):
+        from dawin_ext import openclip
+
+        openclip.register_tiny_configs()
+        torch.manual_seed(seed)
+        model, _, tok = openclip.create_clip_model(arch)
+        classes = ["cat", "dog", "car", "tree", "boat"]
+        clf = openclip.CLIPClassifier.from_clip(model, tok, classes, templates="classname")
+        zs = {k: v.clone() for k, v in clf.state_dict().items()}
+        g = torch.Generator().manual_seed(seed + 1)
+        ft = {
+            k: (v + noise * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g))
+            if v.is_floating_point()
+            else v.clone()
+            for k, v in zs.items()
+        }
+        return clf, zs, ft, g
+
+    return make

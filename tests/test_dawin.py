@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dawin_ext import openclip
 from dawin_ext.dawin import DaWin, dawin_coefficients
 from dawin_ext.models import collect_logits
 from dawin_ext.reference import interpolation_reference
@@ -47,19 +46,8 @@ def _batches(x: torch.Tensor, y: torch.Tensor | None, bs: int):
     return [(x[i : i + bs], y[i : i + bs]) for i in range(0, x.shape[0], bs)]
 
 
-def _tiny_clip(arch: str, seed: int):
-    openclip.register_tiny_configs()
-    torch.manual_seed(seed)
-    model, _, tok = openclip.create_clip_model(arch)
-    clf = openclip.CLIPClassifier.from_clip(model, tok, ["cat", "dog", "car", "tree", "boat"], templates="classname")
-    zs = {k: v.clone() for k, v in clf.state_dict().items()}
-    g = torch.Generator().manual_seed(seed + 1)
-    ft = {
-        k: (v + 0.3 * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g))
-        if v.is_floating_point()
-        else v.clone()
-        for k, v in zs.items()
-    }
+def _tiny_clip(factory, arch: str, seed: int):
+    clf, zs, ft, g = factory(arch, seed, 0.3)
     x = torch.randn(40, 3, 32, 32, generator=g) * torch.rand(40, 1, 1, 1, generator=g).mul(3)
     return clf, zs, ft, x
 
@@ -180,8 +168,8 @@ def test_dawin_cluster_pipeline_matches_reference_loop(expertise: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ["dawin-tiny-vit", "dawin-tiny-rn"])
-def test_dawin_on_open_clip_matches_reference_loop(arch: str) -> None:
-    clf, zs, ft, x = _tiny_clip(arch, 7)
+def test_dawin_on_open_clip_matches_reference_loop(arch: str, tiny_clip) -> None:
+    clf, zs, ft, x = _tiny_clip(tiny_clip, arch, 7)
     loader = _batches(x, None, 16)  # loaders may yield bare inputs
     dw = DaWin(clf, zs, ft, temperatures=TEMPS, offset_adjustment=True, n_clusters=3, seed=1).fit(loader)
     ref_model = copy.deepcopy(clf).eval()
@@ -320,8 +308,8 @@ def test_dawin_on_cuda_matches_cpu() -> None:
 @pytest.mark.skipif(
     importlib.util.find_spec("dawin_ext.samplewise") is None, reason="dawin_ext.samplewise is not available"
 )
-def test_dawin_exact_mode_on_tiny_open_clip_vit() -> None:
-    clf, zs, ft, x = _tiny_clip("dawin-tiny-vit", 12)
+def test_dawin_exact_mode_on_tiny_open_clip_vit(tiny_clip) -> None:
+    clf, zs, ft, x = _tiny_clip(tiny_clip, "dawin-tiny-vit", 12)
     dw = DaWin(clf, zs, ft, temperatures=TEMPS).fit([x[:20], x[20:]])
     out = dw.predict_dataset([x[:20], x[20:]], mode="exact")
     m = copy.deepcopy(clf).eval()

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dawin_ext import openclip
 from dawin_ext.models import BlendedModels, evaluate_accuracy
 from dawin_ext.reference_algorithms import wise_ft_reference
 from dawin_ext.statedict import IncompatibleStateDictsError
@@ -24,22 +23,6 @@ def _mlp(seed: int, n_in: int = 6, n_out: int = 5) -> nn.Module:
 def _pair(seed: int):
     m0, m1 = _mlp(seed), _mlp(seed + 100)
     return m0, {k: v.clone() for k, v in m0.state_dict().items()}, {k: v.clone() for k, v in m1.state_dict().items()}
-
-
-def _tiny_clip(arch: str, seed: int):
-    openclip.register_tiny_configs()
-    torch.manual_seed(seed)
-    model, _, tok = openclip.create_clip_model(arch)
-    clf = openclip.CLIPClassifier.from_clip(model, tok, ["cat", "dog", "car", "tree", "boat"], templates="classname")
-    zs = {k: v.clone() for k, v in clf.state_dict().items()}
-    g = torch.Generator().manual_seed(seed + 1)
-    ft = {
-        k: (v + 0.2 * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g))
-        if v.is_floating_point()
-        else v.clone()
-        for k, v in zs.items()
-    }
-    return clf, zs, ft
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0, 1.2])
@@ -95,8 +78,8 @@ def test_wise_ft_validation() -> None:
 
 
 @pytest.mark.parametrize("arch", ["dawin-tiny-vit", "dawin-tiny-rn"])
-def test_wise_ft_sweep_on_open_clip_matches_reference_merges(arch: str) -> None:
-    clf, zs, ft = _tiny_clip(arch, 3)
+def test_wise_ft_sweep_on_open_clip_matches_reference_merges(arch: str, tiny_clip) -> None:
+    clf, zs, ft, _ = tiny_clip(arch, 3, 0.2)
     x = torch.randn(12, 3, 32, 32)
     alphas = [0.0, 0.4, 1.0]
     results = wise_ft_sweep(clf, zs, ft, alphas, evaluate=lambda m: m(x))
