@@ -308,6 +308,7 @@ def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]
     with torch.inference_mode():
         plain, _ = _time_pair(lambda: clf(x), None, repeats, sync)
         streaming, ref_stream = _time_pair(lambda: dawin.predict(x), reference_streaming, repeats, sync)
+        exact_streaming, _ = _time_pair(lambda: dawin.predict(x, mode="exact"), None, repeats, sync)
         exact_s, loop_s = _time_pair(lambda: exact(x, rows_c), per_sample_loop, repeats, sync)
     return [
         _row("forward", f"{name}: one plain forward pass", plain, None, None),
@@ -316,6 +317,13 @@ def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]
             f"{name}: streaming predict, K=3",
             streaming,
             f"re-merge per cluster present; ours {streaming / plain:.2f}x plain forward",
+            ref_stream,
+        ),
+        _row(
+            "dawin exact",
+            f"{name}: streaming predict, mode='exact'",
+            exact_streaming,
+            f"re-merge per cluster present; ours {exact_streaming / plain:.2f}x plain forward",
             ref_stream,
         ),
         _row(
