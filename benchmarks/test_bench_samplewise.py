@@ -173,3 +173,25 @@ def test_samplewise_linear_op(benchmark, device, impl, shape):
                 "bmk,nk->bmn", x.double(), (w1 - w0).double()
             )
             torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["sample", "in", "out"])
+@pytest.mark.parametrize("num_sources", [2, 3, 5, 9])
+def test_affine_stack_layouts(benchmark, device, layout, num_sources):
+    """The exact mode's three layouts of one linear layer (ViT-B-32 MLP up, 64 samples x 50 tokens) as the number
+    of sources grows (multi-task: theta_0 plus task vectors)."""
+    from dawin_ext.samplewise.layers import AffineStack, CoefficientState
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [(torch.randn(3072, 768, generator=gen) * 0.03).to(device) for _ in range(num_sources)]
+    rows = torch.distributions.Dirichlet(torch.ones(num_sources)).sample((64,)).to(device)
+    state = CoefficientState(num_sources)
+    state.set(rows)
+    stack = AffineStack(weights, None, state, "mlp_up", mode=layout)
+    x = torch.randn(64, 50, 768, generator=gen).to(device)
+    benchmark.group = f"AffineStack {device} 768->3072 S={num_sources}"
+    with torch.inference_mode():
+        out = benchmark(lambda: (stack.linear(x), _sync(device))[0])
+    merged0 = sum(rows[0, s] * weights[s] for s in range(num_sources))
+    torch.testing.assert_close(out[0], x[0] @ merged0.T, atol=1e-4, rtol=1e-4)
