@@ -65,7 +65,57 @@ def _check_n_components(n_components: int, x: np.ndarray, what: str) -> None:
         raise ValueError(f"{what}: n_components={n_components} is more than the {x.shape[0]} samples")
 
 
-class BetaMixture:
+class _EMMixture:
+    """What the two mixtures share: the settings, the restart-and-EM loop, and ``predict``.
+
+    A subclass sets ``_name`` and ``_init_eps`` (added to the k-means responsibilities) and defines
+    ``_prepare(values)``, ``_kmeans_data(x)``, ``_m_step(x, resp) -> params`` (a tuple whose first entry is
+    the component weights) and ``_log_resp(x, *params) -> (log normaliser, log responsibilities)``.
+    """
+
+    _name = ""
+    _init_eps = 0.0
+
+    def __init__(self, n_components: int, seed: int, n_init: int, max_iter: int, tol: float, clip_eps: float) -> None:
+        _check_em_settings(self._name, n_components, n_init, max_iter)
+        self.n_components = int(n_components)
+        self.seed = int(seed)
+        self.n_init = int(n_init)
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.clip_eps = float(clip_eps)
+
+    def _kmeans_data(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def _run_em(self, x: np.ndarray):
+        """Per restart: k-means responsibilities, then EM until the mean log-likelihood moves by less than
+        ``tol``. Returns ``(bound, params, converged, n_iter)`` of the restart with the best finite bound, or
+        None if no restart ended finite."""
+        _check_n_components(self.n_components, x, self._name)
+        best = None
+        for restart in range(self.n_init):
+            resp = _kmeans_responsibilities(self._kmeans_data(x), self.n_components, self.seed + restart)
+            params = self._m_step(x, resp + self._init_eps)
+            bound, converged, n_iter = -np.inf, False, 0
+            for n_iter in range(1, self.max_iter + 1):  # noqa: B007  (n_iter is reported)
+                prev = bound
+                norm, log_resp = self._log_resp(x, *params)
+                bound = float(norm.mean())
+                params = self._m_step(x, np.exp(log_resp))
+                if abs(bound - prev) < self.tol:
+                    converged = True
+                    break
+            if np.isfinite(bound) and (best is None or bound > best[0]):
+                best = (bound, tuple(p.copy() for p in params), converged, n_iter)
+        return best
+
+    def predict(self, values) -> np.ndarray:
+        """Most probable component (argmax responsibility) of each input, as int64 [N]."""
+        return self.predict_proba(values).argmax(axis=1).astype(np.int64)
+
+
+class BetaMixture(_EMMixture):
     """Mixture of K Beta distributions over DaWin coefficients lambda in [0, 1].
 
     Fitting, per restart r in ``range(n_init)``: k-means (``random_state = seed + r``) gives hard initial
@@ -83,6 +133,9 @@ class BetaMixture:
     log-likelihood), ``converged_``, ``n_iter_``.
     """
 
+    _name = "BetaMixture"
+    _init_eps = _TINY
+
     def __init__(
         self,
         n_components: int = 3,
@@ -92,22 +145,20 @@ class BetaMixture:
         tol: float = 1e-4,
         clip_eps: float = 1e-6,
     ) -> None:
-        _check_em_settings("BetaMixture", n_components, n_init, max_iter)
+        super().__init__(n_components, seed, n_init, max_iter, tol, clip_eps)
         if not 0.0 < clip_eps < 0.5:
             raise ValueError(f"BetaMixture: clip_eps must be in (0, 0.5), got {clip_eps}")
-        self.n_components = int(n_components)
-        self.seed = int(seed)
-        self.n_init = int(n_init)
-        self.max_iter = int(max_iter)
-        self.tol = float(tol)
-        self.clip_eps = float(clip_eps)
 
     # ---------------------------------------------------------------- internals
     def _prepare(self, values) -> np.ndarray:
         x = _as_1d_unit_interval(values, "BetaMixture")
         return np.clip(x, self.clip_eps, 1.0 - self.clip_eps)
 
-    def _moment_match(self, x: np.ndarray, resp: np.ndarray):
+    def _kmeans_data(self, x: np.ndarray) -> np.ndarray:
+        return x[:, None]
+
+    def _m_step(self, x: np.ndarray, resp: np.ndarray):
+        """Moment matching: (weights, a, b)."""
         counts = resp.sum(axis=0) + _TINY
         weights = counts / counts.sum()
         # An empty component (all responsibilities underflowed to 0) would get mean 0 and invalid
@@ -129,29 +180,13 @@ class BetaMixture:
     # ---------------------------------------------------------------- public API
     def fit(self, values) -> BetaMixture:
         """Fits the mixture to coefficients ``values`` (1-D or [N, 1], each in [0, 1])."""
-        x = self._prepare(values)
-        _check_n_components(self.n_components, x, "BetaMixture")
-        best = None
-        for restart in range(self.n_init):
-            resp = _kmeans_responsibilities(x[:, None], self.n_components, self.seed + restart) + _TINY
-            weights, a, b = self._moment_match(x, resp)
-            bound, converged, n_iter = -np.inf, False, 0
-            for n_iter in range(1, self.max_iter + 1):  # noqa: B007  (n_iter is reported)
-                prev = bound
-                norm, log_resp = self._log_resp(x, weights, a, b)
-                bound = float(norm.mean())
-                weights, a, b = self._moment_match(x, np.exp(log_resp))
-                if abs(bound - prev) < self.tol:
-                    converged = True
-                    break
-            if np.isfinite(bound) and (best is None or bound > best[0]):
-                best = (bound, weights.copy(), a.copy(), b.copy(), converged, n_iter)
+        best = self._run_em(self._prepare(values))
         if best is None:
             raise RuntimeError(
                 "BetaMixture: every restart ended with a non-finite log-likelihood; the coefficients are "
                 "too concentrated for this many components"
             )
-        self.lower_bound_, self.weights_, self.alphas_, self.betas_, self.converged_, self.n_iter_ = best
+        self.lower_bound_, (self.weights_, self.alphas_, self.betas_), self.converged_, self.n_iter_ = best
         self.means_ = self.alphas_ / (self.alphas_ + self.betas_)
         return self
 
@@ -165,12 +200,8 @@ class BetaMixture:
         _, log_resp = self._log_resp(self._prepare(values), self.weights_, self.alphas_, self.betas_)
         return np.exp(log_resp)
 
-    def predict(self, values) -> np.ndarray:
-        """Most probable component (argmax responsibility) of each coefficient, as int64 [N]."""
-        return self.predict_proba(values).argmax(axis=1).astype(np.int64)
 
-
-class DirichletMixture:
+class DirichletMixture(_EMMixture):
     """Simplified Dirichlet mixture over per-sample coefficient vectors pi (rows on the simplex).
 
     Mirrors the public DaWin multi-task code's ``DirichletMixtureModel``: k-means initialisation per restart
@@ -184,6 +215,9 @@ class DirichletMixture:
     reference keeps the last restart's), and entries of exactly 0 are clipped to ``clip_eps``.
     """
 
+    _name = "DirichletMixture"
+    _init_eps = 1e-14
+
     def __init__(
         self,
         n_components: int = 1,
@@ -193,13 +227,7 @@ class DirichletMixture:
         tol: float = 1e-5,
         clip_eps: float = 1e-12,
     ) -> None:
-        _check_em_settings("DirichletMixture", n_components, n_init, max_iter)
-        self.n_components = int(n_components)
-        self.seed = int(seed)
-        self.n_init = int(n_init)
-        self.max_iter = int(max_iter)
-        self.tol = float(tol)
-        self.clip_eps = float(clip_eps)
+        super().__init__(n_components, seed, n_init, max_iter, tol, clip_eps)
 
     def _prepare(self, values) -> np.ndarray:
         x = np.asarray(values.detach().cpu().numpy() if hasattr(values, "detach") else values, dtype=np.float64)
@@ -232,26 +260,10 @@ class DirichletMixture:
 
     def fit(self, values) -> DirichletMixture:
         """Fits the mixture to coefficient vectors ``values`` [N, D] (rows summing to 1)."""
-        x = self._prepare(values)
-        _check_n_components(self.n_components, x, "DirichletMixture")
-        best = None
-        for restart in range(self.n_init):
-            resp = _kmeans_responsibilities(x, self.n_components, self.seed + restart) + 1e-14
-            weights, params = self._m_step(x, resp)
-            bound, converged = -np.inf, False
-            for _ in range(self.max_iter):
-                prev = bound
-                norm, log_resp = self._log_resp(x, weights, params)
-                bound = float(norm.mean())
-                weights, params = self._m_step(x, np.exp(log_resp))
-                if abs(bound - prev) < self.tol:
-                    converged = True
-                    break
-            if np.isfinite(bound) and (best is None or bound > best[0]):
-                best = (bound, weights.copy(), params.copy(), converged)
+        best = self._run_em(self._prepare(values))
         if best is None:
             raise RuntimeError("DirichletMixture: every restart ended with a non-finite log-likelihood")
-        self.lower_bound_, self.weights_, self.params_, self.converged_ = best
+        self.lower_bound_, (self.weights_, self.params_), self.converged_, _ = best
         return self
 
     def predict_proba(self, values) -> np.ndarray:
@@ -260,7 +272,3 @@ class DirichletMixture:
             raise RuntimeError("DirichletMixture: call fit() before predict()")
         _, log_resp = self._log_resp(self._prepare(values), self.weights_, self.params_)
         return np.exp(log_resp)
-
-    def predict(self, values) -> np.ndarray:
-        """Most probable component of each row, as int64 [N]."""
-        return self.predict_proba(values).argmax(axis=1).astype(np.int64)
