@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from .models import BlendedModels, check_finite_state_dict, check_logits_finite, split_batch
 from .ops import softmax_entropy
+from .samplewise import SampleWiseInterpolator
 from .statedict import as_state_dict
 
 __all__ = ["AdaWiSE", "make_gp", "expected_improvement"]
@@ -152,8 +153,6 @@ class AdaWiSE:
         if self.candidates_per_pass == 1 or len(alphas) == 1:
             return [self._evaluate(x, a) for a in alphas]
         if self._exact is None:
-            from .samplewise import SampleWiseInterpolator
-
             self._exact = SampleWiseInterpolator(self._model, self._sources)
         rows = torch.tensor([[1.0 - a, a] for a in alphas], dtype=torch.float32, device=self.device)
         out = self._exact.forward_candidates(x, rows)  # [q, B, C]

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .mixture import BetaMixture
 from .models import BlendedModels, check_finite_state_dict, check_logits_finite, collect_logits, route, split_batch
 from .ops import entropy_coefficients
+from .samplewise import SampleWiseInterpolator
 from .statedict import as_state_dict, check_compatible
 
 __all__ = ["DaWin", "EXPERTISE_METRICS", "PSEUDO_LABELS", "dawin_coefficients"]
@@ -369,12 +370,6 @@ class DaWin:
 
     def _exact_forward(self, x: Tensor, lam: Tensor) -> Tensor:
         if self._exact is None:
-            try:
-                from .samplewise import SampleWiseInterpolator
-            except ImportError as exc:
-                raise RuntimeError(
-                    "DaWin: mode='exact' needs dawin_ext.samplewise.SampleWiseInterpolator, which is not available"
-                ) from exc
             self._exact = SampleWiseInterpolator(self.model, [self.theta_zs, self.theta_ft])
         lam = lam.to(torch.float32)
         coef = torch.stack([1.0 - lam, lam], dim=1).to(x.device)

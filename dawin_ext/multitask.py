@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .mixture import DirichletMixture
 from .models import BlendedModels, check_finite_state_dict, check_logits_finite, collect_logits, route, split_batch
 from .ops import entropy_coefficients
+from .samplewise import SampleWiseInterpolator
 from .statedict import StateDict, as_state_dict, check_compatible
 
 __all__ = ["DaWinMultiTask", "task_vectors_from"]
@@ -205,13 +206,6 @@ class DaWinMultiTask:
 
     def _exact_forward(self, x: Tensor, pi: Tensor) -> Tensor:
         if self._exact is None:
-            try:
-                from .samplewise import SampleWiseInterpolator
-            except ImportError as exc:
-                raise RuntimeError(
-                    "DaWinMultiTask: mode='exact' needs dawin_ext.samplewise.SampleWiseInterpolator, "
-                    "which is not available"
-                ) from exc
             # The interpolator takes full parameter sets with rows summing to 1: [theta_0, theta_0 + tau_t]
             # (the task models' buffers) with rows [1 - c * sum(pi), c * pi] give theta_0 + sum_t c pi_t tau_t.
             self._exact = SampleWiseInterpolator(self.model, [self.theta_0, *self.task_models.buffers])

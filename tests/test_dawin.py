@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import numpy as np
 import pytest
@@ -270,9 +269,6 @@ def test_collect_logits_rejects_differing_class_counts() -> None:
         collect_logits([model], [])
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("dawin_ext.samplewise") is None, reason="dawin_ext.samplewise is not available"
-)
 def test_dawin_exact_mode_matches_per_sample_merges() -> None:
     from dawin_ext import samplewise
 
@@ -305,9 +301,6 @@ def test_dawin_on_cuda_matches_cpu() -> None:
     torch.testing.assert_close(gpu.predict(x[:40]).cpu(), cpu.predict(x[:40]), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("dawin_ext.samplewise") is None, reason="dawin_ext.samplewise is not available"
-)
 def test_dawin_exact_mode_on_tiny_open_clip_vit(tiny_clip) -> None:
     clf, zs, ft, x = _tiny_clip(tiny_clip, "dawin-tiny-vit", 12)
     dw = DaWin(clf, zs, ft, temperatures=TEMPS).fit([x[:20], x[20:]])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import numpy as np
 import pytest
@@ -158,9 +157,6 @@ def test_multitask_validation() -> None:
         DaWinMultiTask(base, theta_0, thetas, head=head).fit([xn])
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("dawin_ext.samplewise") is None, reason="dawin_ext.samplewise is not available"
-)
 def test_multitask_exact_mode_matches_per_sample_merges() -> None:
     base, theta_0, thetas, head, x = _setup(n_tasks=3, seed=7)
     mt = DaWinMultiTask(base, theta_0, thetas, head=head).fit([x])

@@ -16,14 +16,19 @@ from torch import Tensor, nn
 
 import dawin_ext
 from dawin_ext import (
+    adawise,
     blend,
+    dawin,
     entropy_coefficients,
     interpolation,
+    mixture,
     sample_combine,
+    samplewise,
     samplewise_linear,
     samplewise_linear_weights,
     softmax_entropy,
 )
+from dawin_ext.wise_ft import diagonal_fisher, output_ensemble, wise_ft
 
 
 def _tensors(obj, path="arg"):
@@ -184,29 +189,25 @@ def _loader(n=24, batch=8, seed=0):
 
 
 def test_wise_ft_plain_and_fisher():
-    wise_ft = pytest.importorskip("dawin_ext.wise_ft")
     sd0, sd1 = _tiny_model(0).state_dict(), _tiny_model(1).state_dict()
-    call_and_check(wise_ft.wise_ft, sd0, sd1, 0.4)
+    call_and_check(wise_ft, sd0, sd1, 0.4)
     fishers = tuple({k: torch.rand_like(v) for k, v in sd.items() if v.is_floating_point()} for sd in (sd0, sd1))
-    call_and_check(wise_ft.wise_ft, sd0, sd1, 0.4, fishers=fishers)
+    call_and_check(wise_ft, sd0, sd1, 0.4, fishers=fishers)
 
 
 def test_output_ensemble():
-    wise_ft = pytest.importorskip("dawin_ext.wise_ft")
-    call_and_check(wise_ft.output_ensemble, torch.randn(5, 3), torch.randn(5, 3), torch.rand(5))
+    call_and_check(output_ensemble, torch.randn(5, 3), torch.randn(5, 3), torch.rand(5))
 
 
 def test_diagonal_fisher_keeps_the_model():
-    wise_ft = pytest.importorskip("dawin_ext.wise_ft")
     model, loader = _tiny_model(0), _loader()
     model.train()
-    call_and_check(wise_ft.diagonal_fisher, model, loader, max_samples=6)
+    call_and_check(diagonal_fisher, model, loader, max_samples=6)
     assert model.training, "diagonal_fisher must restore the module's mode"
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_beta_mixture_fit_and_predict():
-    mixture = pytest.importorskip("dawin_ext.mixture")
     lam = np.random.default_rng(0).beta(2, 5, size=60)
     lam[:3] = [0.0, 1.0, 0.5]
     bm = call_and_check(mixture.BetaMixture(n_components=3).fit, lam)
@@ -214,7 +215,6 @@ def test_beta_mixture_fit_and_predict():
 
 
 def test_dirichlet_mixture_fit():
-    mixture = pytest.importorskip("dawin_ext.mixture")
     pi = torch.softmax(torch.randn(40, 3), dim=1)
     pi[0] = torch.tensor([1.0, 0.0, 0.0])
     call_and_check(mixture.DirichletMixture(n_components=2).fit, pi)
@@ -222,7 +222,6 @@ def test_dirichlet_mixture_fit():
 
 @pytest.mark.parametrize("expertise", ["entropy", "cross_entropy", "selective"])
 def test_dawin_fit_and_predict(expertise):
-    dawin = pytest.importorskip("dawin_ext.dawin")
     model, zs, ft = _tiny_model(0), _tiny_model(1), _tiny_model(2)
     loader = _loader()
     before_model = fingerprint(model)
@@ -242,13 +241,11 @@ def test_dawin_fit_and_predict(expertise):
 
 
 def test_dawin_coefficients():
-    dawin = pytest.importorskip("dawin_ext.dawin")
     zs, ft = torch.randn(10, 4), torch.randn(10, 4)
     call_and_check(dawin.dawin_coefficients, zs, ft, temperatures=(0.9, 1.1), offset=True)
 
 
 def test_adawise():
-    adawise = pytest.importorskip("dawin_ext.adawise")
     model, zs, ft = _tiny_model(0), _tiny_model(1), _tiny_model(2)
     zs_sd = zs.state_dict()
     before_model = fingerprint(model)
@@ -260,7 +257,6 @@ def test_adawise():
 
 
 def test_samplewise_interpolator():
-    samplewise = pytest.importorskip("dawin_ext.samplewise")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 4))
     sources = [_tiny_model(1).state_dict(), _tiny_model(2).state_dict()]
