@@ -1,8 +1,8 @@
-"""Shared pytest fixtures: devices, seeded generators and small random state dicts."""
+"""Shared pytest fixtures: devices, seeded generators, small random state dicts, tiny models, thread count."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -75,3 +75,24 @@ def tiny_clip() -> Callable[..., tuple]:
         return clf, zs, ft, g
 
     return make
+
+
+def _single_intra_op_thread() -> Iterator[None]:
+    # Tiny models and tiny calls gain nothing from intra-op threads, and on a shared, oversubscribed 2-core
+    # machine OpenMP's spinning makes a 1 ms call take most of a second.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for this test, restored afterwards."""
+    yield from _single_intra_op_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module() -> Iterator[None]:
+    """One intra-op thread for a whole module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    yield from _single_intra_op_thread()

@@ -48,14 +48,7 @@ def _write_images(root: Path, seed: int) -> None:
             Image.fromarray(img).save(root / name / f"{i}.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU OpenMP's spinning
-    # makes a 1 ms forward take most of a second.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny models: threads only add spinning
 
 
 def _build(tmp: Path, arch: str, tiny: str, n_sets: int) -> dict:

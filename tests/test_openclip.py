@@ -25,13 +25,7 @@ CLASSES = ["cat", "dog", "golden retriever", "airplane"]
 ARCHS = register_tiny_configs()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a shared, oversubscribed CPU OpenMP spinning dominates.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny models: threads only add spinning
 
 
 @pytest.fixture(scope="module", params=ARCHS)

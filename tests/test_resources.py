@@ -100,16 +100,8 @@ def _workloads(device="cpu") -> dict[str, Callable[[], object]]:
     }
 
 
-@pytest.fixture
-def one_thread():
-    """Leaks do not depend on the thread count, and on a busy 2-core machine every OpenMP region of a
-    tiny call costs milliseconds of spinning: run the 10,000-call loops on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
+# one_thread (conftest): leaks do not depend on the thread count, and on a busy 2-core machine every OpenMP
+# region of a tiny call costs milliseconds of spinning, so the 10,000-call loops run on one intra-op thread.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(_workloads()))
 def test_rss_flat_over_10000_calls(name, one_thread):
