@@ -30,6 +30,7 @@
 
 #include "../common/blend_math.h"
 #include "../ops.h"
+#include "blend_cpu.h"
 
 namespace dawin_ext {
 namespace {
@@ -174,6 +175,30 @@ BlendIsa blend_isa() {
 }
 
 }  // namespace
+
+namespace cpu {
+
+void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride, const float* coef, int sources,
+                    int64_t rows, int64_t cols, float* dst) {
+  switch (blend_isa()) {
+#if DAWIN_BLEND_X86_SIMD
+    case BlendIsa::kAvx512:
+      return blend_avx512::blend_rows(src, source_stride, row_stride, coef, sources, rows, cols, dst);
+    case BlendIsa::kAvx2:
+      return blend_avx2::blend_rows(src, source_stride, row_stride, coef, sources, rows, cols, dst);
+#endif
+    default:
+      break;
+  }
+  const float* srcs[math::kMaxSources];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int s = 0; s < sources; ++s) srcs[s] = src + s * source_stride + r * row_stride;
+    float* out = dst + r * cols;
+    blend_scalar_range<float>(srcs, &out, coef, sources, 1, 0, cols);
+  }
+}
+
+}  // namespace cpu
 
 void blend_cpu(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out) {
   check_blend_args(sources, coefficients, out);

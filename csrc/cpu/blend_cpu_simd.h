@@ -166,6 +166,24 @@ void blend_range(const scalar_t* const* src, scalar_t* const* dst, const typenam
   if (nt) _mm_sfence();  // order the weakly-ordered streaming stores before the join
 }
 
+// blend_rows_f32 (blend_cpu.h) for this instruction set: each row is one K = 1 blend_range, in cache.
+void blend_rows(const float* src0, int64_t source_stride, int64_t row_stride, const float* coef, int S, int64_t rows,
+                int64_t cols, float* dst) {
+  vfloat coef_v[math::kMaxSources];
+  for (int s = 0; s < S; ++s) coef_v[s] = (vfloat){} + coef[s];
+  using Fn =
+      void (*)(const float* const*, float* const*, const vfloat*, const float*, int, int, int64_t, int64_t, bool);
+  Fn fn = &blend_range<float, 0, 1>;
+  if (S == 2) fn = &blend_range<float, 2, 1>;
+  if (S == 3) fn = &blend_range<float, 3, 1>;
+  const float* src[math::kMaxSources];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int s = 0; s < S; ++s) src[s] = src0 + s * source_stride + r * row_stride;
+    float* out = dst + r * cols;
+    fn(src, &out, coef_v, coef, S, 1, 0, cols, /*stream=*/false);
+  }
+}
+
 // One instantiation table per dtype: fixed S = 2 with K = 1..4 (WiSE-FT / DaWin clusters), S = 3
 // with K = 1..3, and the runtime-count loop for everything else.
 template <typename scalar_t>

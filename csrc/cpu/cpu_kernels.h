@@ -1,5 +1,4 @@
-// Raw-pointer CPU kernels for softmax_entropy, entropy_coefficients, sample_combine and samplewise_linear's
-// weight mixing, compiled once
+// Raw-pointer CPU kernels for softmax_entropy, entropy_coefficients and sample_combine, compiled once
 // per CPU capability and picked at run time.
 //
 // Why: at::vec::Vectorized<float> only becomes AVX2/AVX512 code when the translation unit defines
@@ -43,18 +42,6 @@ struct SampleCombineArgs {
   int64_t B, M, S, N;
 };
 
-// One sample's block of merged weights for samplewise_linear (fp32):
-// dst[k * cols + r] = sum_g coef[g] * src[g * source_stride + k * row_stride + r] for k < rows, r < cols,
-// accumulated in the order g = 0, 1, ... like math::blend_dot. dst is contiguous [rows, cols].
-struct MixBlockArgs {
-  const float* src;
-  int64_t source_stride, row_stride;
-  const float* coef;
-  int64_t sources;
-  int64_t rows, cols;
-  float* dst;
-};
-
 enum class Level { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // The instruction set the kernels run with in this process.
@@ -65,7 +52,6 @@ const char* level_name(Level l);
   namespace ns {                                      \
   void entropy_rows(const EntropyRowsArgs& args);     \
   void sample_combine(const SampleCombineArgs& args); \
-  void mix_block(const MixBlockArgs& args);           \
   }
 
 DAWIN_EXT_DECLARE_CPU_KERNELS(isa_default)
@@ -76,7 +62,6 @@ DAWIN_EXT_DECLARE_CPU_KERNELS(isa_avx512)
 // Dispatch to level()'s implementation.
 void entropy_rows(const EntropyRowsArgs& args);
 void sample_combine(const SampleCombineArgs& args);
-void mix_block(const MixBlockArgs& args);
 
 }  // namespace cpu
 }  // namespace dawin_ext

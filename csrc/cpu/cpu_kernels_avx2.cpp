@@ -37,6 +37,5 @@
 namespace dawin_ext::cpu::isa_avx2 {
 void entropy_rows(const EntropyRowsArgs&) { TORCH_CHECK(false, "dawin_ext: AVX2 kernels not built"); }
 void sample_combine(const SampleCombineArgs&) { TORCH_CHECK(false, "dawin_ext: AVX2 kernels not built"); }
-void mix_block(const MixBlockArgs&) { TORCH_CHECK(false, "dawin_ext: AVX2 kernels not built"); }
 }  // namespace dawin_ext::cpu::isa_avx2
 #endif

@@ -49,6 +49,5 @@
 namespace dawin_ext::cpu::isa_avx512 {
 void entropy_rows(const EntropyRowsArgs&) { TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built"); }
 void sample_combine(const SampleCombineArgs&) { TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built"); }
-void mix_block(const MixBlockArgs&) { TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built"); }
 }  // namespace dawin_ext::cpu::isa_avx512
 #endif

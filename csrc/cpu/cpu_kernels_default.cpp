@@ -68,16 +68,5 @@ void sample_combine(const SampleCombineArgs& args) {
   }
 }
 
-void mix_block(const MixBlockArgs& args) {
-  switch (level()) {
-    case Level::kAvx512:
-      return isa_avx512::mix_block(args);
-    case Level::kAvx2:
-      return isa_avx2::mix_block(args);
-    default:
-      return isa_default::mix_block(args);
-  }
-}
-
 }  // namespace cpu
 }  // namespace dawin_ext

@@ -191,27 +191,6 @@ void sample_combine_typed(const SampleCombineArgs& a) {
 
 }  // namespace
 
-// Called per work item inside samplewise_linear's parallel region, so it is serial itself. The block
-// (at most a few hundred KiB) stays in L2 for the GEMM that reads it next.
-void mix_block(const MixBlockArgs& a) {
-  constexpr int64_t V = Vec::size();
-  const int64_t cols = a.cols, vec_end = cols - cols % V;
-  for (int64_t k = 0; k < a.rows; ++k) {
-    float* dst = a.dst + k * cols;
-    const float* s0 = a.src + k * a.row_stride;
-    const Vec c0(a.coef[0]);
-    for (int64_t r = 0; r < vec_end; r += V) (c0 * Vec::loadu(s0 + r)).store(dst + r);
-    for (int64_t r = vec_end; r < cols; ++r) dst[r] = a.coef[0] * s0[r];
-    for (int64_t g = 1; g < a.sources; ++g) {
-      const float* sg = s0 + g * a.source_stride;
-      const Vec cg(a.coef[g]);
-      for (int64_t r = 0; r < vec_end; r += V)
-        at::vec::fmadd(cg, Vec::loadu(sg + r), Vec::loadu(dst + r)).store(dst + r);
-      for (int64_t r = vec_end; r < cols; ++r) dst[r] = std::fma(a.coef[g], sg[r], dst[r]);
-    }
-  }
-}
-
 void entropy_rows(const EntropyRowsArgs& a) {
   switch (a.dtype) {
     case at::kFloat:

@@ -3,10 +3,10 @@
 // Fast path (fp32, oneDNN's brgemm micro-kernel available): work items are (block of kBlockN output
 // features, sample b), samples innermost so that the sources' weight block stays in L2 across samples.
 // For each item the sample's merged weights of that block are formed in a thread-local buffer
-// (cpu::mix_block) and multiplied by the sample's rows with brgemm straight from L2. Forming costs G
-// multiply-adds per weight per sample against M (rows per sample) for the GEMM, so for a ViT with
-// M = 50 tokens the whole layer costs about 1.2-1.5x one plain GEMM, where the stacked GEMM of
-// AffineStack's "out" mode costs G x (measured in benchmarks/RESULTS.md).
+// (cpu::blend_rows_f32, blend's row kernel) and multiplied by the sample's rows with brgemm straight from L2. Forming
+// costs G multiply-adds per weight per sample against M (rows per sample) for the GEMM, so for a ViT with M = 50 tokens
+// the whole layer costs about 1.2-1.5x one plain GEMM, where the stacked GEMM of AffineStack's "out" mode costs G x
+// (measured in benchmarks/RESULTS.md).
 //
 // Fewer than kMinRowsForMixing rows per sample, other dtypes, or a torch without the brgemm
 // micro-kernel take the stacked path: G plain GEMMs over all rows, blended per sample in fp32 (what
@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "../ops.h"
-#include "cpu_kernels.h"
+#include "blend_cpu.h"
 
 namespace dawin_ext {
 
@@ -68,16 +68,8 @@ void samplewise_linear_brgemm(const at::Tensor& x, const at::Tensor& wt, const a
       }
       for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
         const int64_t kk = std::min(kBlockK, K - k0);
-        cpu::MixBlockArgs mix{};
-        mix.src = wp + k0 * wt.stride(1) + n0;
-        mix.source_stride = wt.stride(0);
-        mix.row_stride = wt.stride(1);
-        mix.coef = cp + b * G;
-        mix.sources = G;
-        mix.rows = kk;
-        mix.cols = nn;
-        mix.dst = merged.data();
-        cpu::mix_block(mix);
+        cpu::blend_rows_f32(wp + k0 * wt.stride(1) + n0, wt.stride(0), wt.stride(1), cp + b * G, static_cast<int>(G),
+                            kk, nn, merged.data());
         const bool accumulate = bp != nullptr || k0 > 0;
         for (int64_t m0 = 0; m0 < M; m0 += kBlockM) {
           const int64_t mm = std::min(kBlockM, M - m0);
