@@ -5,20 +5,18 @@
 // with CPU_CAPABILITY flags, which an extension build does not get. So the SIMD body
 // (blend_cpu_simd.h) is written with GCC vector extensions plus a few F16C/AVX512 intrinsics and
 // compiled twice in this file, under `#pragma GCC target("avx2,...")` and `("avx512...")`, each copy in
-// its own namespace. At run time the widest copy that both torch's own choice
-// (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY=default|avx2|avx512) and the CPU
-// (__builtin_cpu_supports) allow is used; otherwise a scalar loop. Each copy has an aligned
-// vector loop and a scalar head/tail; fp32/fp16/bf16 accumulate in fp32, float64 in double.
+// its own namespace. At run time the copy for cpu::level() is used (the widest set that both torch's own
+// choice, which honours ATEN_CPU_CAPABILITY=default|avx2|avx512, and the CPU allow; see cpu_kernels.h);
+// otherwise a scalar loop. Each copy has an aligned vector loop and a scalar head/tail; fp32/fp16/bf16
+// accumulate in fp32, float64 in double.
 // Outputs much larger than the caches are written with non-temporal stores (no read-for-ownership).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -31,6 +29,7 @@
 #include "../common/blend_math.h"
 #include "../ops.h"
 #include "blend_cpu.h"
+#include "cpu_kernels.h"
 
 namespace dawin_ext {
 namespace {
@@ -153,38 +152,15 @@ namespace blend_avx512 {
 #pragma GCC pop_options
 #endif
 
-namespace {
-
-enum class BlendIsa { kScalar, kAvx2, kAvx512 };
-
-// Decided once per process, like ATen's own dispatch.
-BlendIsa blend_isa() {
-  static const BlendIsa isa = [] {
-#if DAWIN_BLEND_X86_SIMD
-    const std::string torch_cap = at::get_cpu_capability();  // "DEFAULT", "AVX2" or "AVX512"
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (torch_cap == "AVX512" && avx512) return BlendIsa::kAvx512;
-    if ((torch_cap == "AVX512" || torch_cap == "AVX2") && avx2) return BlendIsa::kAvx2;
-#endif
-    return BlendIsa::kScalar;
-  }();
-  return isa;
-}
-
-}  // namespace
-
 namespace cpu {
 
 void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride, const float* coef, int sources,
                     int64_t rows, int64_t cols, float* dst) {
-  switch (blend_isa()) {
+  switch (cpu::level()) {
 #if DAWIN_BLEND_X86_SIMD
-    case BlendIsa::kAvx512:
+    case cpu::Level::kAvx512:
       return blend_avx512::blend_rows(src, source_stride, row_stride, coef, sources, rows, cols, dst);
-    case BlendIsa::kAvx2:
+    case cpu::Level::kAvx2:
       return blend_avx2::blend_rows(src, source_stride, row_stride, coef, sources, rows, cols, dst);
 #endif
     default:
@@ -239,14 +215,14 @@ void blend_cpu(at::TensorList sources, const at::Tensor& coefficients, at::Tenso
   for (const auto& item : plan.items) touched += (item.end - item.begin) * (S + K);
   const int64_t num_items = static_cast<int64_t>(plan.items.size());
   const int64_t grain = touched < kSerialBelowElements ? num_items : 1;
-  const BlendIsa isa = blend_isa();
+  const cpu::Level isa = cpu::level();
   at::parallel_for(0, num_items, grain, [&](int64_t i0, int64_t i1) {
     switch (isa) {
 #if DAWIN_BLEND_X86_SIMD
-      case BlendIsa::kAvx512:
+      case cpu::Level::kAvx512:
         blend_avx512::run_items(plan, i0, i1);
         break;
-      case BlendIsa::kAvx2:
+      case cpu::Level::kAvx2:
         blend_avx2::run_items(plan, i0, i1);
         break;
 #endif
