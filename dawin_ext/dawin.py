@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mixture import BetaMixture
-from .models import BlendedModels, check_finite_state_dict, check_logits_finite, collect_logits, route, split_batch
+from .models import (
+    BlendedModels,
+    check_finite_state_dict,
+    check_logits_finite,
+    collect_logits,
+    predict_in_fit_order,
+    route,
+)
 from .ops import entropy_coefficients
 from .samplewise import SampleWiseInterpolator
 from .statedict import as_state_dict, check_compatible
@@ -347,26 +354,18 @@ class DaWin:
             raise ValueError(f"DaWin: mode must be 'cluster' or 'exact', got {mode!r}")
         if not self.weight_space:
             return self._output_space(self.logits_[0], self.logits_[1], self.coefficients_)
-        outs, start = [], 0
         iterator = loader
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(loader, desc="DaWin", leave=False)
-        for batch in iterator:
-            x, _ = split_batch(batch)
-            stop = start + x.shape[0]
-            if stop > self.n_samples_:
-                raise ValueError(f"DaWin.predict_dataset: the loader has more than the {self.n_samples_} fit samples")
-            x = x.to(self.device)
+
+        def forward(x: Tensor, start: int, stop: int) -> Tensor:
             if mode == "exact":
-                outs.append(self._exact_forward(x, self.coefficients_[start:stop]))
-            else:
-                outs.append(route(self.clusters.models, x, self.labels_[start:stop]))
-            start = stop
-        if start != self.n_samples_:
-            raise ValueError(f"DaWin.predict_dataset: the loader has {start} samples but fit saw {self.n_samples_}")
-        return torch.cat(outs)
+                return self._exact_forward(x, self.coefficients_[start:stop])
+            return route(self.clusters.models, x, self.labels_[start:stop])
+
+        return predict_in_fit_order(iterator, self.n_samples_, self.device, "DaWin.predict_dataset", forward)
 
     def _exact_forward(self, x: Tensor, lam: Tensor) -> Tensor:
         if self._exact is None:

@@ -4,6 +4,8 @@
   ``blend(out=...)``, so building interpolated models allocates nothing after construction.
 * :func:`collect_logits` runs one or more models over a loader once, validating class counts and NaNs.
 * :func:`route` sends each sample of a batch to its cluster's model and returns outputs in input order.
+* :func:`predict_in_fit_order` replays a loader in the order ``fit`` saw it, with each batch's slice of the
+  stored per-sample state.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ __all__ = [
     "BlendedModels",
     "collect_logits",
     "route",
+    "predict_in_fit_order",
     "split_batch",
     "check_logits_finite",
     "check_finite_state_dict",
@@ -207,6 +210,29 @@ def route(models: Sequence[Callable[[Tensor], Tensor]], x: Tensor, assignment: T
         out[idx.to(z.device)] = z
     assert out is not None
     return out
+
+
+def predict_in_fit_order(
+    loader: Iterable,
+    n_samples: int,
+    device: torch.device | str,
+    what: str,
+    forward: Callable[[Tensor, int, int], Tensor],
+) -> Tensor:
+    """Runs ``forward(x, start, stop)`` on every batch of ``loader``, where ``[start, stop)`` are the batch's
+    sample indices in ``fit`` order, and concatenates the outputs. Raises ``ValueError`` (prefixed ``what``)
+    unless the loader yields exactly ``n_samples`` samples."""
+    outs, start = [], 0
+    for batch in loader:
+        x, _ = split_batch(batch)
+        stop = start + x.shape[0]
+        if stop > n_samples:
+            raise ValueError(f"{what}: the loader has more than the {n_samples} fit samples")
+        outs.append(forward(x.to(device), start, stop))
+        start = stop
+    if start != n_samples:
+        raise ValueError(f"{what}: the loader has {start} samples but fit saw {n_samples}")
+    return torch.cat(outs)
 
 
 @torch.no_grad()

@@ -19,7 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from .mixture import DirichletMixture
-from .models import BlendedModels, check_finite_state_dict, check_logits_finite, collect_logits, route, split_batch
+from .models import (
+    BlendedModels,
+    check_finite_state_dict,
+    check_logits_finite,
+    collect_logits,
+    predict_in_fit_order,
+    route,
+)
 from .ops import entropy_coefficients
 from .samplewise import SampleWiseInterpolator
 from .statedict import StateDict, as_state_dict, check_compatible
@@ -189,20 +196,13 @@ class DaWinMultiTask:
         if mode not in ("cluster", "exact"):
             raise ValueError(f"DaWinMultiTask: mode must be 'cluster' or 'exact', got {mode!r}")
         models = [_WithHead(m, self.head) for m in self.clusters.models]
-        outs, start = [], 0
-        for batch in loader:
-            x = split_batch(batch)[0].to(self.device)
-            stop = start + x.shape[0]
-            if stop > self.n_samples_:
-                raise ValueError(f"DaWinMultiTask: the loader has more than the {self.n_samples_} fit samples")
+
+        def forward(x: Tensor, start: int, stop: int) -> Tensor:
             if mode == "exact":
-                outs.append(self._exact_forward(x, self.pi_[start:stop]))
-            else:
-                outs.append(route(models, x, self.labels_[start:stop]))
-            start = stop
-        if start != self.n_samples_:
-            raise ValueError(f"DaWinMultiTask: the loader has {start} samples but fit saw {self.n_samples_}")
-        return torch.cat(outs)
+                return self._exact_forward(x, self.pi_[start:stop])
+            return route(models, x, self.labels_[start:stop])
+
+        return predict_in_fit_order(loader, self.n_samples_, self.device, "DaWinMultiTask", forward)
 
     def _exact_forward(self, x: Tensor, pi: Tensor) -> Tensor:
         if self._exact is None:
