@@ -1,0 +1,352 @@
+"""Exact per-sample convolutions: sample ``b`` is convolved with ``sum_s c[b, s] * W_s``.
+
+:func:`samplewise_conv` is a plain batched function (no module state) for 1-d, 2-d and 3-d convolutions, dense,
+grouped and depthwise. It is the convolution kernel of the exact per-sample interpolation engine: the engine hands it
+the S sources' weights of one convolution layer and the batch's coefficient rows, and gets back what merging the
+weights for every sample and running the stock convolution on that sample would give, up to rounding.
+
+Routes (all exact, they differ in cost only):
+
+* ``"fold"``: per-sample weights ``[B, C_out, C_in/groups, *k]`` are formed (one ``[B, S] @ [S, numel]`` product in
+  fp32) and the batch is folded into channels: one grouped convolution of the input viewed as ``[1, B*C_in, ...]``
+  with ``groups = B*groups``. One convolution's FLOPs plus ``B*S*numel`` for the weights. The natural route for
+  depthwise and grouped convolutions, whose weights are small.
+* ``"stacked"``: one convolution with the S sources' weights stacked along the output channels (per group), giving S
+  partial outputs side by side, then the per-sample combination ``sum_s c[b, s] y_s`` in one pass
+  (:func:`dawin_ext.sample_combine`, fp32 accumulation). S times the FLOPs, but no per-sample weights at all.
+* ``"linear"`` (``groups == 1``, no autograd): the convolution as a linear map of its patches. A 1x1 convolution reads
+  the input channels-last directly; any other kernel first gathers its patches ``[B, L, C_in*prod(k)]`` (im2col).
+  :func:`dawin_ext.samplewise_linear` then mixes each sample's weights block by block in cache (CPU, fp32, >= 6
+  output positions per sample: about one GEMM's cost; elsewhere it computes S GEMMs and blends them). Its result is
+  returned as a channels-last strided view ``[B, C_out, *spatial_out]`` (no copy back).
+
+Memory rule: a per-sample copy of a weight tensor (the ``"fold"`` route's ``[B, C_out, C_in/groups, *k]``) is made
+only when one sample's weight has at most :data:`MAX_PER_SAMPLE_WEIGHT_NUMEL` (1M) entries, and only when the
+heuristic below picks that route. ``"stacked"`` and ``"linear"`` never copy weights per sample.
+
+Heuristic (``route="auto"``), from the measurements in ``benchmarks/test_bench_samplewise_conv.py``; with ``P`` the
+output positions per sample and ``n = C_out * C_in/groups * prod(k)`` one sample's weight entries:
+
+1. grouped or depthwise (``groups > 1``): ``"fold"`` if ``n <= 1M``, else ``"stacked"``;
+2. dense, CPU, float32, no autograd, ``P >= 6`` and samplewise_linear has its brgemm path: ``"linear"``;
+3. otherwise ``"fold"`` when ``n <= 1M`` and ``P >= S`` (forming the weights costs ``S`` multiply-adds per entry, the
+   convolution ``P``), else ``"stacked"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import sample_combine, samplewise_linear, samplewise_linear_cpu_path
+
+__all__ = ["samplewise_conv", "samplewise_conv_route", "ROUTES", "MAX_PER_SAMPLE_WEIGHT_NUMEL"]
+
+#: Routes :func:`samplewise_conv` can take; ``"auto"`` picks one per call.
+ROUTES = ("fold", "stacked", "linear")
+#: Largest per-sample weight (entries of one ``[C_out, C_in/groups, *k]`` tensor) that may be copied per sample.
+MAX_PER_SAMPLE_WEIGHT_NUMEL = 1 << 20
+# samplewise_linear mixes weights in cache from this many rows (output positions) per sample on (mirrors
+# kMinRowsForMixing in csrc/cpu/samplewise_linear_cpu.cpp).
+_LINEAR_MIN_ROWS = 6
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * n
+    try:
+        t = tuple(int(v) for v in value)
+    except TypeError as exc:
+        raise TypeError(f"samplewise_conv: {name} must be an int or a sequence of {n} ints, got {value!r}") from exc
+    if len(t) == 1:
+        return t * n
+    if len(t) != n:
+        raise ValueError(f"samplewise_conv: {name} must have {n} entries for a {n}-d convolution, got {value!r}")
+    return t
+
+
+def _pads(
+    padding: str | int | Sequence[int], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
+) -> list[tuple[int, int]]:
+    """Explicit (before, after) padding per spatial dim, with torch's convention for ``"same"`` (extra on the right)."""
+    n = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [(0, 0)] * n
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError(
+                    f"samplewise_conv: padding='same' is not supported for strided convolutions ({stride})"
+                )
+            pads = []
+            for k, d in zip(kernel, dilation, strict=True):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            return pads
+        raise ValueError(f"samplewise_conv: padding must be 'same', 'valid', an int or {n} ints, got {padding!r}")
+    p = _tuple(padding, n, "padding")
+    if any(v < 0 for v in p):
+        raise ValueError(f"samplewise_conv: padding must be non-negative, got {padding!r}")
+    return [(v, v) for v in p]
+
+
+def _check_args(x: Tensor, weights: Tensor, coefficients: Tensor, biases: Tensor | None, groups: int) -> int:
+    """Validates shapes, dtypes and devices; returns the number of spatial dims."""
+    for name, t in (("x", x), ("weights", weights), ("coefficients", coefficients), ("biases", biases)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"samplewise_conv: {name} must be a Tensor, got {type(t).__name__}")
+    if weights.dim() not in (4, 5, 6):
+        raise ValueError(
+            "samplewise_conv: weights must be [S, C_out, C_in/groups, *kernel] with a 1-, 2- or 3-d kernel "
+            f"(4 to 6 dims), got shape {tuple(weights.shape)}"
+        )
+    n = weights.dim() - 3
+    if x.dim() != n + 2:
+        raise ValueError(
+            f"samplewise_conv: weights {tuple(weights.shape)} are for a {n}-d convolution, so x must be "
+            f"[B, C_in, *spatial] with {n + 2} dims, got shape {tuple(x.shape)}"
+        )
+    s, c_out, c_in_g = weights.shape[0], weights.shape[1], weights.shape[2]
+    if s < 1:
+        raise ValueError(f"samplewise_conv: weights have S = 0 sources (shape {tuple(weights.shape)})")
+    if coefficients.dim() != 2 or coefficients.shape[1] != s:
+        raise ValueError(
+            f"samplewise_conv: coefficients must be [B, S] with S = {s} (weights' first dim), "
+            f"got shape {tuple(coefficients.shape)}"
+        )
+    if coefficients.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"samplewise_conv: x has batch {x.shape[0]} but coefficients have {coefficients.shape[0]} rows; "
+            "one coefficient row per sample"
+        )
+    if not coefficients.is_floating_point():
+        raise TypeError(f"samplewise_conv: coefficients must be floating point, got {coefficients.dtype}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"samplewise_conv: groups must be a positive int, got {groups!r}")
+    c_in = x.shape[1]
+    if c_in % groups or c_out % groups:
+        raise ValueError(
+            f"samplewise_conv: groups = {groups} must divide both C_in = {c_in} (x's dim 1) and "
+            f"C_out = {c_out} (weights' dim 1)"
+        )
+    if c_in_g * groups != c_in:
+        raise ValueError(
+            f"samplewise_conv: weights {tuple(weights.shape)} expect C_in/groups = {c_in_g}, but x has "
+            f"C_in = {c_in} with groups = {groups} ({c_in // groups} per group)"
+        )
+    if biases is not None and tuple(biases.shape) != (s, c_out):
+        raise ValueError(
+            f"samplewise_conv: biases must be [S, C_out] = [{s}, {c_out}], got shape {tuple(biases.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"samplewise_conv: x must be floating point, got {x.dtype}")
+    for name, t in (("weights", weights), ("biases", biases)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"samplewise_conv: {name} have dtype {t.dtype} but x has {x.dtype}; they must match")
+    for name, t in (("weights", weights), ("coefficients", coefficients), ("biases", biases)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"samplewise_conv: {name} are on {t.device} but x is on {x.device}")
+    return n
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _out_size(size: int, pad: tuple[int, int], k: int, s: int, d: int) -> int:
+    return (size + pad[0] + pad[1] - d * (k - 1) - 1) // s + 1
+
+
+def samplewise_conv_route(
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    out_positions: int,
+    groups: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    needs_grad: bool = False,
+) -> str:
+    """The route ``route="auto"`` takes for these shapes (see the module docstring for the rule)."""
+    s = weight_shape[0]
+    numel = math.prod(weight_shape[1:])
+    small = numel <= MAX_PER_SAMPLE_WEIGHT_NUMEL
+    if groups > 1:
+        return "fold" if small else "stacked"
+    if (
+        not needs_grad
+        and torch.device(device).type == "cpu"
+        and dtype == torch.float32
+        and out_positions >= _LINEAR_MIN_ROWS
+        and samplewise_linear_cpu_path() == "brgemm"
+    ):
+        return "linear"
+    return "fold" if small and out_positions >= s else "stacked"
+
+
+def samplewise_conv(
+    x: Tensor,
+    weights: Tensor,
+    coefficients: Tensor,
+    biases: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: str | int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    route: str = "auto",
+) -> Tensor:
+    """Per-sample interpolated convolution: sample ``b`` uses weight ``sum_s c[b, s] W_s`` and bias ``sum_s c[b, s] b_s``.
+
+    Equals, for every ``b``, ``F.conv{n}d(x[b:b+1], W(c_b), bias(c_b), stride, padding, dilation, groups)`` (after
+    padding ``x`` with ``padding_mode`` as ``nn.Conv{n}d`` does), up to rounding, without forming any per-sample weight
+    above 1M entries (see the module docstring for the routes and the rule that picks one).
+
+    Args:
+        x: ``[B, C_in, *spatial]`` with 1, 2 or 3 spatial dims (any strides; not modified).
+        weights: ``[S, C_out, C_in/groups, *kernel]``: the S sources' weights, stacked; same dtype and device as x.
+        coefficients: ``[B, S]`` floating point: one row per sample (need not sum to 1).
+        biases: ``[S, C_out]`` or None.
+        stride, padding, dilation, groups, padding_mode: as for ``nn.Conv{n}d``; padding may be an int, a tuple,
+            ``"same"`` or ``"valid"``.
+        route: ``"auto"`` or one of :data:`ROUTES` to force a route (for benchmarks and tests). ``"linear"`` needs
+            ``groups == 1`` and no autograd.
+
+    Returns:
+        ``[B, C_out, *spatial_out]`` in x's dtype. The ``"linear"`` route returns a channels-last strided tensor.
+    """
+    n = _check_args(x, weights, coefficients, biases, groups)
+    if padding_mode not in _PADDING_MODES:
+        raise ValueError(f"samplewise_conv: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+    if route != "auto" and route not in ROUTES:
+        raise ValueError(f"samplewise_conv: route must be 'auto' or one of {ROUTES}, got {route!r}")
+    kernel = tuple(weights.shape[3:])
+    stride_t = _tuple(stride, n, "stride")
+    dilation_t = _tuple(dilation, n, "dilation")
+    if any(v < 1 for v in stride_t) or any(v < 1 for v in dilation_t):
+        raise ValueError(f"samplewise_conv: stride and dilation must be positive, got {stride!r}, {dilation!r}")
+    pads = _pads(padding, kernel, stride_t, dilation_t)
+    conv = _CONV[n]
+    b = x.shape[0]
+    c_out = weights.shape[1]
+
+    # Explicit padding first (nn.Conv's order for non-zero modes, and torch's for asymmetric 'same'), then the
+    # convolution itself has none. Symmetric zero padding stays inside the convolution.
+    if padding_mode != "zeros" or any(p0 != p1 for p0, p1 in pads):
+        flat = [v for p in reversed(pads) for v in p]
+        if any(flat):
+            mode = "constant" if padding_mode == "zeros" else padding_mode
+            x = F.pad(x, flat, mode=mode)
+        conv_pad = (0,) * n
+    else:
+        conv_pad = tuple(p0 for p0, _ in pads)
+    out_spatial = tuple(
+        _out_size(x.shape[2 + i], (conv_pad[i], conv_pad[i]), kernel[i], stride_t[i], dilation_t[i]) for i in range(n)
+    )
+    if any(o < 1 for o in out_spatial):
+        raise ValueError(
+            f"samplewise_conv: the kernel {kernel} (dilation {dilation_t}) does not fit the padded input "
+            f"{tuple(x.shape[2:])} with padding {conv_pad}: output size {out_spatial}"
+        )
+    if b == 0:
+        return x.new_empty((0, c_out, *out_spatial))
+
+    needs_grad = _needs_grad(x, weights, coefficients, biases)
+    if route == "auto":
+        route = samplewise_conv_route(
+            x.shape, weights.shape, math.prod(out_spatial), groups, x.dtype, x.device, needs_grad
+        )
+    if route == "linear":
+        if groups != 1:
+            raise ValueError(f"samplewise_conv: route 'linear' needs groups == 1, got groups = {groups}")
+        if needs_grad:
+            raise RuntimeError(
+                "samplewise_conv: route 'linear' has no backward; use 'fold' or 'stacked' under autograd"
+            )
+        return _linear(x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, out_spatial)
+    if route == "fold":
+        return _fold(conv, x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, groups)
+    return _stacked(conv, x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, groups)
+
+
+def _mix_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mixed(coefficients: Tensor, stacked: Tensor) -> Tensor:
+    """``[B, S] @ [S, ...]`` -> ``[B, ...]``: each sample's sum over sources, accumulated in fp32 (fp64 for fp64)."""
+    acc = _mix_dtype(stacked.dtype)
+    out = coefficients.to(acc) @ stacked.reshape(stacked.shape[0], -1).to(acc)
+    return out.to(stacked.dtype).view(coefficients.shape[0], *stacked.shape[1:])
+
+
+def _fold(conv, x, weights, coefficients, biases, stride, pad, dilation, groups) -> Tensor:
+    """The batch folded into channels: one grouped convolution with per-sample weights."""
+    b, c_in = x.shape[0], x.shape[1]
+    w = _mixed(coefficients, weights)  # [B, C_out, C_in/g, *k]
+    bias = _mixed(coefficients, biases).reshape(-1) if biases is not None else None
+    y = conv(
+        x.reshape(1, b * c_in, *x.shape[2:]),
+        w.reshape(-1, *w.shape[2:]),
+        bias,
+        stride,
+        pad,
+        dilation,
+        b * groups,
+    )
+    return y.view(b, weights.shape[1], *y.shape[2:])
+
+
+def _combine(y: Tensor, coefficients: Tensor) -> Tensor:
+    """``y`` ``[B, M, S, N]`` -> ``[B, M, N]`` = sum_s c[b, s] y[b, :, s]."""
+    if y.dtype == torch.float64:
+        return torch.einsum("bmsn,bs->bmn", y, coefficients.to(torch.float64))
+    return sample_combine(y, coefficients.to(torch.float32))
+
+
+def _stacked(conv, x, weights, coefficients, biases, stride, pad, dilation, groups) -> Tensor:
+    """S partial outputs from one convolution with stacked output channels, combined per sample."""
+    b = x.shape[0]
+    s, c_out = weights.shape[0], weights.shape[1]
+    cg = c_out // groups
+    # Output channels ordered [group, source, channel-in-group] so that each group's stacked block reads only
+    # that group's input channels; for groups == 1 this is a free view of a contiguous [S, C_out, ...].
+    w = weights.reshape(s, groups, cg, *weights.shape[2:]).transpose(0, 1).reshape(groups * s * cg, *weights.shape[2:])
+    bias = biases.reshape(s, groups, cg).transpose(0, 1).reshape(-1) if biases is not None else None
+    y = conv(x, w, bias, stride, pad, dilation, groups)  # [B, groups*S*cg, *out]
+    out_spatial = y.shape[2:]
+    out = _combine(y.reshape(b, groups, s, -1), coefficients)  # [B, groups, cg * P]
+    return out.view(b, c_out, *out_spatial)
+
+
+def _linear(x, weights, coefficients, biases, stride, pad, dilation, out_spatial) -> Tensor:
+    """The convolution as a per-sample linear map of its patches (groups == 1) through samplewise_linear."""
+    b, c_in = x.shape[0], x.shape[1]
+    s, c_out = weights.shape[0], weights.shape[1]
+    kernel = tuple(weights.shape[3:])
+    n = len(kernel)
+    if any(pad):
+        x = F.pad(x, [v for p in reversed(pad) for v in (p, p)])
+    if all(k == 1 for k in kernel):
+        # 1x1: subsample by the stride, channels last; no patch copy beyond that.
+        idx = (slice(None), slice(None), *(slice(None, o * st, st) for o, st in zip(out_spatial, stride, strict=True)))
+        patches = x[idx].movedim(1, -1).reshape(b, -1, c_in)
+    else:
+        # im2col: windows along every spatial dim (Tensor.unfold, views), then one copy into [B, L, C_in*prod(k)]
+        # with the weights' (C_in, *k) order.
+        p = x
+        for i in range(n):
+            span = dilation[i] * (kernel[i] - 1) + 1
+            p = p.unfold(2 + i, span, stride[i])
+            if dilation[i] > 1:
+                p = p[..., :: dilation[i]]
+        # p: [B, C_in, *out, *k] -> [B, *out, C_in, *k]
+        perm = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
+        patches = p.permute(perm).reshape(b, -1, c_in * math.prod(kernel))
+    y = samplewise_linear(patches, weights.reshape(s, c_out, -1), coefficients, biases)  # [B, L, C_out]
+    return y.view(b, *out_spatial, c_out).movedim(-1, 1)
