@@ -292,6 +292,11 @@ def samplewise_conv(
             raise RuntimeError(
                 "samplewise_conv: route 'linear' has no backward; use 'fold' or 'stacked' under autograd"
             )
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"samplewise_conv: route 'linear' computes in float32 (samplewise_linear); x has {x.dtype}, "
+                "use 'fold' or 'stacked'"
+            )
         return _linear(x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, out_spatial)
     if route == "fold":
         return _fold(conv, x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, groups)
