@@ -273,5 +273,7 @@ def test_auto_route_linear_where_mixing_in_cache_pays():
     assert samplewise_conv_route((2, 640, 160, 1, 1), 16, 1, f32, cpu) == "linear"  # block fits L2
     assert samplewise_conv_route((2, 256, 256, 3, 3), 16, 1, f32, cpu) == "stacked"  # S*K = 4608: re-read per sample
     assert samplewise_conv_route((2, 128, 128, 3, 3), 64, 1, f32, cpu) == "linear"
-    assert samplewise_conv_route((1, 128, 128, 3, 3), 4096, 1, f32, cpu) == "stacked"  # S = 1: nothing to mix
+    assert samplewise_conv_route((1, 128, 128, 3, 3), 16, 1, f32, cpu) == "stacked"  # S = 1: nothing to mix
+    assert samplewise_conv_route((2, 64, 64, 3, 3), 256, 1, f32, cpu) == "fold"  # large outputs, small weight
+    assert samplewise_conv_route((2, 1025, 1024, 1, 1), 4096, 1, f32, cpu) == "linear"  # over the copy budget
     assert samplewise_conv_route((2, 128, 128, 3, 3), 64, 1, torch.bfloat16, cpu) == "fold"
