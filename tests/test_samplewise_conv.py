@@ -277,3 +277,24 @@ def test_auto_route_linear_where_mixing_in_cache_pays():
     assert samplewise_conv_route((2, 64, 64, 3, 3), 256, 1, f32, cpu) == "fold"  # large outputs, small weight
     assert samplewise_conv_route((2, 1025, 1024, 1, 1), 4096, 1, f32, cpu) == "linear"  # over the copy budget
     assert samplewise_conv_route((2, 128, 128, 3, 3), 64, 1, torch.bfloat16, cpu) == "fold"
+
+
+@pytest.mark.parametrize("route", ["auto", *ROUTES])
+@pytest.mark.parametrize(
+    ("spatial", "kernel", "stride", "padding", "dilation", "groups"),
+    [
+        ((2, 2), (7, 7), 1, 3, 1, 8),  # convnext's last stage at 64x64: only the central 3x3 taps see data
+        ((2, 3), (7, 5), 1, (3, 2), 1, 1),
+        ((1, 4), (5, 5), 2, 2, 1, 2),
+        ((3, 2), (5, 7), 1, (4, 6), 2, 8),
+        ((2, 2), (6, 6), 1, 3, 1, 1),  # even kernel: the reachable taps are not centred
+    ],
+)
+def test_taps_reading_only_padding(gen, route, spatial, kernel, stride, padding, dilation, groups):
+    """Kernels much larger than the input: the taps that only see zero padding are dropped, the result is unchanged."""
+    if route == "linear" and groups > 1:
+        pytest.skip("the linear route is for dense convolutions")
+    x, w, c, b = _case(gen, 2, 3, 8, 8, groups, kernel, spatial, 2)
+    with torch.no_grad():
+        y = samplewise_conv(x, w, c, b, stride, padding, dilation, groups, route=route)
+    _check(y, _reference(x, w, c, b, stride, padding, dilation, groups), 1e-5)
