@@ -274,8 +274,11 @@ def test_auto_route_linear_where_mixing_in_cache_pays():
     assert samplewise_conv_route((2, 256, 256, 3, 3), 16, 1, f32, cpu) == "stacked"  # S*K = 4608: re-read per sample
     assert samplewise_conv_route((2, 128, 128, 3, 3), 64, 1, f32, cpu) == "linear"
     assert samplewise_conv_route((1, 128, 128, 3, 3), 16, 1, f32, cpu) == "stacked"  # S = 1: nothing to mix
+    assert samplewise_conv_route((2, 320, 1280, 1, 1), 4, 1, f32, cpu) == "linear"  # 1x1: no im2col
+    assert samplewise_conv_route((2, 64, 3, 7, 7), 1024, 1, f32, cpu) == "linear"  # RGB stem: too few channels
+    assert samplewise_conv_route((2, 512, 512, 3, 3), 4, 1, f32, cpu) == "stacked"
     assert samplewise_conv_route((2, 64, 64, 3, 3), 256, 1, f32, cpu) == "fold"  # large outputs, small weight
-    assert samplewise_conv_route((2, 1025, 1024, 1, 1), 4096, 1, f32, cpu) == "linear"  # over the copy budget
+    assert samplewise_conv_route((2, 1025, 1024, 3, 3), 4096, 1, f32, cpu) == "linear"  # over the copy budget
     assert samplewise_conv_route((2, 128, 128, 3, 3), 64, 1, torch.bfloat16, cpu) == "fold"
 
 

@@ -29,8 +29,9 @@ resnet18 at batch 16 (``benchmarks/test_bench_samplewise_conv.py``). With ``P`` 
 ``K = C_in/groups * prod(k)`` and ``n = C_out * K`` one sample's weight entries:
 
 1. grouped or depthwise (``groups > 1``): ``"fold"`` if ``n <= 1M``, else ``"stacked"``;
-2. dense on the CPU in float32 without autograd: ``"fold"`` if ``n <= 1M`` and ``P >= 256`` (forming the weights
-   is then negligible and the convolution library beats im2col); else ``"linear"`` when forming each sample's weights
+2. dense on the CPU in float32 without autograd: ``"linear"`` for 1x1 kernels (no im2col; in a channels-last
+   network such as timm's ConvNeXt the input is already the GEMM operand); ``"fold"`` if ``n <= 1M``, ``P >= 256``
+   and ``C_in >= 16`` (forming the weights is then negligible and the convolution library beats im2col); else ``"linear"`` when forming each sample's weights
    in cache costs less than the stacked convolution's extra ``(S - 1)`` GEMMs (``P * (S - 1) >= a * S``, ``a`` = 2
    when the sources' weight block fits in L2, ``S * K <= 2048``, else 32), otherwise ``"stacked"``;
 3. elsewhere (CUDA, half precision, float64, autograd: not measured yet): ``"fold"`` if ``n <= 1M`` and ``P >= 64``,
@@ -69,10 +70,12 @@ _MIX_COST_OUT_OF_CACHE = 32
 _L2_BLOCK_SK = 2048
 # Off the "linear" route, dense convolutions fold the batch only with this many output positions per sample or more.
 _FOLD_MIN_POSITIONS = 64
-# On the CPU in float32, dense convolutions with a small weight fold the batch from this many output positions per
-# sample: forming the weights is then negligible and the convolution library beats im2col + samplewise_linear
-# (resnet18's 64-channel 3x3 and both stems, convnext_atto's 16x16 1x1 layers); at 64 positions it does not.
+# On the CPU in float32, dense k x k (k > 1) convolutions with a small weight fold the batch from this many output
+# positions per sample: forming the weights is then negligible and the convolution library beats im2col +
+# samplewise_linear (resnet18's 64-channel 3x3 layers); at 64 positions it does not.
 _FOLD_MIN_POSITIONS_CPU = 256
+# ... and at least this many input channels per group: with fewer (an RGB stem) im2col + samplewise_linear won.
+_FOLD_MIN_CHANNELS_CPU = 16
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -196,9 +199,9 @@ def samplewise_conv_route(
     The rule (see the module docstring; thresholds from ``benchmarks/test_bench_samplewise_conv.py``):
 
     1. ``groups > 1``: ``"fold"`` when one sample's weight has at most 1M entries, else ``"stacked"``.
-    2. ``groups == 1``, CPU, float32, no autograd, samplewise_linear's brgemm path present: ``"fold"`` when one
-       sample's weight has at most 1M entries and ``P >= 256``; else ``"linear"`` when ``P * (S - 1) >= a * S``,
-       else ``"stacked"``. ``a`` is 2 if the sources' ``[S, K, 64]`` weight block (``K = C_in * prod(k)``) that
+    2. ``groups == 1``, CPU, float32, no autograd, samplewise_linear's brgemm path present: ``"linear"`` for 1x1
+       kernels; ``"fold"`` when one sample's weight has at most 1M entries, ``P >= 256`` and ``C_in >= 16``; else
+       ``"linear"`` when ``P * (S - 1) >= a * S``, else ``"stacked"``. ``a`` is 2 if the sources' ``[S, K, 64]`` weight block (``K = C_in * prod(k)``) that
        samplewise_linear mixes fits in L2 (``S * K <= 2048``) and 32 if it does not. The form follows the costs
        (forming a sample's weights ~ ``S`` per weight entry, the stacked convolution's extra ``(S - 1) * P``);
        the constants are fitted to the measured routes, not derived.
@@ -216,7 +219,9 @@ def samplewise_conv_route(
         and dtype == torch.float32
         and samplewise_linear_cpu_path() == "brgemm"
     ):
-        if small and out_positions >= _FOLD_MIN_POSITIONS_CPU:
+        if all(k == 1 for k in weight_shape[3:]):
+            return "linear"  # no im2col: a channels-last view of the input is the GEMM's operand
+        if small and out_positions >= _FOLD_MIN_POSITIONS_CPU and weight_shape[2] >= _FOLD_MIN_CHANNELS_CPU:
             return "fold"
         k = math.prod(weight_shape[2:])
         a = _MIX_COST_IN_CACHE if s * k <= _L2_BLOCK_SK else _MIX_COST_OUT_OF_CACHE
