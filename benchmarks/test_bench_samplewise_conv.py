@@ -1,6 +1,7 @@
 """samplewise_conv on the convolution layers of timm convnext_atto and resnet18: every route against one plain conv.
 
 Run: PYTHONPATH=. python -m pytest benchmarks/test_bench_samplewise_conv.py --benchmark-only -s -p no:cacheprovider
+(test_model_with_samplewise_convs: each whole model with every Conv2d swapped for samplewise_conv, vs stock.)
 
 The layer shapes are read off the models themselves (timm.create_model(name, pretrained=False), forward hooks on every
 Conv2d, one 16x3x64x64 input). For each distinct shape: one plain ``F.conv2d`` with a single source's weight, and
@@ -32,6 +33,7 @@ timm = pytest.importorskip("timm")
 ROUNDS = int(os.environ.get("DAWIN_BENCH_ROUNDS", "7"))
 _CLOCK = time.process_time if os.environ.get("DAWIN_BENCH_CLOCK") == "cpu" else time.perf_counter
 BATCH, NUM_SOURCES = 16, 2
+_CL = torch.channels_last
 
 
 def conv_layer_shapes(name: str) -> tuple[torch.nn.Module, list[tuple[dict, int]]]:
@@ -50,6 +52,8 @@ def conv_layer_shapes(name: str) -> tuple[torch.nn.Module, list[tuple[dict, int]
             mod.groups,
             mod.bias is not None,
             mod.padding_mode,
+            # timm's ConvNeXt runs channels-last after its first LayerNorm2d; time each layer in the model's layout
+            inputs[0].dim() == 4 and not inputs[0].is_contiguous() and inputs[0].is_contiguous(memory_format=_CL),
         )
         calls[key] = calls.get(key, 0) + 1
 
@@ -58,7 +62,7 @@ def conv_layer_shapes(name: str) -> tuple[torch.nn.Module, list[tuple[dict, int]
         model(torch.randn(BATCH, 3, 64, 64))
     for h in handles:
         h.remove()
-    keys = ("x", "w", "stride", "padding", "dilation", "groups", "bias", "padding_mode")
+    keys = ("x", "w", "stride", "padding", "dilation", "groups", "bias", "padding_mode", "channels_last")
     return model, [(dict(zip(keys, k, strict=True)), n) for k, n in calls.items()]
 
 
@@ -76,6 +80,8 @@ def _interleaved_min(fns: dict, rounds: int) -> dict[str, float]:
 
 def _layer_inputs(shape: dict, gen: torch.Generator):
     x = torch.randn(shape["x"], generator=gen)
+    if shape["channels_last"]:
+        x = x.contiguous(memory_format=_CL)
     w = torch.randn(NUM_SOURCES, *shape["w"], generator=gen) / math.sqrt(math.prod(shape["w"][1:]))
     b = torch.randn(NUM_SOURCES, shape["w"][0], generator=gen) if shape["bias"] else None
     lam = torch.rand(shape["x"][0], generator=gen)
@@ -127,7 +133,8 @@ def test_conv_layers(benchmark, model_name):
                 totals[k] += t[k] * count
             totals["best"] += best * count
             rows.append(
-                f"{str(shape['x']):18} {str(shape['w']):18} s{shape['stride'][0]} g{shape['groups']:<4} x{count:<2} "
+                f"{str(shape['x']):18} {'NHWC' if shape['channels_last'] else 'NCHW'} {str(shape['w']):18} "
+                f"s{shape['stride'][0]} g{shape['groups']:<4} x{count:<2} "
                 f"plain {t['plain'] * 1e3:7.3f} ms | "
                 + " ".join(f"{r} {t[r] / t['plain']:5.2f}x" for r in routes)
                 + f" | auto={chosen} err {err:.1e}"
@@ -157,3 +164,62 @@ def test_conv_layers(benchmark, model_name):
     print(f"\n{model_name}: per layer, time over one plain F.conv2d with a single weight (S = {NUM_SOURCES})")
     print("\n".join(rows))
     print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+
+
+class _SampleWiseConv2d(torch.nn.Module):
+    """A Conv2d whose weights are S = 2 sources interpolated per sample through samplewise_conv (benchmark only)."""
+
+    def __init__(self, conv: torch.nn.Conv2d, coefficients: dict, gen: torch.Generator) -> None:
+        super().__init__()
+        self.conv, self.coefficients = conv, coefficients
+        w = conv.weight.detach()
+        self.weights = torch.stack([w, w + 0.01 * torch.randn(w.shape, generator=gen)])
+        b = conv.bias
+        self.biases = None if b is None else torch.stack([b.detach(), b.detach() + 0.01])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return samplewise_conv(
+            x, self.weights, self.coefficients["c"], self.biases, c.stride, c.padding, c.dilation, c.groups,
+            c.padding_mode,
+        )  # fmt: skip
+
+
+def _swap_convs(module: torch.nn.Module, coefficients: dict, gen: torch.Generator) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Conv2d):
+            setattr(module, name, _SampleWiseConv2d(child, coefficients, gen))
+        else:
+            _swap_convs(child, coefficients, gen)
+
+
+@pytest.mark.parametrize("model_name", ["convnext_atto", "resnet18"])
+def test_model_with_samplewise_convs(benchmark, model_name):
+    """The whole model with every Conv2d replaced by samplewise_conv (S = 2), everything else stock, against the
+    stock forward: what the convolutions alone add to an exact forward pass (the engine adds per-sample norms etc.)."""
+    import copy
+
+    threads = os.environ.get("DAWIN_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False).eval()
+    swapped = copy.deepcopy(model)
+    lam = torch.rand(BATCH, generator=gen)
+    coefficients = {"c": torch.stack([1 - lam, lam], 1)}
+    _swap_convs(swapped, coefficients, gen)
+    x = torch.randn(BATCH, 3, 64, 64, generator=gen)
+    with torch.inference_mode():
+        t = _interleaved_min({"plain": lambda: model(x), "samplewise_convs": lambda: swapped(x)}, ROUNDS)
+        benchmark.pedantic(lambda: swapped(x), rounds=max(1, ROUNDS // 2), iterations=1)
+    info = {
+        "model": model_name,
+        "threads": torch.get_num_threads(),
+        "clock": "cpu" if _CLOCK is time.process_time else "wall",
+        "plain_ms": t["plain"] * 1e3,
+        "samplewise_convs_ms": t["samplewise_convs"] * 1e3,
+        "ratio": t["samplewise_convs"] / t["plain"],
+    }
+    benchmark.extra_info.update(info)
+    print("\n" + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
