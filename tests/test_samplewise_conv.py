@@ -243,6 +243,9 @@ def test_errors_name_the_problem(gen):
         samplewise_conv(x[..., :2, :2], w, c, b)
     with pytest.raises(ValueError, match="route must be 'auto' or one of"):
         samplewise_conv(x, w, c, b, route="im2col")
+    big = torch.zeros(1, 1025, 1024, 1, 1)
+    with pytest.raises(ValueError, match="has 1049600 entries, over the 1048576 budget"):
+        samplewise_conv(torch.zeros(1, 1024, 1, 1), big, torch.ones(1, 1), route="fold")
     with pytest.raises(TypeError, match="coefficients must be floating point"):
         samplewise_conv(x, w, c.long(), b)
 

@@ -315,6 +315,13 @@ def samplewise_conv(
             )
         return _linear(x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, out_spatial)
     if route == "fold":
+        numel = math.prod(weights.shape[1:])
+        if numel > MAX_PER_SAMPLE_WEIGHT_NUMEL:
+            raise ValueError(
+                f"samplewise_conv: route 'fold' would copy the weights per sample, and one sample's weight "
+                f"{tuple(weights.shape[1:])} has {numel} entries, over the {MAX_PER_SAMPLE_WEIGHT_NUMEL} budget; "
+                "use 'stacked' or 'linear' (route='auto' never folds above it)"
+            )
         return _fold(conv, x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, groups)
     return _stacked(conv, x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, groups)
 
