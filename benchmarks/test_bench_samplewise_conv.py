@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dawin_ext.samplewise.conv import samplewise_conv, samplewise_conv_route
+from dawin_ext.samplewise.conv import samplewise_conv, samplewise_conv_route, samplewise_conv_weights
 
 timm = pytest.importorskip("timm")
 
@@ -173,7 +173,7 @@ class _SampleWiseConv2d(torch.nn.Module):
         super().__init__()
         self.conv, self.coefficients = conv, coefficients
         w = conv.weight.detach()
-        self.weights = torch.stack([w, w + 0.01 * torch.randn(w.shape, generator=gen)])
+        self.weights = samplewise_conv_weights([w, w + 0.01 * torch.randn(w.shape, generator=gen)])
         b = conv.bias
         self.biases = None if b is None else torch.stack([b.detach(), b.detach() + 0.01])
 

@@ -126,7 +126,11 @@ def test_non_contiguous_inputs_and_weight_layouts(gen, route):
         x.transpose(2, 3).contiguous().transpose(2, 3),  # spatial dims swapped in memory
         torch.stack([x, x], 2).flatten(1, 2)[:, ::2],  # channel stride 2
     ]
-    ws = [w, samplewise_conv_weights(list(w)), w.transpose(3, 4).contiguous().transpose(3, 4)]
+    ws = [
+        w,
+        w.permute(0, 3, 4, 2, 1).contiguous().permute(0, 4, 3, 1, 2),
+        w.transpose(3, 4).contiguous().transpose(3, 4),
+    ]
     cs = [c, torch.stack([c, c], 2).flatten(1)[:, ::2]]  # column stride 2
     for xi in xs:
         for wi in ws:
@@ -140,12 +144,16 @@ def test_non_contiguous_inputs_and_weight_layouts(gen, route):
 
 
 def test_samplewise_conv_weights_layout(gen):
-    w = torch.randn(3, 8, 5, 3, 2, generator=gen)
+    w = torch.randn(3, 8, 5, 1, 1, generator=gen)
     fast = samplewise_conv_weights(list(w))
     assert torch.equal(fast, w)
-    # [S, *k, C_in, C_out] storage: the linear route reads it as [S, K, C_out] without a copy
+    # 1x1: [S, C_in, C_out] storage, which the linear route reads as [S, K, C_out] without a copy
     flat = fast.permute(0, 3, 4, 2, 1).reshape(3, -1, 8)
     assert flat.data_ptr() == fast.data_ptr() and flat.stride(2) == 1
+    # other kernels: plain contiguous (the stacked route's free [S*C_out, ...] view)
+    w3 = torch.randn(2, 4, 5, 3, 3, generator=gen).transpose(3, 4)
+    fast3 = samplewise_conv_weights(w3)
+    assert torch.equal(fast3, w3) and fast3.is_contiguous()
 
 
 @pytest.mark.parametrize(

@@ -449,16 +449,25 @@ def _linear(x, weights, coefficients, biases, stride, pad, dilation, out_spatial
 
 
 def samplewise_conv_weights(weights: Sequence[Tensor] | Tensor) -> Tensor:
-    """Stacks S ``[C_out, C_in/groups, *k]`` weights into the ``[S, C_out, C_in/groups, *k]`` view read fastest.
+    """Stacks S ``[C_out, C_in/groups, *k]`` weights into the ``[S, C_out, C_in/groups, *k]`` tensor read fastest.
 
-    The storage is ``[S, *k, C_in/groups, C_out]``, so the ``"linear"`` route hands it to samplewise_linear with
-    no copy per call; the other routes accept it as well (the convolution reorders weights anyway). Build it once
-    per layer and keep it, as for :func:`dawin_ext.samplewise_linear_weights`.
+    Build it once per layer and keep it (as :func:`dawin_ext.samplewise_linear_weights` for linear layers):
+
+    * 1x1 kernels (which take the ``"linear"`` route on the CPU): storage ``[S, C_in/groups, C_out]``, so
+      samplewise_linear reads it with no copy per call;
+    * every other kernel: plain contiguous ``[S, C_out, C_in/groups, *k]``. The ``"stacked"`` route views it as
+      ``[S*C_out, ...]`` for free, and a permuted storage made resnet18's stacked convolutions 2x slower; the
+      ``"linear"`` route copies such weights once per call into ``[S, prod(k)*C_in, C_out]``.
+
+    Every route accepts any layout; only the speed differs.
     """
     w = torch.stack(list(weights), 0) if not isinstance(weights, Tensor) else weights
     if w.dim() not in (4, 5, 6):
         raise ValueError(f"samplewise_conv_weights: need S weights [C_out, C_in/groups, *k], got {tuple(w.shape)}")
+    w = w.detach()
+    if any(k != 1 for k in w.shape[3:]):
+        return w.contiguous()
     n = w.dim() - 3
     perm = (0, *range(3, 3 + n), 2, 1)
     inv = [perm.index(i) for i in range(w.dim())]
-    return w.detach().permute(perm).contiguous().permute(inv)
+    return w.permute(perm).contiguous().permute(inv)
