@@ -7,8 +7,8 @@ weights for every sample and running the stock convolution on that sample would 
 
 Routes (all exact, they differ in cost only):
 
-* ``"fold"``: per-sample weights ``[B, C_out, C_in/groups, *k]`` are formed (one ``[B, S] @ [S, numel]`` product in
-  fp32) and the batch is folded into channels: one grouped convolution of the input viewed as ``[1, B*C_in, ...]``
+* ``"fold"``: per-sample weights ``[B, C_out, C_in/groups, *k]`` are formed (S multiply-adds per entry in fp32,
+  rounded once to the input dtype, as per-sample merging does) and the batch is folded into channels: one grouped convolution of the input viewed as ``[1, B*C_in, ...]``
   with ``groups = B*groups``. One convolution's FLOPs plus ``B*S*numel`` for the weights. The natural route for
   depthwise and grouped convolutions, whose weights are small.
 * ``"stacked"``: one convolution with the S sources' weights stacked along the output channels (per group), giving S
@@ -19,6 +19,16 @@ Routes (all exact, they differ in cost only):
   :func:`dawin_ext.samplewise_linear` then mixes each sample's weights block by block in cache (CPU, fp32, >= 6
   output positions per sample: about one GEMM's cost; elsewhere it computes S GEMMs and blends them). Its result is
   returned as a channels-last strided view ``[B, C_out, *spatial_out]`` (no copy back).
+
+Calling it from a vmap rule: move the batch dim of ``x`` to 0 (fold any extra leading dims into it, repeating the
+coefficient rows), pass the layer's S stacked sources built once with :func:`samplewise_conv_weights` (raw sources
+with rows ``c``, or ``[W0, W_a - W0, ...]`` with rows ``[1, c_a, ...]``: both are exact, the second drops sources
+equal to source 0), ``coefficients`` ``[B, S]`` and the layer's own stride/padding/dilation/groups. Non-zero padding
+modes are applied by ``nn.Conv*d`` itself through ``F.pad`` before ``F.conv*d``, so a caller that intercepts
+``F.conv*d`` passes ``padding_mode="zeros"``. Under autograd only ``"fold"`` and ``"stacked"`` are taken.
+
+Kernel taps that only ever read zero padding (a 7x7 kernel with padding 3 on a 2x2 map) are dropped first, with the
+padding shrunk to match; the output is unchanged and oneDNN's depthwise kernel was ~20x slower on the uncropped shape.
 
 Memory rule: a per-sample copy of a weight tensor (the ``"fold"`` route's ``[B, C_out, C_in/groups, *k]``) is made
 only when one sample's weight has at most :data:`MAX_PER_SAMPLE_WEIGHT_NUMEL` (1M) entries, and only when the
@@ -31,9 +41,10 @@ resnet18 at batch 16 (``benchmarks/test_bench_samplewise_conv.py``). With ``P`` 
 1. grouped or depthwise (``groups > 1``): ``"fold"`` if ``n <= 1M``, else ``"stacked"``;
 2. dense on the CPU in float32 without autograd: ``"linear"`` for 1x1 kernels (no im2col; in a channels-last
    network such as timm's ConvNeXt the input is already the GEMM operand); ``"fold"`` if ``n <= 1M``, ``P >= 256``
-   and ``C_in >= 16`` (forming the weights is then negligible and the convolution library beats im2col); else ``"linear"`` when forming each sample's weights
-   in cache costs less than the stacked convolution's extra ``(S - 1)`` GEMMs (``P * (S - 1) >= a * S``, ``a`` = 2
-   when the sources' weight block fits in L2, ``S * K <= 2048``, else 32), otherwise ``"stacked"``;
+   and ``C_in >= 16`` (forming the weights is then negligible and the convolution library beats im2col); else
+   ``"linear"`` when forming each sample's weights in cache costs less than the stacked convolution's extra
+   ``(S - 1)`` GEMMs (``P * (S - 1) >= a * S``, ``a`` = 2 when the sources' weight block fits in L2,
+   ``S * K <= 2048``, else 32), otherwise ``"stacked"``;
 3. elsewhere (CUDA, half precision, float64, autograd: not measured yet): ``"fold"`` if ``n <= 1M`` and ``P >= 64``,
    else ``"stacked"``.
 """
