@@ -8,9 +8,9 @@ weights for every sample and running the stock convolution on that sample would 
 Routes (all exact, they differ in cost only):
 
 * ``"fold"``: per-sample weights ``[B, C_out, C_in/groups, *k]`` are formed (S multiply-adds per entry in fp32,
-  rounded once to the input dtype, as per-sample merging does) and the batch is folded into channels: one grouped convolution of the input viewed as ``[1, B*C_in, ...]``
-  with ``groups = B*groups``. One convolution's FLOPs plus ``B*S*numel`` for the weights. The natural route for
-  depthwise and grouped convolutions, whose weights are small.
+  rounded once to the input dtype, as per-sample merging does) and the batch is folded into channels: one grouped
+  convolution of the input viewed as ``[1, B*C_in, ...]`` with ``groups = B*groups``. One convolution's FLOPs plus
+  ``B*S*numel`` for the weights. The natural route for depthwise and grouped convolutions, whose weights are small.
 * ``"stacked"``: one convolution with the S sources' weights stacked along the output channels (per group), giving S
   partial outputs side by side, then the per-sample combination ``sum_s c[b, s] y_s`` in one pass
   (:func:`dawin_ext.sample_combine`, fp32 accumulation). S times the FLOPs, but no per-sample weights at all.
@@ -212,10 +212,10 @@ def samplewise_conv_route(
     1. ``groups > 1``: ``"fold"`` when one sample's weight has at most 1M entries, else ``"stacked"``.
     2. ``groups == 1``, CPU, float32, no autograd, samplewise_linear's brgemm path present: ``"linear"`` for 1x1
        kernels; ``"fold"`` when one sample's weight has at most 1M entries, ``P >= 256`` and ``C_in >= 16``; else
-       ``"linear"`` when ``P * (S - 1) >= a * S``, else ``"stacked"``. ``a`` is 2 if the sources' ``[S, K, 64]`` weight block (``K = C_in * prod(k)``) that
-       samplewise_linear mixes fits in L2 (``S * K <= 2048``) and 32 if it does not. The form follows the costs
-       (forming a sample's weights ~ ``S`` per weight entry, the stacked convolution's extra ``(S - 1) * P``);
-       the constants are fitted to the measured routes, not derived.
+       ``"linear"`` when ``P * (S - 1) >= a * S``, else ``"stacked"``. ``a`` is 2 if the sources' ``[S, K, 64]``
+       weight block (``K = C_in * prod(k)``) that samplewise_linear mixes fits in L2 (``S * K <= 2048``) and 32 if
+       it does not. The form follows the costs (forming a sample's weights ~ ``S`` per weight entry, the stacked
+       convolution's extra ``(S - 1) * P``); the constants are fitted to the measured routes, not derived.
     3. otherwise (CUDA, float16/bfloat16/float64, autograd; not measured): ``"fold"`` when one sample's weight has
        at most 1M entries and ``P >= 64``, else ``"stacked"``.
     """
@@ -252,7 +252,7 @@ def samplewise_conv(
     padding_mode: str = "zeros",
     route: str = "auto",
 ) -> Tensor:
-    """Per-sample interpolated convolution: sample ``b`` uses weight ``sum_s c[b, s] W_s`` and bias ``sum_s c[b, s] b_s``.
+    """Per-sample interpolated convolution: sample ``b`` uses weight ``sum_s c[b, s] W_s``, bias ``sum_s c[b, s] b_s``.
 
     Equals, for every ``b``, ``F.conv{n}d(x[b:b+1], W(c_b), bias(c_b), stride, padding, dilation, groups)`` (after
     padding ``x`` with ``padding_mode`` as ``nn.Conv{n}d`` does), up to rounding, without forming any per-sample weight
