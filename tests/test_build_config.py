@@ -204,3 +204,17 @@ def test_no_warning_otherwise(monkeypatch, fresh_warning_state, torch_cuda, devi
     monkeypatch.setattr(torch.version, "cuda", torch_cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
     assert _warnings_from({"with_cuda": with_cuda}) == []
+
+
+def test_gpu_check_script_parses_and_its_boxes_fit_one_device_call() -> None:
+    # The GPU check gets one 600 s call; its phases' default boxes must fit the total box, which leaves
+    # room for the report. (`bash benchmarks/gpu_check.sh --rehearse` runs the rest of it on a CPU.)
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    text = script.read_text()
+    boxes = dict(re.findall(r"\[(\w+)\]=\$\{GPU_CHECK_\w+_S:-(\d+)\}", text))
+    default_phases = re.search(r"^PHASES_ALL=\(([^)]*)\)", text, re.M).group(1).split()
+    assert default_phases == ["setup", "build", "ktest", "sanitize", "bench", "cudatests"]
+    total = int(re.search(r"^TOTAL_S=\$\{GPU_CHECK_TOTAL_S:-(\d+)\}", text, re.M).group(1))
+    assert sum(int(boxes[p]) for p in default_phases) <= total <= 540
