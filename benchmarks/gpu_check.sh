@@ -96,8 +96,13 @@ verdict() {
     *) echo "FAILED (rc $1)" ;;
   esac
 }
-# allowance PHASE: this phase's box plus the bank, never past the total.
+# allowance PHASE: this phase's box plus the bank, never past the total. A rehearsal's CPU stand-ins
+# take no GPU time, so they run under 5x the box and no total (the boxes' sum is checked instead).
 allowance() {
+  if [[ $REHEARSE == 1 ]]; then
+    echo $((5 * BOX[$1]))
+    return
+  fi
   local left=$((TOTAL_S - (SECONDS - START)))
   local a=$((BOX[$1] + BANK))
   ((a > left)) && a=$left
