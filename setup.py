@@ -1,8 +1,10 @@
 """Build script for the dawin_ext compiled core.
 
 DAWIN_EXT_BUILD selects the build:
-  auto (default)  CUDA sources are compiled when torch is a CUDA build and a CUDA toolkit is found,
-                  whether or not a GPU is visible; with a CPU-only torch, a CPU-only build.
+  auto (default)  CPU + CUDA kernels when torch is a CUDA build and a CUDA toolkit (nvcc) of the same
+                  major version is found, whether or not a GPU is visible. Otherwise CPU kernels only:
+                  with a CPU-only torch quietly, and with a CUDA torch but no usable toolkit (the usual
+                  `pip install torch` workstation) with a loud warning that says how to get the CUDA kernels.
   cuda            require the CUDA build (fails with a message if it is not possible).
   cpu             CPU kernels only.
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (default here: "8.0;9.0").
@@ -15,12 +17,15 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # torch.utils.cpp_extension reads CUDA_HOME at import; prefer the real toolkit over a wrapper on PATH.
-if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
-    os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+# (Only when building: tests import this file for decide_build and must not change their environment.)
+if __name__ == "__main__":
+    if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
@@ -30,42 +35,90 @@ ROOT = Path(__file__).parent
 VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 
 
+class BuildConfigError(Exception):
+    """The requested build cannot be made; the message says why and what to do."""
+
+
 def fail(msg: str) -> None:
     sys.stderr.write(f"\ndawin_ext build error: {msg}\n\n")
     raise SystemExit(1)
 
 
 def nvcc_version(cuda_home: str) -> str:
-    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    """The release of ``cuda_home``/bin/nvcc as "major.minor"; BuildConfigError if it cannot be run."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    except OSError as exc:
+        raise BuildConfigError(f"could not run {cuda_home}/bin/nvcc --version: {exc}") from exc
     m = re.search(r"release (\d+)\.(\d+)", out.stdout)
     if out.returncode != 0 or not m:
-        fail(f"could not run {cuda_home}/bin/nvcc --version: {out.stderr.strip()}")
+        raise BuildConfigError(f"could not run {cuda_home}/bin/nvcc --version: {out.stderr.strip()}")
     return f"{m.group(1)}.{m.group(2)}"
 
 
-def want_cuda() -> bool:
-    mode = os.environ.get("DAWIN_EXT_BUILD", "auto").lower()
+def decide_build(
+    mode: str,
+    torch_version: str,
+    torch_cuda: str | None,
+    cuda_home: str | None,
+    get_nvcc_version: Callable[[str], str] = nvcc_version,
+) -> tuple[bool, str | None]:
+    """Whether to compile the CUDA kernels, and the warning to print when ``auto`` falls back to CPU only.
+
+    mode is DAWIN_EXT_BUILD; torch_cuda is ``torch.version.cuda`` (None for a CPU-only torch); cuda_home is
+    the toolkit that torch.utils.cpp_extension found (None if none). Raises BuildConfigError where the
+    requested build is impossible (``cuda`` without a usable toolkit, or an unknown mode).
+    """
+    mode = mode.lower()
     if mode not in ("auto", "cuda", "cpu"):
-        fail(f"DAWIN_EXT_BUILD must be auto, cuda or cpu, got {mode!r}")
+        raise BuildConfigError(f"DAWIN_EXT_BUILD must be auto, cuda or cpu, got {mode!r}")
     if mode == "cpu":
-        return False
-    if torch.version.cuda is None:
+        return False, None
+    if torch_cuda is None:
         if mode == "cuda":
-            fail("DAWIN_EXT_BUILD=cuda but the installed torch is a CPU-only build; install a CUDA build of torch.")
-        return False
-    cuda_home = cpp_extension.CUDA_HOME
+            raise BuildConfigError(
+                f"DAWIN_EXT_BUILD=cuda but torch {torch_version} is a CPU-only build; install a CUDA build of torch."
+            )
+        return False, None
+    # A CUDA torch: the CUDA kernels need a toolkit of the same major version.
+    problem = None
     if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
-        fail(
-            f"torch {torch.__version__} is a CUDA {torch.version.cuda} build but no CUDA toolkit (nvcc) was found. "
-            "Set CUDA_HOME to a CUDA toolkit of the same major version, or set DAWIN_EXT_BUILD=cpu for a CPU-only build."
+        where = "no CUDA_HOME" if cuda_home is None else f"no {os.path.join(cuda_home, 'bin', 'nvcc')}"
+        problem = f"torch {torch_version} is a CUDA {torch_cuda} build but no CUDA toolkit (nvcc) was found ({where})"
+    else:
+        try:
+            nv = get_nvcc_version(cuda_home)
+        except BuildConfigError as exc:
+            problem = str(exc)
+        else:
+            if nv.split(".")[0] != torch_cuda.split(".")[0]:
+                problem = f"nvcc at {cuda_home} is CUDA {nv} but torch {torch_version} was built with CUDA {torch_cuda}"
+    if problem is None:
+        return True, None
+    major = torch_cuda.split(".")[0]
+    how = (
+        f"To get the CUDA kernels, install a CUDA {major}.x toolkit (nvcc) and rebuild with "
+        f"CUDA_HOME=/path/to/cuda-{major}.x DAWIN_EXT_BUILD=cuda pip install --no-build-isolation -e ."
+    )
+    if mode == "cuda":
+        raise BuildConfigError(f"DAWIN_EXT_BUILD=cuda but {problem}. {how} Or set DAWIN_EXT_BUILD=cpu.")
+    return False, (
+        f"{problem}. Building the CPU kernels only: dawin_ext ops on CUDA tensors will raise. {how} "
+        "Set DAWIN_EXT_BUILD=cpu to build CPU-only without this warning."
+    )
+
+
+def want_cuda() -> bool:
+    try:
+        with_cuda, warning = decide_build(
+            os.environ.get("DAWIN_EXT_BUILD", "auto"), torch.__version__, torch.version.cuda, cpp_extension.CUDA_HOME
         )
-    nv = nvcc_version(cuda_home)
-    if nv.split(".")[0] != torch.version.cuda.split(".")[0]:
-        fail(
-            f"nvcc at {cuda_home} is CUDA {nv} but torch was built with CUDA {torch.version.cuda}. "
-            "Point CUDA_HOME at a toolkit with the same major version, or set DAWIN_EXT_BUILD=cpu."
-        )
-    return True
+    except BuildConfigError as exc:
+        fail(str(exc))
+    if warning:
+        bar = "!" * 100
+        sys.stderr.write(f"\n{bar}\ndawin_ext build WARNING: {warning}\n{bar}\n\n")
+    return with_cuda
 
 
 def nvidia_include_dirs() -> list[str]:
@@ -105,7 +158,8 @@ def extension():
     )
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":  # setuptools and pip run this file as __main__; tests import decide_build only
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._loader import BUILD_INFO, ExtensionNotBuiltError
+from ._loader import BUILD_INFO, CudaKernelsMissingWarning, ExtensionNotBuiltError
 from .adawise import AdaWiSE
 from .checkpoints import CheckpointFormatError, UnsafeCheckpointError, load_state_dict, save_state_dict
 from .dawin import DaWin, dawin_coefficients
@@ -27,7 +27,12 @@ __version__ = BUILD_INFO["version"]
 
 
 def build_info() -> dict:
-    """How the compiled core was built: version, with_cuda, cuda_version, torch_version."""
+    """How the compiled core was built: version, with_cuda, cuda_version, torch_version.
+
+    ``with_cuda`` is False for a CPU-only build, which ``DAWIN_EXT_BUILD=auto`` makes when torch is a CUDA
+    build but no CUDA toolkit was found; importing dawin_ext then warns (CudaKernelsMissingWarning) if a
+    CUDA device is visible.
+    """
     return dict(BUILD_INFO)
 
 
@@ -48,6 +53,7 @@ __all__ = [
     "BLENDABLE_DTYPES",
     "BUILD_INFO",
     "CheckpointFormatError",
+    "CudaKernelsMissingWarning",
     "EntropyCoefficients",
     "ExtensionNotBuiltError",
     "blend",

@@ -9,9 +9,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
+import warnings
 from types import ModuleType
 
 import torch
+
+# The torch versions this package supports: [floor, ceiling). Keep in sync with pyproject.toml's
+# "torch>=2.6,<3" (tests/test_build_config.py checks). 2.6 is the first torch with the fp32
+# at::native::cpublas::brgemm that the CPU samplewise_linear kernel calls; see scripts/check_torch_compat.sh.
+SUPPORTED_TORCH = ((2, 6), (3, 0))
 
 
 class ExtensionNotBuiltError(ImportError):
@@ -37,6 +44,56 @@ def _import_compiled() -> ModuleType:
         ) from exc
 
 
+class CudaKernelsMissingWarning(UserWarning):
+    """A CUDA device is visible but dawin_ext was built without its CUDA kernels."""
+
+
+def _torch_release(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None:
+        raise ExtensionNotBuiltError(f"dawin_ext cannot parse the torch version {version!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _check_torch_version(version: str) -> None:
+    """ImportError naming the supported range when ``version`` is outside [floor, ceiling)."""
+    (lo_major, lo_minor), (hi_major, hi_minor) = SUPPORTED_TORCH
+    if not (lo_major, lo_minor) <= _torch_release(version) < (hi_major, hi_minor):
+        raise ExtensionNotBuiltError(
+            f"dawin_ext supports torch >={lo_major}.{lo_minor},<{hi_major}.{hi_minor} but torch {version} is "
+            f"installed. Install a torch in that range (pip install 'torch>={lo_major}.{lo_minor},<{hi_major}') "
+            "and rebuild the extension against it: `pip install --no-build-isolation -e .`."
+        )
+
+
+_warned_cuda_missing = False
+
+
+def _warn_if_cuda_kernels_missing(info: dict) -> bool:
+    """Warns (once per process) when a CUDA device is visible but the build has no CUDA kernels.
+
+    That is the build ``DAWIN_EXT_BUILD=auto`` makes with a CUDA torch and no CUDA toolkit. Only in that
+    case is the device count asked for (through NVML where it can, so it does not initialise CUDA).
+    Returns whether it warned.
+    """
+    global _warned_cuda_missing
+    if _warned_cuda_missing or info["with_cuda"] or torch.version.cuda is None:
+        return False
+    if torch.cuda.device_count() == 0:
+        return False
+    _warned_cuda_missing = True
+    warnings.warn(
+        f"dawin_ext was built without its CUDA kernels (build_info()['with_cuda'] is False; torch "
+        f"{torch.__version__} sees {torch.cuda.device_count()} CUDA device(s)), so dawin_ext ops on CUDA tensors "
+        f"will raise. This happens when the build found no CUDA {torch.version.cuda.split('.')[0]}.x toolkit "
+        "(nvcc). Install one and rebuild: CUDA_HOME=/path/to/cuda DAWIN_EXT_BUILD=cuda "
+        "pip install --no-build-isolation -e .",
+        CudaKernelsMissingWarning,
+        stacklevel=3,
+    )
+    return True
+
+
 def _check_cuda_match(info: dict) -> None:
     if not info["with_cuda"]:
         return
@@ -54,6 +111,8 @@ def _check_cuda_match(info: dict) -> None:
         )
 
 
+_check_torch_version(torch.__version__)
 _C = _import_compiled()
 BUILD_INFO: dict = dict(_C.build_info())
 _check_cuda_match(BUILD_INFO)
+_warn_if_cuda_kernels_missing(BUILD_INFO)

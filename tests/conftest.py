@@ -7,6 +7,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
+# cuDNN convolutions (and, where enabled, cuBLAS matmuls) default to TF32 on Ampere and later, about 1e-3
+# relative: the CUDA tests compare against stock convolutions and linears at 1e-5, so they run in full fp32.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 _DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 

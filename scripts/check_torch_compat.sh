@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Builds dawin_ext against the oldest supported torch in throwaway venvs, CPU and CUDA, and runs the
+# kernel tests against each build. Nothing outside the venvs is touched: the builds go to their own
+# directories and are loaded through DAWIN_EXT_C (the in-place dawin_ext/_C*.so is left alone).
+#
+#   bash scripts/check_torch_compat.sh
+#   KEEP_VENV=1 bash scripts/check_torch_compat.sh        # keep $WORK for a look afterwards
+#   COMPAT_CUDA12_HOME=/usr/local/cuda-12.4 bash ...      # also the CUDA build against the floor torch
+#   COMPAT_PARTS=floor (or cuda13) bash ...                # one part only
+#
+# Part "floor": torch = pyproject's floor (torch>=X.Y, today 2.6.0; PyPI's wheel is CUDA 12.4):
+#   CPU build, import, kernel tests. 2.6 is the floor because csrc/cpu/samplewise_linear_cpu.cpp calls the
+#   fp32 overload of at::native::cpublas::brgemm(..., bool is_vnni) and brgemm_release(bool), first shipped
+#   in 2.6.0 (2.5.1 has only the Half overload with alpha/beta); the Python side needs
+#   torch.library.register_fake / register_autograd / opcheck (2.4).
+#   Its CUDA build needs a CUDA 12 nvcc, which cannot be had here: PyPI's nvidia-cuda-nvcc-cu12 wheels
+#   (12.0 to 12.9) hold only ptxas and libnvvm, not the nvcc driver, cicc or cudafe++, and Debian bookworm
+#   has no CUDA 12 toolkit. It runs when COMPAT_CUDA12_HOME names one, and is reported SKIPPED otherwise.
+# Part "cuda13": torch = CUDA_TORCH_VERSION (2.11.0: the oldest PyPI torch built with CUDA 13, the first
+#   CUDA whose full nvcc is on PyPI -- cuda-toolkit[nvcc] -- and the GPU machine's torch): CUDA build
+#   (compiled, not run: no GPU here), import, CUDA kernels registered, kernel tests on the CPU.
+# The venvs are isolated (no --system-site-packages) so that this machine's CUDA 13 headers cannot leak
+# into another build. Needs PyPI and about 7 GB in $TMPDIR; one venv at a time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+start=$(date +%s)
+
+floor=$(sed -n 's/^ *"torch>=\([0-9][0-9.]*\).*/\1/p' pyproject.toml | head -n 1)
+if [[ -z $floor ]]; then
+  echo "check_torch_compat: no \"torch>=X.Y\" in pyproject.toml's dependencies" >&2
+  exit 1
+fi
+[[ $floor == *.*.* ]] || floor=$floor.0
+TORCH_VERSION=${TORCH_VERSION:-$floor}
+CUDA_TORCH_VERSION=${CUDA_TORCH_VERSION:-2.11.0}
+PARTS=${COMPAT_PARTS:-floor cuda13}
+ARCHS=${TORCH_CUDA_ARCH_LIST:-9.0} # one architecture: the API is what is checked, not the code
+# What the builds and the kernel tests import; ninja so that the build runs in parallel, as in CI.
+EXTRA=(setuptools wheel ninja numpy scipy scikit-learn pytest hypothesis)
+TESTS=(tests/test_entropy_ops.py tests/test_blend_op.py tests/test_sample_combine_op.py
+  tests/test_samplewise_linear_op.py)
+
+WORK=${COMPAT_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/dawin_compat.XXXXXX")}
+cleanup() {
+  if [[ -z ${KEEP_VENV:-} ]]; then rm -rf "$WORK"; else echo "check_torch_compat: kept $WORK"; fi
+}
+trap cleanup EXIT
+LOG=$WORK/log
+mkdir -p "$LOG"
+step() { echo "== [$(($(date +%s) - start)) s] $*"; }
+die() {
+  echo "check_torch_compat: $*" >&2
+  exit 1
+}
+RESULTS=()
+
+# venv NAME PACKAGES...: a fresh isolated venv at $WORK/NAME (the previous one is removed: disk).
+venv() {
+  local name=$1
+  shift
+  rm -rf "$WORK"/venv-*
+  step "venv $name: $*"
+  python3 -m venv "$WORK/venv-$name"
+  PY=$WORK/venv-$name/bin/python
+  PATH=$WORK/venv-$name/bin:$BASE_PATH
+  export PATH
+  "$PY" -m pip install -q --no-cache-dir "$@" "${EXTRA[@]}" >"$LOG/pip-$name.log" 2>&1 || {
+    tail -n 30 "$LOG/pip-$name.log"
+    die "pip install failed (log above)"
+  }
+  read -r TV TCUDA SITE < <("$PY" -c 'import site, torch; print(torch.__version__, torch.version.cuda, site.getsitepackages()[0])')
+  echo "   torch $TV (CUDA $TCUDA), $("$PY" -V)"
+}
+BASE_PATH=$PATH
+
+# build NAME MODE [env...]: out-of-tree build into $WORK/NAME, log in $LOG/NAME.log; sets SO.
+build() {
+  local name=$1 mode=$2
+  shift 2
+  step "build $name against torch $TV (DAWIN_EXT_BUILD=$mode)"
+  local t0=$SECONDS
+  if ! env "$@" DAWIN_EXT_BUILD="$mode" MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext \
+    --build-temp "$WORK/$name/temp" --build-lib "$WORK/$name/lib" >"$LOG/$name.log" 2>&1; then
+    grep -E "error" "$LOG/$name.log" | head -n 30
+    tail -n 20 "$LOG/$name.log"
+    die "$name build against torch $TV FAILED"
+  fi
+  SO=$(ls "$WORK/$name"/lib/dawin_ext/_C*.so)
+  echo "   built in $((SECONDS - t0)) s: $SO"
+}
+
+# check_import WITH_CUDA: the build in $SO is the one loaded, and says what it should.
+check_import() {
+  DAWIN_EXT_C=$SO PYTHONPATH=$ROOT "$PY" - "$1" <<'PYEOF'
+import os, sys, torch, dawin_ext, dawin_ext._loader as L
+assert os.path.samefile(L._C.__file__, os.environ["DAWIN_EXT_C"]), L._C.__file__
+info = dawin_ext.build_info()
+print("   build_info:", info)
+want_cuda = sys.argv[1] == "1"
+assert info["with_cuda"] is want_cuda, info
+if want_cuda:
+    ops = ("softmax_entropy", "entropy_coefficients", "blend_", "sample_combine", "samplewise_linear")
+    missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dawin_ext::{op}", "CUDA")]
+    assert not missing, f"no CUDA kernel for {missing}"
+    print("   CUDA kernels registered for all 5 ops (compiled, not run: no GPU here)")
+PYEOF
+}
+
+run_tests() {
+  step "kernel tests against that build (CPU)"
+  DAWIN_EXT_C=$SO PYTHONPATH=$ROOT OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+    "${TESTS[@]}" >"$LOG/pytest-$1.log" 2>&1 || {
+    tail -n 40 "$LOG/pytest-$1.log"
+    die "kernel tests against torch $TV FAILED"
+  }
+  echo "   $(tail -n 1 "$LOG/pytest-$1.log")"
+}
+
+# link_cudart CUDA_HOME: torch's extension build links -lcudart from CUDA_HOME/lib64; pip ships .so.N.
+link_cudart() {
+  local lib
+  lib=$(find "$SITE/nvidia" -name 'libcudart.so.*' | head -n 1)
+  [[ -n $lib ]] || die "no libcudart.so.* under $SITE/nvidia"
+  mkdir -p "$1/lib64"
+  [[ -e $1/lib64/libcudart.so ]] || ln -s "$lib" "$1/lib64/libcudart.so"
+}
+
+if [[ " $PARTS " == *" floor "* ]]; then
+  venv floor "torch==$TORCH_VERSION"
+  [[ $TV == "$TORCH_VERSION"* ]] || die "asked for torch $TORCH_VERSION, got $TV"
+  build floor-cpu cpu
+  check_import 0
+  run_tests floor
+  if [[ -n ${COMPAT_CUDA12_HOME:-} ]]; then
+    build floor-cuda cuda CUDA_HOME="$COMPAT_CUDA12_HOME" TORCH_CUDA_ARCH_LIST="$ARCHS"
+    check_import 1
+    RESULTS+=("torch $TV (CUDA $TCUDA): CPU build + kernel tests PASSED; CUDA build PASSED")
+  else
+    echo "   CUDA build against torch $TV: SKIPPED -- needs a CUDA ${TCUDA%%.*}.x nvcc: PyPI's nvidia-cuda-nvcc-cu12" \
+      "wheels hold only ptxas and libnvvm (no nvcc driver, cicc, cudafe++), Debian bookworm has no CUDA 12" \
+      "toolkit; set COMPAT_CUDA12_HOME=/path/to/cuda-12.x where one is installed"
+    RESULTS+=("torch $TV (CUDA $TCUDA): CPU build + kernel tests PASSED; CUDA build SKIPPED (no CUDA 12 nvcc here)")
+  fi
+fi
+
+if [[ " $PARTS " == *" cuda13 "* ]]; then
+  # torch's own pin of the CUDA 13 toolkit wheels, with the nvcc extra (nvcc, crt headers, nvvm).
+  venv cuda13 "torch==$CUDA_TORCH_VERSION"
+  pin=$("$PY" -c 'import importlib.metadata as m, re; print(next(re.search(r"==([0-9.]+)", r).group(1) for r in m.requires("torch") if r.startswith("cuda-toolkit")))')
+  step "cuda-toolkit[nvcc]==$pin (torch $TV's own pin)"
+  "$PY" -m pip install -q --no-cache-dir "cuda-toolkit[nvcc]==$pin" >>"$LOG/pip-cuda13.log" 2>&1 || {
+    tail -n 30 "$LOG/pip-cuda13.log"
+    die "pip install cuda-toolkit[nvcc] failed"
+  }
+  nvcc=$(find "$SITE/nvidia" -path '*/bin/nvcc' -type f | head -n 1)
+  [[ -n $nvcc ]] || die "no bin/nvcc under $SITE/nvidia after installing cuda-toolkit[nvcc]"
+  cuda_home=$(dirname "$(dirname "$nvcc")")
+  link_cudart "$cuda_home"
+  echo "   CUDA_HOME=$cuda_home: $("$nvcc" --version | grep -o 'release [0-9.]*')"
+  build cuda13 cuda CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="$ARCHS"
+  check_import 1
+  run_tests cuda13
+  RESULTS+=("torch $TV (CUDA $TCUDA, nvcc $("$nvcc" --version | grep -o 'release [0-9.]*' | cut -d' ' -f2)): CPU + CUDA build (sm ${ARCHS}) + kernel tests on the CPU PASSED")
+fi
+
+step "check_torch_compat: PASSED in $(($(date +%s) - start)) s"
+printf '   %s\n' "${RESULTS[@]}"
