@@ -109,7 +109,12 @@ def load_hf_clip(
             "(a CLIPModel or a CLIPVisionModel)"
         )
     model, info = classes[model_type].from_pretrained(
-        str(d), local_files_only=True, use_safetensors=True, output_loading_info=True, dtype=dtype
+        str(d),
+        local_files_only=True,
+        use_safetensors=True,
+        output_loading_info=True,
+        dtype=dtype,
+        ignore_mismatched_sizes=True,  # reported in `info` and refused below, with the key named
     )
     problems = [
         ("is missing key", info.get("missing_keys")),
@@ -120,9 +125,14 @@ def load_hf_clip(
     for what, keys in problems:
         if keys:
             first = sorted(keys, key=str)[0]
+            detail = ""
+            if isinstance(first, tuple):  # mismatched keys come as (key, checkpoint shape, model shape)
+                if len(first) == 3:
+                    detail = f" (checkpoint shape {tuple(first[1])}, model shape {tuple(first[2])})"
+                first = first[0]
             raise ValueError(
-                f"{str(d)!r}: the checkpoint {what} {first!r} for its {classes[model_type].__name__} config "
-                f"({len(keys)} such key(s))"
+                f"{str(d)!r}: the checkpoint {what} {str(first)!r}{detail} for its {classes[model_type].__name__} "
+                f"config ({len(keys)} such key(s))"
             )
     for key, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
