@@ -330,6 +330,8 @@ def _func_name(func: Callable) -> str:
         return f"Tensor.{getattr(owner, '__name__', '?')}"
     mod = getattr(func, "__module__", None) or ""
     qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    if qual.startswith("_VariableFunctionsClass."):
+        return "torch." + qual.split(".", 1)[1]
     if qual.startswith("TensorBase.") or qual.startswith("Tensor."):
         return "Tensor." + qual.split(".", 1)[1]
     if mod.startswith("torch.nn.functional"):
@@ -490,6 +492,8 @@ class ExactMode(TorchFunctionMode):
                 isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t) for t in flat
             ):
                 return _sdpa(*args, **kwargs)
+            if func is F.multi_head_attention_forward:
+                return self.mha(*args, **kwargs)  # its SDPA call must come back here too
             if _is_inplace(func) and flat and isinstance(flat[0], Tensor):
                 name = self.engine.shared_names.get(id(flat[0]))
                 if name is not None:
