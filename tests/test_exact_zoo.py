@@ -334,3 +334,71 @@ def test_low_precision_vit(dtype):
         want = torch.cat(want)
     tol = 0.05 if dtype == torch.bfloat16 else 0.01  # a few units in the last place of the logits' magnitude
     assert (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DaWin.predict(mode="exact") and the multi-task exact mode on a timm ViT and a transformers CLIP model
+# ---------------------------------------------------------------------------------------------------------------
+class HFImageClassifier(nn.Module):
+    """transformers CLIPModel image features + a linear head (or the features alone with head=None)."""
+
+    def __init__(self, clip: nn.Module, num_classes: int | None) -> None:
+        super().__init__()
+        self.clip = clip
+        self.head = nn.Linear(16, num_classes) if num_classes else None
+
+    def forward(self, x):
+        f = _features(self.clip.get_image_features(pixel_values=x))
+        return self.head(f) if self.head is not None else f
+
+
+def _classifier(kind: str, num_classes: int | None) -> nn.Module:
+    if kind == "timm-vit":
+        torch.manual_seed(0)
+        return timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes or 0, img_size=32, patch_size=8,
+            depth=2, embed_dim=32, num_heads=2,
+        ).eval()  # fmt: skip
+    return HFImageClassifier(hf_clip(), num_classes).eval()
+
+
+@pytest.mark.parametrize("kind", ["timm-vit", "hf-clip"])
+def test_dawin_exact_predict(kind):
+    from dawin_ext import DaWin
+    from dawin_ext.reference import interpolation_reference
+
+    model = _classifier(kind, 5)
+    zs = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ft = perturbed_sources(zs, 2, 11, rel=0.5)[1]
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    dw = DaWin(model, zs, ft).fit([x[:6], x[6:]])
+    out = dw.predict(x[:6], mode="exact")
+    lam = dw.coefficients(x[:6])
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for i in range(6):
+            ref.load_state_dict(interpolation_reference(float(lam[i]), zs, ft))
+            torch.testing.assert_close(out[i], ref(x[i : i + 1])[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["timm-vit", "hf-clip"])
+def test_multitask_exact_predict(kind):
+    from dawin_ext import DaWinMultiTask
+
+    base = _classifier(kind, None)
+    theta_0 = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    thetas = perturbed_sources(theta_0, 3, 12, rel=0.5)[1:]
+    torch.manual_seed(1)
+    dim = 32 if kind == "timm-vit" else 16
+    head = nn.Linear(dim, 4)
+    x = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    mt = DaWinMultiTask(base, theta_0, thetas, head=head, n_clusters=2).fit([x])
+    out = mt.predict(x[:5], mode="exact")
+    pi = mt.coefficients(x[:5])
+    ref = copy.deepcopy(base).eval()
+    with torch.no_grad():
+        for i in range(5):
+            scales = [mt.multiplier * float(p) for p in pi[i]]
+            row = torch.tensor([1.0 - sum(scales), *scales], dtype=torch.float64)
+            ref.load_state_dict(merged([theta_0, *thetas], row))
+            torch.testing.assert_close(out[i], head(ref(x[i : i + 1]))[0], rtol=1e-4, atol=1e-4)
