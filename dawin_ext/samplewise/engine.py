@@ -220,6 +220,18 @@ def _sdpa_vmap(info, in_dims, q, k, v, attn_mask, dropout_p, is_causal, scale, e
             dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
         return out.squeeze(1), 0
+    lead = q.shape[:-3]
+    if q.dim() > 4 and k.shape[:-3] == lead and v.shape[:-3] == lead:
+        # Fold the batch into SDPA's one leading dim: CPU flash attention takes 4-d inputs only and would
+        # otherwise fall back to the unfused math path.
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(*q.shape[:-2], attn_mask.shape[-2], attn_mask.shape[-1])
+            attn_mask = attn_mask.reshape(-1, *attn_mask.shape[-3:])
+        out = F.scaled_dot_product_attention(
+            q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]), v.reshape(-1, *v.shape[-3:]),
+            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        )  # fmt: skip
+        return out.reshape(*lead, *out.shape[-3:]), 0
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
     )
@@ -645,6 +657,27 @@ class ExactMode(TorchFunctionMode):
             out = part if g == 0 else out + c[g].to(part.dtype) * part
         return out
 
+    def batch_norm(
+        self, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+    ):
+        """Eval-mode batch norm with varying statistics or affine: ``x * scale + shift`` with the per-sample
+        ``scale = w / sqrt(var + eps)``, ``shift = b - mean * scale`` (the same affine map batch_norm applies)."""
+        if training or running_mean is None or running_var is None:
+            return NotImplemented  # training mode is refused by the engine before the call
+        x = self._resolve(input, "F.batch_norm")
+        mean = self._resolve(running_mean, "F.batch_norm")
+        var = self._resolve(running_var, "F.batch_norm")
+        w = self._resolve(weight, "F.batch_norm") if weight is not None else None
+        b = self._resolve(bias, "F.batch_norm") if bias is not None else None
+        scale = torch.rsqrt(var + eps)
+        if w is not None:
+            scale = scale * w
+        shift = -mean * scale
+        if b is not None:
+            shift = shift + b
+        shape = (-1,) + (1,) * (x.dim() - 2) if x.dim() >= 2 else (-1,)
+        return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+
     def mha(self, *args, **kwargs):
         with self:  # the body's own F.linear / split calls come back here
             return _MHA_BODY(*args, **kwargs)
@@ -654,6 +687,7 @@ _HANDLERS: dict[Callable, Callable] = {
     F.linear: ExactMode.linear,
     torch._C._nn.linear: ExactMode.linear,
     F.embedding: ExactMode.embedding,
+    F.batch_norm: ExactMode.batch_norm,
     F.multi_head_attention_forward: ExactMode.mha,
     **{f: (lambda self, *a, _n=n, **k: ExactMode.conv(self, _n, *a, **k)) for f, n in _CONV.items()},
     **dict.fromkeys(_MATMUL, ExactMode.matmul),
@@ -737,7 +771,8 @@ class Engine:
                     )
             return tuple(out_flat[i] for i in tensors)
 
-        versions = [(n, t, t._version) for n, t in self._shared_tensors()]
+        # Inference tensors have no version counter; in-place ops on them are still caught by the mode.
+        versions = [(n, t, t._version) for n, t in self._shared_tensors() if not t.is_inference()]
         torch._C._functorch._set_vmap_fallback_warning_enabled(True)
         # nn.MultiheadAttention / TransformerEncoder(Layer) fast paths call fused kernels that bypass F.linear;
         # rule them out so that the module's Python code (and its F.linear calls) runs.
