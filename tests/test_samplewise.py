@@ -666,7 +666,9 @@ def test_materialization_budget_error_names_parameter_and_bytes():
     sources = perturbed_sources(m.state_dict(), 2, seed=0)
     sources[1]["temperature"] = sources[1]["temperature"] + 0.5
     sw = SampleWiseInterpolator(m, sources, materialize_budget_bytes=8)
-    with pytest.raises(MaterializationBudgetError, match=r"'temperature' .* needs 12 bytes .* materialize_budget_bytes"):
+    with pytest.raises(
+        MaterializationBudgetError, match=r"'temperature' .* needs 12 bytes .* materialize_budget_bytes"
+    ):
         sw(torch.randn(3, 4), random_rows(3, 2, 0))
 
 
@@ -723,8 +725,7 @@ def test_in_place_update_of_a_parameter_is_refused():
 
 
 def test_op_without_batching_rule_warns_once_or_raises_when_strict():
-    from dawin_ext.samplewise import NoBatchingRuleError, NoBatchingRuleWarning
-    from dawin_ext.samplewise import engine
+    from dawin_ext.samplewise import NoBatchingRuleError, NoBatchingRuleWarning, engine
 
     lstm = nn.LSTM(4, 5, batch_first=True).eval()
     sources = perturbed_sources(lstm.state_dict(), 2, seed=0)
@@ -732,9 +733,8 @@ def test_op_without_batching_rule_warns_once_or_raises_when_strict():
     rows = random_rows(2, 2, 0)
     engine._WARNED_OPS.discard("torch.lstm")
     sw = SampleWiseInterpolator(lstm, sources)
-    with pytest.warns(NoBatchingRuleWarning, match="op torch.lstm has no vmap batching rule"):
-        with torch.no_grad():
-            out, _ = sw(x, rows)
+    with pytest.warns(NoBatchingRuleWarning, match="op torch.lstm has no vmap batching rule"), torch.no_grad():
+        out, _ = sw(x, rows)
     ref = copy.deepcopy(lstm)
     want = []
     for b in range(2):

@@ -207,12 +207,11 @@ def _sdpa_vmap(info, in_dims, q, k, v, attn_mask, dropout_p, is_causal, scale, e
 
     qd, kd, vd, md = in_dims[:4]
     q, k, v = front(q, qd), front(k, kd), front(v, vd)
-    if attn_mask is not None:
-        if md is not None:
-            attn_mask = attn_mask.movedim(md, 0)
-            # align the per-sample mask's dims with q's (SDPA broadcasts from the right)
-            while attn_mask.dim() < q.dim():
-                attn_mask = attn_mask.unsqueeze(1)
+    if attn_mask is not None and md is not None:
+        attn_mask = attn_mask.movedim(md, 0)
+        # align the per-sample mask's dims with q's (SDPA broadcasts from the right)
+        while attn_mask.dim() < q.dim():
+            attn_mask = attn_mask.unsqueeze(1)
     if q.dim() == 3:  # per-sample [L, E]: give SDPA a head dim so the batch stays a leading dim
         out = F.scaled_dot_product_attention(
             q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
@@ -464,10 +463,7 @@ class ExactMode(TorchFunctionMode):
         self.call.log.append((st.name, tuple(st.shape)))
         c = self.coef(st).to(st.parts.dtype)
         g = st.parts.shape[0]
-        if g == 1:
-            merged = st.parts[0]
-        else:
-            merged = st.parts[0] + torch.tensordot(c[1:], st.parts[1:], dims=1)
+        merged = st.parts[0] if g == 1 else st.parts[0] + torch.tensordot(c[1:], st.parts[1:], dims=1)
         self.call.materialized[id(st)] = merged
         return merged
 
@@ -518,7 +514,11 @@ class ExactMode(TorchFunctionMode):
         first = next(s for s in stacks if s is not None)
         attr = _getter_attr(func)
         if attr in _METADATA_ATTRS or func in _METADATA_FUNCS:
-            return func(*pytree.tree_unflatten([s.ref if s is not None else t for s, t in zip(stacks, flat)], spec)[0])
+            return func(
+                *pytree.tree_unflatten(
+                    [s.ref if s is not None else t for s, t in zip(stacks, flat, strict=False)], spec
+                )[0]
+            )
         if func in _DATA_DEPENDENT:
             raise DataDependentControlFlowError(
                 f"{op} on parameter {first.name!r}, which differs between sources, at {_user_frame()}: Python control "
@@ -544,7 +544,7 @@ class ExactMode(TorchFunctionMode):
         if only_first and unbatched_rest and (func in _VIEW_FUNCS or attr in _VIEW_ATTRS):
             return self._view(func, first, args, kwargs, attr)
         # Any other op: the merged value itself, per sample.
-        new = [self.materialize(s, op) if s is not None else t for s, t in zip(stacks, flat)]
+        new = [self.materialize(s, op) if s is not None else t for s, t in zip(stacks, flat, strict=False)]
         a, k = pytree.tree_unflatten(new, spec)
         try:
             return func(*a, **k)
