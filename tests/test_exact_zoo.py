@@ -192,9 +192,12 @@ def test_control_flow_that_differs_between_samples_is_refused():
     ids = torch.randint(1, 59, (B, 10), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(B, 10, dtype=torch.long)
     mask[0, 7:] = 0  # only row 0 padded: transformers' `if fast_all(mask)` differs between samples
-    with pytest.raises(DataDependentControlFlowError, match=r"Tensor.__bool__.*masking_utils.py"):
-        with torch.no_grad(), sw.coefficients(rows_for(2, 1)):
-            sw.module.get_text_features(input_ids=ids, attention_mask=mask)
+    with (
+        pytest.raises(DataDependentControlFlowError, match=r"Tensor.__bool__.*masking_utils.py"),
+        torch.no_grad(),
+        sw.coefficients(rows_for(2, 1)),
+    ):
+        sw.module.get_text_features(input_ids=ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("num_sources", [2, 4])
