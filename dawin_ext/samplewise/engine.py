@@ -443,6 +443,15 @@ class ExactMode(TorchFunctionMode):
         got = self.call.materialized.get(id(st))
         if got is not None:
             return got
+        self._account(st, op)
+        c = self.coef(st).to(st.parts.dtype)
+        g = st.parts.shape[0]
+        merged = st.parts[0] if g == 1 else st.parts[0] + torch.tensordot(c[1:], st.parts[1:], dims=1)
+        self.call.materialized[id(st)] = merged
+        return merged
+
+    def _account(self, st: Stack, op: str) -> None:
+        """Refuses a per-sample copy of a matrix above 1M entries or beyond the byte budget; logs the copy."""
         numel = st.ref.numel()
         if st.ref.dim() >= 2 and numel > MAX_MATERIALIZED_MATRIX_NUMEL:
             raise UnsupportedParameterError(
@@ -461,11 +470,6 @@ class ExactMode(TorchFunctionMode):
             )
         self.call.spent += nbytes
         self.call.log.append((st.name, tuple(st.shape)))
-        c = self.coef(st).to(st.parts.dtype)
-        g = st.parts.shape[0]
-        merged = st.parts[0] if g == 1 else st.parts[0] + torch.tensordot(c[1:], st.parts[1:], dims=1)
-        self.call.materialized[id(st)] = merged
-        return merged
 
     def new_stack(self, st: Stack, parts: Tensor, what: str) -> Tensor:
         ph = torch.empty(parts.shape[1:], dtype=parts.dtype, device="meta")
@@ -564,6 +568,7 @@ class ExactMode(TorchFunctionMode):
         leaves = []
         for st, t in zip(stacks, flat, strict=True):
             if st is not None:
+                self._account(st, op)
                 c = torch.cat([torch.ones_like(rows[:, :1]), rows[:, list(st.active)]], 1).to(st.parts.dtype)
                 leaves.append(("b", torch.tensordot(c, st.parts, dims=1)))
             elif isinstance(t, Tensor) and torch._C._functorch.maybe_get_level(t) == level:

@@ -159,6 +159,7 @@ class SampleWiseInterpolator(nn.Module):
             work = work.to(device).eval()
             stacks = self._install_placeholders(work, sds, varying, device)
         self.net = work
+        self._device = device  # every parameter may be a placeholder (meta), so remember where the module lives
         self._engine = Engine(work, stacks, materialize_budget_bytes, strict)
         self.varying_keys = sorted(varying)
         self._rows: Tensor | None = None
@@ -211,7 +212,7 @@ class SampleWiseInterpolator(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return _module_device(self.net)
+        return self._device
 
     @property
     def last_materialized(self) -> list[tuple[str, tuple[int, ...]]]:
