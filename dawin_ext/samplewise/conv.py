@@ -7,10 +7,10 @@ weights for every sample and running the stock convolution on that sample would 
 
 Routes (all exact, they differ in cost only):
 
-* ``"fold"``: per-sample weights ``[B, C_out, C_in/groups, *k]`` are formed (one ``[B, S] @ [S, numel]`` product in
-  fp32) and the batch is folded into channels: one grouped convolution of the input viewed as ``[1, B*C_in, ...]``
-  with ``groups = B*groups``. One convolution's FLOPs plus ``B*S*numel`` for the weights. The natural route for
-  depthwise and grouped convolutions, whose weights are small.
+* ``"fold"``: per-sample weights ``[B, C_out, C_in/groups, *k]`` are formed (S multiply-adds per entry in fp32,
+  rounded once to the input dtype, as per-sample merging does) and the batch is folded into channels: one grouped
+  convolution of the input viewed as ``[1, B*C_in, ...]`` with ``groups = B*groups``. One convolution's FLOPs plus
+  ``B*S*numel`` for the weights. The natural route for depthwise and grouped convolutions, whose weights are small.
 * ``"stacked"``: one convolution with the S sources' weights stacked along the output channels (per group), giving S
   partial outputs side by side, then the per-sample combination ``sum_s c[b, s] y_s`` in one pass
   (:func:`dawin_ext.sample_combine`, fp32 accumulation). S times the FLOPs, but no per-sample weights at all.
@@ -20,17 +20,33 @@ Routes (all exact, they differ in cost only):
   output positions per sample: about one GEMM's cost; elsewhere it computes S GEMMs and blends them). Its result is
   returned as a channels-last strided view ``[B, C_out, *spatial_out]`` (no copy back).
 
+Calling it from a vmap rule: move the batch dim of ``x`` to 0 (fold any extra leading dims into it, repeating the
+coefficient rows), pass the layer's S stacked sources built once with :func:`samplewise_conv_weights` (raw sources
+with rows ``c``, or ``[W0, W_a - W0, ...]`` with rows ``[1, c_a, ...]``: both are exact, the second drops sources
+equal to source 0), ``coefficients`` ``[B, S]`` and the layer's own stride/padding/dilation/groups. Non-zero padding
+modes are applied by ``nn.Conv*d`` itself through ``F.pad`` before ``F.conv*d``, so a caller that intercepts
+``F.conv*d`` passes ``padding_mode="zeros"``. Under autograd only ``"fold"`` and ``"stacked"`` are taken.
+
+Kernel taps that only ever read zero padding (a 7x7 kernel with padding 3 on a 2x2 map) are dropped first, with the
+padding shrunk to match; the output is unchanged and oneDNN's depthwise kernel was ~20x slower on the uncropped shape.
+
 Memory rule: a per-sample copy of a weight tensor (the ``"fold"`` route's ``[B, C_out, C_in/groups, *k]``) is made
 only when one sample's weight has at most :data:`MAX_PER_SAMPLE_WEIGHT_NUMEL` (1M) entries, and only when the
 heuristic below picks that route. ``"stacked"`` and ``"linear"`` never copy weights per sample.
 
-Heuristic (``route="auto"``), from the measurements in ``benchmarks/test_bench_samplewise_conv.py``; with ``P`` the
-output positions per sample and ``n = C_out * C_in/groups * prod(k)`` one sample's weight entries:
+Heuristic (``route="auto"``, :func:`samplewise_conv_route`), fitted to the layer shapes of timm's convnext_atto and
+resnet18 at batch 16 (``benchmarks/test_bench_samplewise_conv.py``). With ``P`` the output positions per sample,
+``K = C_in/groups * prod(k)`` and ``n = C_out * K`` one sample's weight entries:
 
 1. grouped or depthwise (``groups > 1``): ``"fold"`` if ``n <= 1M``, else ``"stacked"``;
-2. dense, CPU, float32, no autograd, ``P >= 6`` and samplewise_linear has its brgemm path: ``"linear"``;
-3. otherwise ``"fold"`` when ``n <= 1M`` and ``P >= S`` (forming the weights costs ``S`` multiply-adds per entry, the
-   convolution ``P``), else ``"stacked"``.
+2. dense on the CPU in float32 without autograd: ``"linear"`` for 1x1 kernels (no im2col; in a channels-last
+   network such as timm's ConvNeXt the input is already the GEMM operand); ``"fold"`` if ``n <= 1M``, ``P >= 256``
+   and ``C_in >= 16`` (forming the weights is then negligible and the convolution library beats im2col); else
+   ``"linear"`` when forming each sample's weights in cache costs less than the stacked convolution's extra
+   ``(S - 1)`` GEMMs (``P * (S - 1) >= a * S``, ``a`` = 2 when the sources' weight block fits in L2,
+   ``S * K <= 2048``, else 32), otherwise ``"stacked"``;
+3. elsewhere (CUDA, half precision, float64, autograd: not measured yet): ``"fold"`` if ``n <= 1M`` and ``P >= 64``,
+   else ``"stacked"``.
 """
 
 from __future__ import annotations
@@ -44,15 +60,33 @@ from torch import Tensor
 
 from ..ops import sample_combine, samplewise_linear, samplewise_linear_cpu_path
 
-__all__ = ["samplewise_conv", "samplewise_conv_route", "ROUTES", "MAX_PER_SAMPLE_WEIGHT_NUMEL"]
+__all__ = [
+    "samplewise_conv",
+    "samplewise_conv_route",
+    "samplewise_conv_weights",
+    "ROUTES",
+    "MAX_PER_SAMPLE_WEIGHT_NUMEL",
+]
 
 #: Routes :func:`samplewise_conv` can take; ``"auto"`` picks one per call.
 ROUTES = ("fold", "stacked", "linear")
 #: Largest per-sample weight (entries of one ``[C_out, C_in/groups, *k]`` tensor) that may be copied per sample.
 MAX_PER_SAMPLE_WEIGHT_NUMEL = 1 << 20
-# samplewise_linear mixes weights in cache from this many rows (output positions) per sample on (mirrors
-# kMinRowsForMixing in csrc/cpu/samplewise_linear_cpu.cpp).
-_LINEAR_MIN_ROWS = 6
+# Cost of forming one sample's merged weight entry, in units of one multiply-add of the GEMM, when the sources'
+# [S, K, 64] block that samplewise_linear mixes stays in L2 across samples (S * K <= _L2_BLOCK_SK: 512 KiB of fp32)
+# and when it does not (read again from L3/memory for every sample). Fitted to the convnext_atto/resnet18 layer
+# shapes at batch 16 (benchmarks/test_bench_samplewise_conv.py).
+_MIX_COST_IN_CACHE = 2
+_MIX_COST_OUT_OF_CACHE = 32
+_L2_BLOCK_SK = 2048
+# Off the "linear" route, dense convolutions fold the batch only with this many output positions per sample or more.
+_FOLD_MIN_POSITIONS = 64
+# On the CPU in float32, dense k x k (k > 1) convolutions with a small weight fold the batch from this many output
+# positions per sample: forming the weights is then negligible and the convolution library beats im2col +
+# samplewise_linear (resnet18's 64-channel 3x3 layers); at 64 positions it does not.
+_FOLD_MIN_POSITIONS_CPU = 256
+# ... and at least this many input channels per group: with fewer (an RGB stem) im2col + samplewise_linear won.
+_FOLD_MIN_CHANNELS_CPU = 16
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -164,7 +198,6 @@ def _out_size(size: int, pad: tuple[int, int], k: int, s: int, d: int) -> int:
 
 
 def samplewise_conv_route(
-    x_shape: Sequence[int],
     weight_shape: Sequence[int],
     out_positions: int,
     groups: int,
@@ -172,8 +205,21 @@ def samplewise_conv_route(
     device: torch.device | str,
     needs_grad: bool = False,
 ) -> str:
-    """The route ``route="auto"`` takes for these shapes (see the module docstring for the rule)."""
-    s = weight_shape[0]
+    """The route ``route="auto"`` takes for a ``[S, C_out, C_in/groups, *k]`` weight and ``out_positions`` outputs.
+
+    The rule (see the module docstring; thresholds from ``benchmarks/test_bench_samplewise_conv.py``):
+
+    1. ``groups > 1``: ``"fold"`` when one sample's weight has at most 1M entries, else ``"stacked"``.
+    2. ``groups == 1``, CPU, float32, no autograd, samplewise_linear's brgemm path present: ``"linear"`` for 1x1
+       kernels; ``"fold"`` when one sample's weight has at most 1M entries, ``P >= 256`` and ``C_in >= 16``; else
+       ``"linear"`` when ``P * (S - 1) >= a * S``, else ``"stacked"``. ``a`` is 2 if the sources' ``[S, K, 64]``
+       weight block (``K = C_in * prod(k)``) that samplewise_linear mixes fits in L2 (``S * K <= 2048``) and 32 if
+       it does not. The form follows the costs (forming a sample's weights ~ ``S`` per weight entry, the stacked
+       convolution's extra ``(S - 1) * P``); the constants are fitted to the measured routes, not derived.
+    3. otherwise (CUDA, float16/bfloat16/float64, autograd; not measured): ``"fold"`` when one sample's weight has
+       at most 1M entries and ``P >= 64``, else ``"stacked"``.
+    """
+    s = int(weight_shape[0])
     numel = math.prod(weight_shape[1:])
     small = numel <= MAX_PER_SAMPLE_WEIGHT_NUMEL
     if groups > 1:
@@ -182,11 +228,16 @@ def samplewise_conv_route(
         not needs_grad
         and torch.device(device).type == "cpu"
         and dtype == torch.float32
-        and out_positions >= _LINEAR_MIN_ROWS
         and samplewise_linear_cpu_path() == "brgemm"
     ):
-        return "linear"
-    return "fold" if small and out_positions >= s else "stacked"
+        if all(k == 1 for k in weight_shape[3:]):
+            return "linear"  # no im2col: a channels-last view of the input is the GEMM's operand
+        if small and out_positions >= _FOLD_MIN_POSITIONS_CPU and weight_shape[2] >= _FOLD_MIN_CHANNELS_CPU:
+            return "fold"
+        k = math.prod(weight_shape[2:])
+        a = _MIX_COST_IN_CACHE if s * k <= _L2_BLOCK_SK else _MIX_COST_OUT_OF_CACHE
+        return "linear" if out_positions * (s - 1) >= a * s else "stacked"
+    return "fold" if small and out_positions >= _FOLD_MIN_POSITIONS else "stacked"
 
 
 def samplewise_conv(
@@ -201,7 +252,7 @@ def samplewise_conv(
     padding_mode: str = "zeros",
     route: str = "auto",
 ) -> Tensor:
-    """Per-sample interpolated convolution: sample ``b`` uses weight ``sum_s c[b, s] W_s`` and bias ``sum_s c[b, s] b_s``.
+    """Per-sample interpolated convolution: sample ``b`` uses weight ``sum_s c[b, s] W_s``, bias ``sum_s c[b, s] b_s``.
 
     Equals, for every ``b``, ``F.conv{n}d(x[b:b+1], W(c_b), bias(c_b), stride, padding, dilation, groups)`` (after
     padding ``x`` with ``padding_mode`` as ``nn.Conv{n}d`` does), up to rounding, without forming any per-sample weight
@@ -255,12 +306,12 @@ def samplewise_conv(
         )
     if b == 0:
         return x.new_empty((0, c_out, *out_spatial))
+    if any(conv_pad):
+        weights, conv_pad = _crop_to_reachable_taps(weights, x.shape[2:], conv_pad, stride_t, dilation_t, out_spatial)
 
     needs_grad = _needs_grad(x, weights, coefficients, biases)
     if route == "auto":
-        route = samplewise_conv_route(
-            x.shape, weights.shape, math.prod(out_spatial), groups, x.dtype, x.device, needs_grad
-        )
+        route = samplewise_conv_route(weights.shape, math.prod(out_spatial), groups, x.dtype, x.device, needs_grad)
     if route == "linear":
         if groups != 1:
             raise ValueError(f"samplewise_conv: route 'linear' needs groups == 1, got groups = {groups}")
@@ -268,10 +319,50 @@ def samplewise_conv(
             raise RuntimeError(
                 "samplewise_conv: route 'linear' has no backward; use 'fold' or 'stacked' under autograd"
             )
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"samplewise_conv: route 'linear' computes in float32 (samplewise_linear); x has {x.dtype}, "
+                "use 'fold' or 'stacked'"
+            )
         return _linear(x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, out_spatial)
     if route == "fold":
+        numel = math.prod(weights.shape[1:])
+        if numel > MAX_PER_SAMPLE_WEIGHT_NUMEL:
+            raise ValueError(
+                f"samplewise_conv: route 'fold' would copy the weights per sample, and one sample's weight "
+                f"{tuple(weights.shape[1:])} has {numel} entries, over the {MAX_PER_SAMPLE_WEIGHT_NUMEL} budget; "
+                "use 'stacked' or 'linear' (route='auto' never folds above it)"
+            )
         return _fold(conv, x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, groups)
     return _stacked(conv, x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, groups)
+
+
+def _crop_to_reachable_taps(weights, spatial, pad, stride, dilation, out_spatial) -> tuple[Tensor, tuple[int, ...]]:
+    """Drops kernel taps that only ever read zero padding (a view of ``weights``), with the padding shrunk to match.
+
+    A 7x7 depthwise kernel with padding 3 on a 2x2 input reads real data with its central 3x3 taps only; the
+    convolution libraries skip padding too, but oneDNN's depthwise kernel was ~20x slower on such shapes than on the
+    cropped 3x3 one (convnext_atto's last stage at 64x64). Only symmetric crops are made, so the padding stays
+    symmetric; the output is unchanged, each dropped term being a zero of the padding times a weight.
+    """
+    n = len(pad)
+    crops, new_pad = [], []
+    for i in range(n):
+        k, p, s, d, o, size = weights.shape[3 + i], pad[i], stride[i], dilation[i], out_spatial[i], spatial[i]
+        reach = [t for t in range(k) if any(0 <= j * s + t * d - p < size for j in range(o))]
+        lo = reach[0] if reach else 0
+        hi = reach[-1] if reach else k - 1
+        cut = min(lo, k - 1 - hi)  # symmetric part of the crop
+        p2 = p - cut * d
+        if cut <= 0 or p2 < 0 or (size + 2 * p2 - d * (k - 2 * cut - 1) - 1) // s + 1 != o:
+            crops.append(slice(None))
+            new_pad.append(p)
+            continue
+        crops.append(slice(cut, k - cut))
+        new_pad.append(p2)
+    if all(c == slice(None) for c in crops):
+        return weights, pad
+    return weights[(slice(None), slice(None), slice(None), *crops)], tuple(new_pad)
 
 
 def _mix_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -279,9 +370,17 @@ def _mix_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _mixed(coefficients: Tensor, stacked: Tensor) -> Tensor:
-    """``[B, S] @ [S, ...]`` -> ``[B, ...]``: each sample's sum over sources, accumulated in fp32 (fp64 for fp64)."""
+    """``[B, S] x [S, ...]`` -> ``[B, ...]``: each sample's sum over sources, accumulated in fp32 (fp64 for fp64).
+
+    Elementwise multiply-adds, not a ``[B, S] @ [S, numel]`` product: with S this small a GEMM library's skinny
+    path was ~10x slower (MKL on this AMD CPU), and the sum is memory-bound anyway.
+    """
     acc = _mix_dtype(stacked.dtype)
-    out = coefficients.to(acc) @ stacked.reshape(stacked.shape[0], -1).to(acc)
+    c = coefficients.to(acc)
+    flat = stacked.reshape(stacked.shape[0], 1, -1)
+    out = flat[0].to(acc) * c[:, 0:1]
+    for s in range(1, stacked.shape[0]):
+        out.addcmul_(flat[s].to(acc), c[:, s : s + 1])
     return out.to(stacked.dtype).view(coefficients.shape[0], *stacked.shape[1:])
 
 
@@ -325,28 +424,61 @@ def _stacked(conv, x, weights, coefficients, biases, stride, pad, dilation, grou
 
 
 def _linear(x, weights, coefficients, biases, stride, pad, dilation, out_spatial) -> Tensor:
-    """The convolution as a per-sample linear map of its patches (groups == 1) through samplewise_linear."""
+    """The convolution as a per-sample linear map of its patches (groups == 1) through samplewise_linear.
+
+    Works channels-last throughout: the patches ``[B, L, prod(k) * C_in]`` are gathered from an NHWC view (runs of
+    C_in contiguous entries, so the copy streams), the weights are read as ``[S, prod(k) * C_in, C_out]`` (a view when
+    the caller keeps them in the layout :func:`samplewise_conv_weights` builds, else one copy of the S sources), and
+    the ``[B, L, C_out]`` result is returned as a channels-last view ``[B, C_out, *out]``.
+    """
     b, c_in = x.shape[0], x.shape[1]
     s, c_out = weights.shape[0], weights.shape[1]
     kernel = tuple(weights.shape[3:])
     n = len(kernel)
+    xl = x.permute(0, *range(2, 2 + n), 1)  # [B, *spatial, C_in], a view
     if any(pad):
-        x = F.pad(x, [v for p in reversed(pad) for v in (p, p)])
+        xp = x.new_zeros((b, *(size + 2 * p for size, p in zip(x.shape[2:], pad, strict=True)), c_in))
+        xp[(slice(None), *(slice(p, p + size) for size, p in zip(x.shape[2:], pad, strict=True)))] = xl
+        xl = xp
     if all(k == 1 for k in kernel):
-        # 1x1: subsample by the stride, channels last; no patch copy beyond that.
-        idx = (slice(None), slice(None), *(slice(None, o * st, st) for o, st in zip(out_spatial, stride, strict=True)))
-        patches = x[idx].movedim(1, -1).reshape(b, -1, c_in)
+        # 1x1: subsample by the stride; a channels-last input needs no copy at all.
+        idx = (slice(None), *(slice(None, o * st, st) for o, st in zip(out_spatial, stride, strict=True)))
+        patches = xl[idx].reshape(b, -1, c_in)
     else:
-        # im2col: windows along every spatial dim (Tensor.unfold, views), then one copy into [B, L, C_in*prod(k)]
-        # with the weights' (C_in, *k) order.
-        p = x
+        # im2col: windows along every spatial dim (Tensor.unfold: views), then one copy in (*k, C_in) order.
+        p = xl
         for i in range(n):
-            span = dilation[i] * (kernel[i] - 1) + 1
-            p = p.unfold(2 + i, span, stride[i])
+            p = p.unfold(1 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
             if dilation[i] > 1:
                 p = p[..., :: dilation[i]]
-        # p: [B, C_in, *out, *k] -> [B, *out, C_in, *k]
-        perm = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
-        patches = p.permute(perm).reshape(b, -1, c_in * math.prod(kernel))
-    y = samplewise_linear(patches, weights.reshape(s, c_out, -1), coefficients, biases)  # [B, L, C_out]
+        # p: [B, *out, C_in, *k] -> [B, *out, *k, C_in]
+        p = p.permute(0, *range(1, 1 + n), *range(2 + n, 2 + 2 * n), 1 + n)
+        patches = p.reshape(b, -1, math.prod(kernel) * c_in)
+    wt = weights.permute(0, *range(3, 3 + n), 2, 1).reshape(s, -1, c_out)  # [S, prod(k) * C_in, C_out]
+    y = samplewise_linear(patches, wt.transpose(1, 2), coefficients, biases)  # [B, L, C_out]
     return y.view(b, *out_spatial, c_out).movedim(-1, 1)
+
+
+def samplewise_conv_weights(weights: Sequence[Tensor] | Tensor) -> Tensor:
+    """Stacks S ``[C_out, C_in/groups, *k]`` weights into the ``[S, C_out, C_in/groups, *k]`` tensor read fastest.
+
+    Build it once per layer and keep it (as :func:`dawin_ext.samplewise_linear_weights` for linear layers):
+
+    * 1x1 kernels (which take the ``"linear"`` route on the CPU): storage ``[S, C_in/groups, C_out]``, so
+      samplewise_linear reads it with no copy per call;
+    * every other kernel: plain contiguous ``[S, C_out, C_in/groups, *k]``. The ``"stacked"`` route views it as
+      ``[S*C_out, ...]`` for free, and a permuted storage made resnet18's stacked convolutions 2x slower; the
+      ``"linear"`` route copies such weights once per call into ``[S, prod(k)*C_in, C_out]``.
+
+    Every route accepts any layout; only the speed differs.
+    """
+    w = torch.stack(list(weights), 0) if not isinstance(weights, Tensor) else weights
+    if w.dim() not in (4, 5, 6):
+        raise ValueError(f"samplewise_conv_weights: need S weights [C_out, C_in/groups, *k], got {tuple(w.shape)}")
+    w = w.detach()
+    if any(k != 1 for k in w.shape[3:]):
+        return w.contiguous()
+    n = w.dim() - 3
+    perm = (0, *range(3, 3 + n), 2, 1)
+    inv = [perm.index(i) for i in range(w.dim())]
+    return w.permute(perm).contiguous().permute(inv)
