@@ -21,7 +21,6 @@ import torch
 import dawin_ext
 from dawin_ext import SampleWiseInterpolator
 from dawin_ext.reference import interpolation_reference
-from dawin_ext.samplewise.layers import combine
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -59,7 +58,7 @@ def _vit_b32_sources(device: str):
 def test_samplewise_vit_b32(benchmark, device):
     batch = 64 if device == "cpu" else 256
     visual, sources = _vit_b32_sources(device)
-    sw = {c: SampleWiseInterpolator(visual, sources, combine=c) for c in ("torch", "kernel")}
+    sw = {"engine": SampleWiseInterpolator(visual, sources), "one_source": SampleWiseInterpolator(visual, sources[1:])}
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(batch, 3, 224, 224, generator=gen).to(device)
     lam = torch.rand(batch, generator=gen).to(device)
@@ -78,22 +77,23 @@ def test_samplewise_vit_b32(benchmark, device):
             dawin_ext.blend(sources, [[1 - float(lam[b]), float(lam[b])]], out=[live])
             ref_model(x[b : b + 1])
 
-    times: dict[str, list[float]] = {"plain": [], "sw_torch": [], "sw_kernel": []}
+    ones = torch.ones(batch, 1, device=x.device)
+    times: dict[str, list[float]] = {"plain": [], "sw_engine": [], "sw_one_source": []}
     with torch.inference_mode():
         visual(x)
-        for s in sw.values():
-            s(x, rows)
+        sw["engine"](x, rows)
+        sw["one_source"](x, ones)
         for _ in range(ROUNDS):
             times["plain"].append(_timed(lambda: visual(x), device))
-            times["sw_torch"].append(_timed(lambda: sw["torch"](x, rows), device))
-            times["sw_kernel"].append(_timed(lambda: sw["kernel"](x, rows), device))
+            times["sw_engine"].append(_timed(lambda: sw["engine"](x, rows), device))
+            times["sw_one_source"].append(_timed(lambda: sw["one_source"](x, ones), device))
         t_ref_loop = _timed(reference_loop, device)
         t_blend_loop = _timed(blend_loop, device)
         # exactness on the benchmark inputs: the last merged model is sample batch-1's
-        torch.testing.assert_close(sw["torch"](x[-1:], rows[-1:]), ref_model(x[-1:]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(sw["engine"](x[-1:], rows[-1:]), ref_model(x[-1:]), atol=1e-4, rtol=0)
 
-        best_name = min(("sw_torch", "sw_kernel"), key=lambda k: statistics.median(times[k]))
-        best = sw[best_name.removeprefix("sw_")]
+        best_name = "sw_engine"
+        best = sw["engine"]
         result = benchmark.pedantic(lambda: (best(x, rows), _sync(device)), rounds=ROUNDS, iterations=1)
     del result
 
@@ -104,14 +104,14 @@ def test_samplewise_vit_b32(benchmark, device):
         "batch": batch,
         "threads": torch.get_num_threads(),
         "plain_s": med["plain"],
-        "samplewise_torch_combine_s": med["sw_torch"],
-        "samplewise_kernel_combine_s": med["sw_kernel"],
+        "samplewise_s": med["sw_engine"],
+        "samplewise_one_source_s": med["sw_one_source"],
+        "samplewise_over_one_source": med["sw_engine"] / med["sw_one_source"],
         "reference_loop_s": t_ref_loop,
         "blend_loop_s": t_blend_loop,
         "samplewise_over_plain": t_sw / med["plain"],
         "reference_loop_over_samplewise": t_ref_loop / t_sw,
         "blend_loop_over_samplewise": t_blend_loop / t_sw,
-        "faster_combine": best_name,
     }
     benchmark.extra_info.update(info)
     print("\n" + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
@@ -123,6 +123,16 @@ def test_samplewise_vit_b32(benchmark, device):
             assert info["reference_loop_over_samplewise"] >= 3.5, info
         else:
             assert info["reference_loop_over_samplewise"] >= 200, info
+
+
+def _combine(partials: torch.Tensor, weights: torch.Tensor, strategy: str) -> torch.Tensor:
+    """``[B, M, G, N]`` x ``[B, G]`` -> ``[B, M, N]``: the kernel or an addcmul chain (samplewise_conv's combine)."""
+    if strategy == "kernel":
+        return dawin_ext.sample_combine(partials, weights)
+    out = torch.addcmul(partials[:, :, 0], partials[:, :, 1], weights[:, 1, None, None])
+    for g in range(2, partials.shape[2]):
+        out.addcmul_(partials[:, :, g], weights[:, g, None, None])
+    return out
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -139,7 +149,7 @@ def test_combine_strategies(benchmark, device, strategy, shape):
     w = torch.rand(shape[0], shape[2], generator=gen).to(device)
     w[:, 0] = 1
     benchmark.group = f"combine {device} {'x'.join(map(str, shape))}"
-    out = benchmark(lambda: (combine(y, w, strategy), _sync(device))[0])
+    out = benchmark(lambda: (_combine(y, w, strategy), _sync(device))[0])
     ref = torch.einsum("bmgn,bg->bmn", y.double(), w.double())
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
@@ -161,7 +171,7 @@ def test_samplewise_linear_op(benchmark, device, impl, shape):
     stacked_w = torch.cat([w0, w1 - w0])
     fns = {
         "samplewise_linear": lambda: dawin_ext.samplewise_linear(x, fast, coef),
-        "stacked_gemm": lambda: combine(torch.nn.functional.linear(x, stacked_w).view(64, 50, 2, n), coef, "torch"),
+        "stacked_gemm": lambda: _combine(torch.nn.functional.linear(x, stacked_w).view(64, 50, 2, n), coef, "torch"),
         "plain_linear": lambda: torch.nn.functional.linear(x, w0),
     }
     benchmark.group = f"samplewise_linear {device} {k}->{n}"
@@ -175,23 +185,32 @@ def test_samplewise_linear_op(benchmark, device, impl, shape):
             torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["sample", "in", "out"])
-@pytest.mark.parametrize("num_sources", [2, 3, 5, 9])
-def test_affine_stack_layouts(benchmark, device, layout, num_sources):
-    """The exact mode's three layouts of one linear layer (ViT-B-32 MLP up, 64 samples x 50 tokens) as the number
-    of sources grows (multi-task: theta_0 plus task vectors)."""
-    from dawin_ext.samplewise.layers import AffineStack, CoefficientState
+@pytest.mark.parametrize("model", ["vit_small", "hf_clip_vision", "convnext_atto", "resnet18"])
+def test_exact_engine_models(benchmark, model):
+    """Issue 10's speed points: the exact engine (S=2) against a plain forward and against one source."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    from dawin_ext.bench import exact_engine_rows
 
-    gen = torch.Generator().manual_seed(0)
-    weights = [(torch.randn(3072, 768, generator=gen) * 0.03).to(device) for _ in range(num_sources)]
-    rows = torch.distributions.Dirichlet(torch.ones(num_sources)).sample((64,)).to(device)
-    state = CoefficientState(num_sources)
-    state.set(rows)
-    stack = AffineStack(weights, None, state, "mlp_up", mode=layout)
-    x = torch.randn(64, 50, 768, generator=gen).to(device)
-    benchmark.group = f"AffineStack {device} 768->3072 S={num_sources}"
-    with torch.inference_mode():
-        out = benchmark(lambda: (stack.linear(x), _sync(device))[0])
-    merged0 = sum(rows[0, s] * weights[s] for s in range(num_sources))
-    torch.testing.assert_close(out[0], x[0] @ merged0.T, atol=1e-4, rtol=1e-4)
+    names = {
+        "vit_small": "timm vit_small",
+        "hf_clip_vision": "transformers CLIPVisionModel",
+        "convnext_atto": "timm convnext_atto",
+        "resnet18": "timm resnet18",
+    }
+    import dawin_ext.bench as bench
+
+    models = bench._exact_models(quick=False)
+    picked = [m for m in models if m[0].startswith(names[model])]
+    original = bench._exact_models
+    bench._exact_models = lambda quick: picked
+    try:
+        rows = benchmark.pedantic(lambda: exact_engine_rows(torch.device("cpu"), False, ROUNDS), rounds=1, iterations=1)
+    finally:
+        bench._exact_models = original
+    info = {"over_plain": rows[0]["over_plain"], "over_one_source": rows[1]["over_one_source"]}
+    benchmark.extra_info.update(info)
+    print(f"\n{rows[0]['case']}: {info}")
+    if os.environ.get("DAWIN_BENCH_ASSERT") == "1":
+        limit = 2.0 if model in ("convnext_atto", "resnet18") else 1.5
+        assert info["over_plain"] <= limit, info

@@ -336,6 +336,88 @@ def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]
     ]
 
 
+def _exact_models(quick: bool) -> list[tuple[str, Callable[[], torch.nn.Module], tuple[int, ...]]]:
+    """(name, builder, input shape) of the exact-engine benchmark models (issue 10), random init, no downloads."""
+    import timm
+
+    def hf_clip_vision():
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        if quick:
+            cfg = CLIPVisionConfig(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                patch_size=16,
+            )  # fmt: skip
+        else:  # the ViT-B/32 configuration
+            cfg = CLIPVisionConfig(
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                image_size=224, patch_size=32,
+            )  # fmt: skip
+        return _PoolerOutput(CLIPVisionModel(cfg))
+
+    def vit_small():
+        kw = {"img_size": 64, "depth": 2} if quick else {}
+        return timm.create_model("vit_small_patch16_224", pretrained=False, **kw)
+
+    batch = 4 if quick else 16
+    return [
+        ("timm vit_small_patch16_224", vit_small, (batch, 3, 64 if quick else 224, 64 if quick else 224)),
+        (
+            "transformers CLIPVisionModel ViT-B/32",
+            hf_clip_vision,
+            (batch, 3, 64 if quick else 224, 64 if quick else 224),
+        ),
+        ("timm convnext_atto", lambda: timm.create_model("convnext_atto", pretrained=False), (batch, 3, 64, 64)),
+        ("timm resnet18", lambda: timm.create_model("resnet18", pretrained=False), (batch, 3, 64, 64)),
+    ]
+
+
+class _PoolerOutput(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).pooler_output
+
+
+def exact_engine_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]:
+    """The exact per-sample engine on timm / transformers models: S=2 against a plain forward pass and against
+    the same engine with one source (the honest cost of mixing), all measured alternately in this run."""
+    from .samplewise import SampleWiseInterpolator
+
+    rows = []
+    sync = _sync(device)
+    for name, build, shape in _exact_models(quick):
+        torch.manual_seed(0)
+        model = build().to(device).eval()
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        gen = torch.Generator().manual_seed(1)
+        ft = {
+            k: (v + 0.05 * v.float().std().nan_to_num(0.02) * torch.randn(v.shape, generator=gen).to(v))
+            if v.is_floating_point() and v.numel() > 1
+            else v.clone()
+            for k, v in sd.items()
+        }
+        x = torch.randn(shape, generator=gen).to(device)
+        lam = torch.rand(shape[0], generator=gen).to(device)
+        rows_c = torch.stack([1 - lam, lam], 1)
+        two = SampleWiseInterpolator(model, [sd, ft])
+        one = SampleWiseInterpolator(model, [ft])
+        ones = torch.ones(shape[0], 1, device=device)
+        with torch.inference_mode():
+            exact_s, plain = _time_pair(lambda t=two, x=x, r=rows_c: t(x, r), lambda m=model, x=x: m(x), repeats, sync)
+            _, exact1 = _time_pair(
+                lambda t=two, x=x, r=rows_c: t(x, r), lambda o=one, x=x, r=ones: o(x, r), repeats, sync
+            )
+        case = f"{name}, batch {shape[0]}, {shape[-1]}px: S=2"
+        rows.append(_row("exact engine", case, exact_s, "plain forward", plain, over_plain=exact_s / plain))
+        rows.append(
+            _row("exact engine", case, exact_s, "same engine, 1 source", exact1, over_one_source=exact_s / exact1)
+        )
+    return rows
+
+
 def environment(device: str | torch.device) -> dict:
     import dawin_ext
 
@@ -373,6 +455,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per op (default 5, quick 3)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment to PATH as JSON")
     parser.add_argument(
+        "--exact-models",
+        action="store_true",
+        help="also time the exact per-sample engine on timm ViT/ConvNeXt/ResNet and transformers CLIP against a "
+        "plain forward and against one source (several minutes on a 2-core CPU; tiny configs with --quick)",
+    )
+    parser.add_argument(
         "--pipeline",
         action="store_true",
         help="also time DaWin cluster-wise and exact per-sample inference against the reference loops "
@@ -389,6 +477,8 @@ def run(args: argparse.Namespace) -> int:
     rows = kernel_rows(args.device, quick=args.quick, repeats=args.repeats)
     if args.pipeline:
         rows += pipeline_rows(torch.device(args.device), args.quick, args.repeats or 3)
+    if getattr(args, "exact_models", False):
+        rows += exact_engine_rows(torch.device(args.device), args.quick, args.repeats or 3)
     print(format_table(rows))
     print("ratio = reference median / ours median, both measured alternately in this run")
     if args.json:

@@ -187,77 +187,33 @@ def test_tiny_net_matches_per_sample_merge(device, num_sources, combine, batch_f
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["sample", "in", "out"])
 @pytest.mark.parametrize("rows_per_sample", [1, 5, 6, 50])
-def test_affine_stack_modes_agree(device, mode, rows_per_sample):
-    """The three layouts of a per-sample linear map give the per-sample-merge result, with and without
-    autograd (the "sample" layout switches to differentiable matmuls when a gradient is needed)."""
-    from dawin_ext.samplewise.layers import AffineStack, CoefficientState
-
-    g = torch.Generator().manual_seed(3)
-    weights = [torch.randn(70, 40, generator=g).to(device) / 7 for _ in range(3)]
-    biases = [torch.randn(70, generator=g).to(device) for _ in range(3)]
+def test_linear_layer_any_rows_per_sample(device, rows_per_sample):
+    """Linear maps reach samplewise_linear through the engine's custom op for any number of rows per sample
+    (the CPU kernel switches paths at 6 rows)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 70), nn.GELU(), nn.Linear(70, 30, bias=False)).eval().to(device)
+    sources = perturbed_sources({k: v.cpu() for k, v in net.state_dict().items()}, 3, seed=3)
+    sources = [{k: v.to(device) for k, v in sd.items()} for sd in sources]
+    sw = SampleWiseInterpolator(net, sources)
     rows = random_rows(4, 3, seed=4, device=device)
-    state = CoefficientState(3)
-    stack = AffineStack(weights, biases, state, "probe", mode=mode)
-    assert stack.mode == mode
-    x = torch.randn(4, rows_per_sample, 40, generator=g).to(device)
-    want = torch.stack(
-        [
-            F.linear(
-                x[b], sum(rows[b, s] * weights[s] for s in range(3)), sum(rows[b, s] * biases[s] for s in range(3))
-            )
-            for b in range(4)
-        ]
-    )
-    state.set(rows)
+    x = torch.randn(4, rows_per_sample, 40, device=device)
     with torch.no_grad():
-        torch.testing.assert_close(stack.linear(x), want, atol=2e-5, rtol=2e-5)
-    xg = x.clone().requires_grad_(True)
-    out = stack.linear(xg)
-    torch.testing.assert_close(out.detach(), want, atol=2e-5, rtol=2e-5)
-    out.square().sum().backward()
-    xr = x.clone().requires_grad_(True)
-    ref = torch.stack(
-        [
-            F.linear(
-                xr[b], sum(rows[b, s] * weights[s] for s in range(3)), sum(rows[b, s] * biases[s] for s in range(3))
-            )
-            for b in range(4)
-        ]
-    )
-    ref.square().sum().backward()
-    torch.testing.assert_close(xg.grad, xr.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(stack.sliced(10, 30).linear(x.detach()), want[..., 10:30], atol=2e-5, rtol=2e-5)
-    state.set(None)
-
-
-def test_default_mode_on_cpu_fp32_is_per_sample_mixing():
-    """fp32 linear layers on a CPU with brgemm use the mixing kernel by default; otherwise the stacked GEMM."""
-    from dawin_ext.ops import samplewise_linear_cpu_path
-    from dawin_ext.samplewise.layers import AffineStack, CoefficientState
-
-    w = [torch.randn(128, 64), torch.randn(128, 64)]
-    want = "sample" if samplewise_linear_cpu_path() == "brgemm" else "in"
-    assert AffineStack(w, None, CoefficientState(2), "probe").mode == want
-    assert AffineStack([t[:8, :4] for t in w], None, CoefficientState(2), "probe").mode == "in"  # tiny
-    assert AffineStack([t.double() for t in w], None, CoefficientState(2), "probe").mode == "in"  # in < out
-    assert AffineStack([t.double().t() for t in w], None, CoefficientState(2), "probe").mode == "out"
+        got = sw(x, rows)
+        want = per_sample_reference(net, sources, rows, x)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert sw.last_materialized == []  # weights and biases went to the kernel, nothing was copied per sample
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_patchify_conv_matches_per_sample_merge(device):
     """A kernel == stride convolution (ViT patch embedding) runs as a per-sample linear map of the patches;
     the trailing rows and columns that do not fill a patch are dropped, as the convolution drops them."""
-    from dawin_ext.samplewise.layers import SampleWiseConv2d
-
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(4, 64, kernel_size=4, stride=4, bias=True)).eval().to(device)
     sources = perturbed_sources({k: v.cpu() for k, v in net.state_dict().items()}, 3, seed=5)
     sources = [{k: v.to(device) for k, v in sd.items()} for sd in sources]
     sw = SampleWiseInterpolator(net, sources)
-    layer = sw.module[0]
-    assert isinstance(layer, SampleWiseConv2d)
     rows = random_rows(5, 3, seed=6, device=device)
     x = torch.randn(5, 4, 18, 23, device=device)  # 4x5 patches, 2 and 3 pixels left over
     with torch.no_grad():
@@ -272,7 +228,7 @@ def test_identical_sources_keep_stock_layers_and_equal_plain_forward():
     net = TinyNet().eval()
     sd = net.state_dict()
     sw = SampleWiseInterpolator(net, [sd, snapshot(sd)])
-    assert type(sw.module.attn) is nn.MultiheadAttention and type(sw.module.out) is nn.Linear
+    assert sw.varying_keys == []
     img, tokens = tiny_inputs(4)
     with torch.no_grad():
         torch.testing.assert_close(sw(img, random_rows(4, 2, 0), tokens), net(img, tokens))
@@ -497,38 +453,29 @@ class UsesExp(nn.Module):
         return self.lin(x) * self.temperature.exp()
 
 
-def test_refuses_parameter_not_shown_affine():
+def test_parameter_through_exp_and_subclass_forward_are_exact():
+    """Any use of a parameter is exact: exp() of a varying temperature, a Linear subclass with its own forward."""
+    torch.manual_seed(0)
     m = UsesExp()
-    sd = m.state_dict()
-    other = snapshot(sd)
-    other["temperature"] += 0.1
-    with pytest.raises(UnsupportedParameterError, match="'temperature'"):
-        SampleWiseInterpolator(m, [sd, other])
-    other = snapshot(sd)
-    other["lin.weight"] += 0.1  # fine: only the linear layer differs
-    SampleWiseInterpolator(m, [sd, other])
+    sources = perturbed_sources(m.state_dict(), 3, seed=0)
+    sources[1]["temperature"] = sources[1]["temperature"] + 0.3
+    rows = random_rows(4, 3, seed=1)
+    x = torch.randn(4, 4)
+    sw = SampleWiseInterpolator(m, sources)
+    with torch.no_grad():
+        torch.testing.assert_close(sw(x, rows), per_sample_reference(m, sources, rows, x), atol=1e-5, rtol=1e-5)
 
-
-def test_refuses_clip_logit_scale_and_unknown_subclass():
-    from open_clip.model import CLIP
-
-    vision, text = tiny_clip_cfgs()
-    clip = CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text)
-    sd = clip.state_dict()
-    other = snapshot(sd)
-    other["logit_scale"] += 0.1
-    with pytest.raises(UnsupportedParameterError, match="logit_scale"):
-        SampleWiseInterpolator(clip, [sd, other])
-
-    class ScaledLinear(nn.Linear):  # a subclass may change forward: never replaced silently
+    class ScaledLinear(nn.Linear):  # runs its own forward, around the parent's F.linear
         def forward(self, x):
             return super().forward(x) ** 2
 
     m = nn.Sequential(ScaledLinear(3, 3))
-    sd = m.state_dict()
-    other = {k: v + 0.1 for k, v in sd.items()}
-    with pytest.raises(UnsupportedParameterError, match=r"'0\.bias' \(in ScaledLinear\)"):
-        SampleWiseInterpolator(m, [sd, other])
+    sources = perturbed_sources(m.state_dict(), 2, seed=2)
+    x = torch.randn(4, 3)
+    sw = SampleWiseInterpolator(m, sources)
+    rows = random_rows(4, 2, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(sw(x, rows), per_sample_reference(m, sources, rows, x), atol=1e-5, rtol=1e-5)
 
 
 def test_source_validation_errors():
@@ -548,7 +495,7 @@ def test_source_validation_errors():
         SampleWiseInterpolator(m, [sd, bad])
     with pytest.raises(TypeError, match="sequence of state dicts"):
         SampleWiseInterpolator(m, sd)
-    with pytest.raises(ValueError, match="combine must be one of"):
+    with pytest.raises(ValueError, match="combine must be one of"):  # kept for compatibility
         SampleWiseInterpolator(m, [sd], combine="fused")
     single = SampleWiseInterpolator(m, [sd])  # S = 1: rows must be [[1.0]]
     torch.testing.assert_close(single(torch.ones(2, 3), torch.ones(2, 1)), m(torch.ones(2, 3)))
@@ -584,7 +531,7 @@ def test_coefficient_validation_errors():
     torch.testing.assert_close(sw(x, good.double()), sw(x, good))
 
 
-def test_batch_not_leading_is_refused_and_bn_training_refused():
+def test_batch_not_leading_needs_out_dims_and_bn_training_refused():
     seq = nn.Sequential(nn.Linear(3, 4))
     sources = perturbed_sources(seq.state_dict(), 2, seed=0)
     sw = SampleWiseInterpolator(seq, sources)
@@ -599,10 +546,21 @@ def test_batch_not_leading_is_refused_and_bn_training_refused():
         def forward(self, x):
             return self.lin(x.transpose(0, 1))  # batch moves to dim 1
 
-    t = Transposes()
-    sw = SampleWiseInterpolator(t, perturbed_sources(t.state_dict(), 2, seed=1))
-    with pytest.raises(ValueError, match="lin: input has size 5 along batch dim 0 but the coefficients have 2 rows"):
-        sw(torch.randn(2, 5, 3), random_rows(2, 2, 0))
+    t = Transposes().eval()
+    sources = perturbed_sources(t.state_dict(), 2, seed=1)
+    sw = SampleWiseInterpolator(t, sources)
+    rows = random_rows(2, 2, 0)
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match=r"per-sample shape \(5, 1, 3\): expected size 1 at dim 0"):
+        sw(x, rows)
+    with torch.no_grad(), sw.coefficients(rows, out_dims=1):
+        got = sw.module(x)
+    ref = copy.deepcopy(t)
+    want = []
+    for b in range(2):
+        ref.load_state_dict(merged_state_dict(sources, rows[b]))
+        want.append(ref(x[b : b + 1]))
+    torch.testing.assert_close(got, torch.cat(want, 1))
 
     bn = nn.Sequential(nn.BatchNorm2d(3))
     sw = SampleWiseInterpolator(bn, perturbed_sources(bn.state_dict(), 2, seed=2))
@@ -654,3 +612,167 @@ def test_packed_cross_attention_and_3d_mask():
         # the mask is built per call for the batch it sees, so the reference runs one sample at a time too
         want = per_sample_reference(m, sources, rows, q, kv)
     assert (got - want).abs().max().item() <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the general engine: what it refuses, and how
+# --------------------------------------------------------------------------------------------------------------
+class MatmulBig(nn.Module):
+    """A large matrix used through an op other than linear/matmul (exp), which would need a per-sample copy."""
+
+    def __init__(self, n: int = 1025) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n, 1024) * 0.01)
+
+    def forward(self, x):
+        return x @ self.w.exp().t()
+
+
+def test_large_matrix_is_never_copied_per_sample_and_matmul_uses_the_kernel():
+    from dawin_ext.samplewise import UnsupportedParameterError
+    from dawin_ext.samplewise.engine import MAX_MATERIALIZED_MATRIX_NUMEL
+
+    m = MatmulBig()
+    assert m.w.numel() > MAX_MATERIALIZED_MATRIX_NUMEL
+    sources = perturbed_sources(m.state_dict(), 2, seed=0)
+    sw = SampleWiseInterpolator(m, sources)
+    with pytest.raises(UnsupportedParameterError, match=r"'w' \(1025, 1024\) .*Tensor.exp.*never copied per sample"):
+        sw(torch.randn(2, 1024), random_rows(2, 2, 0))
+
+    class Proj(nn.Module):  # x @ P with a raw [in, out] parameter (open_clip's proj): the linear kernel
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Parameter(torch.randn(1024, 1025) * 0.03)
+
+        def forward(self, x):
+            return x @ self.proj
+
+    p = Proj()
+    sources = perturbed_sources(p.state_dict(), 2, seed=1)
+    sw = SampleWiseInterpolator(p, sources)
+    rows = random_rows(3, 2, 1)
+    x = torch.randn(3, 4, 1024)
+    with torch.no_grad():
+        got = sw(x, rows)
+        want = per_sample_reference(p, sources, rows, x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert sw.last_materialized == []
+
+
+def test_materialization_budget_error_names_parameter_and_bytes():
+    from dawin_ext.samplewise import MaterializationBudgetError
+
+    m = UsesExp()
+    sources = perturbed_sources(m.state_dict(), 2, seed=0)
+    sources[1]["temperature"] = sources[1]["temperature"] + 0.5
+    sw = SampleWiseInterpolator(m, sources, materialize_budget_bytes=8)
+    with pytest.raises(
+        MaterializationBudgetError, match=r"'temperature' .* needs 12 bytes .* materialize_budget_bytes"
+    ):
+        sw(torch.randn(3, 4), random_rows(3, 2, 0))
+
+
+def test_control_flow_on_a_varying_parameter_is_refused():
+    from dawin_ext.samplewise import DataDependentControlFlowError
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.gate = nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x):
+            return self.lin(x) if self.gate > 0 else -self.lin(x)
+
+    g = Gate()
+    sd = g.state_dict()
+    other = snapshot(sd)
+    other["gate"] = torch.tensor(-0.5)
+    sw = SampleWiseInterpolator(g, [sd, other])
+    x = torch.randn(2, 3)
+    with pytest.raises(DataDependentControlFlowError, match=r"Tensor.__bool__ .*test_samplewise.py"):
+        sw(x, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    # every sample on the same side of the branch: exact
+    rows = torch.tensor([[1.0, 0.0], [0.8, 0.2]])
+    with torch.no_grad():
+        torch.testing.assert_close(sw(x, rows), per_sample_reference(g, [sd, other], rows, x))
+
+
+def test_in_place_update_of_a_parameter_is_refused():
+    from dawin_ext.samplewise import InPlaceUpdateError
+
+    class Counts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("seen", torch.zeros(3))
+            self.register_buffer("seen_shared", torch.zeros(3))
+
+        def forward(self, x):
+            self.seen.add_(1.0)
+            return self.lin(x) + self.seen
+
+    c = Counts()
+    sd = c.state_dict()
+    other = snapshot(sd)
+    other["seen"] = torch.ones(3)
+    sw = SampleWiseInterpolator(c, [sd, other])
+    with pytest.raises(InPlaceUpdateError, match=r"Tensor.add_ modifies parameter 'seen' in place"):
+        sw(torch.randn(2, 3), random_rows(2, 2, 0))
+    sw = SampleWiseInterpolator(c, [sd, snapshot(sd)])  # a shared buffer modified in place
+    with pytest.raises(InPlaceUpdateError, match="'seen'"):
+        sw(torch.randn(2, 3), random_rows(2, 2, 0))
+
+
+def test_op_without_batching_rule_warns_once_or_raises_when_strict():
+    from dawin_ext.samplewise import NoBatchingRuleError, NoBatchingRuleWarning, engine
+
+    lstm = nn.LSTM(4, 5, batch_first=True).eval()
+    sources = perturbed_sources(lstm.state_dict(), 2, seed=0)
+    x = torch.randn(2, 3, 4)
+    rows = random_rows(2, 2, 0)
+    engine._WARNED_OPS.discard("torch.lstm")
+    sw = SampleWiseInterpolator(lstm, sources)
+    with pytest.warns(NoBatchingRuleWarning, match="op torch.lstm has no vmap batching rule"), torch.no_grad():
+        out, _ = sw(x, rows)
+    ref = copy.deepcopy(lstm)
+    want = []
+    for b in range(2):
+        ref.load_state_dict(merged_state_dict(sources, rows[b]))
+        want.append(ref(x[b : b + 1])[0])
+    want = torch.cat(want)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    strict = SampleWiseInterpolator(lstm, sources, strict=True)
+    with pytest.raises(NoBatchingRuleError, match="torch.lstm"):
+        strict(x, rows)
+
+
+def test_in_dims_keyword_inputs_methods_and_dict_outputs():
+    class Multi(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def encode(self, x, *, mask):
+            # mask [L, L] is shared by all samples; x is [L, B, 4] (batch at dim 1)
+            h = self.lin(x) * self.scale
+            return {"h": h, "masked": (mask @ h.flatten(1)).unsqueeze(1)}
+
+    m = Multi().eval()
+    sources = perturbed_sources(m.state_dict(), 3, seed=0)
+    sw = SampleWiseInterpolator(m, sources)
+    rows = random_rows(3, 3, 1)
+    x = torch.randn(5, 3, 4)
+    mask = torch.ones(5, 5).tril()
+    with torch.no_grad(), sw.coefficients(rows, in_dims={0: 1, "mask": None}, out_dims=1):
+        got = sw.module.encode(x, mask=mask)
+    ref = copy.deepcopy(m)
+    for b in range(3):
+        ref.load_state_dict(merged_state_dict(sources, rows[b]))
+        want = ref.encode(x[:, b : b + 1], mask=mask)
+        torch.testing.assert_close(got["h"][:, b : b + 1], want["h"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["masked"][:, b : b + 1], want["masked"], atol=1e-5, rtol=1e-5)
+    # a square [B, B] input other than the first is ambiguous: mask or per-sample rows?
+    with pytest.raises(ValueError, match=r"square \[B, B\] input .* in_dims"):
+        sw.call("encode", rows, torch.randn(3, 3, 4), mask=torch.ones(3, 3))

@@ -1,7 +1,24 @@
-"""Exact per-sample weight interpolation for a whole batch in one forward pass (issue 4)."""
+"""Exact per-sample weight interpolation for a whole batch in one forward pass (issues 4 and 10)."""
 
 from __future__ import annotations
 
-from .transform import SampleWiseInterpolator, UnsupportedParameterError, task_vector_coefficients
+from .engine import (
+    DataDependentControlFlowError,
+    InPlaceUpdateError,
+    MaterializationBudgetError,
+    NoBatchingRuleError,
+    NoBatchingRuleWarning,
+    UnsupportedParameterError,
+)
+from .transform import SampleWiseInterpolator, task_vector_coefficients
 
-__all__ = ["SampleWiseInterpolator", "UnsupportedParameterError", "task_vector_coefficients"]
+__all__ = [
+    "SampleWiseInterpolator",
+    "UnsupportedParameterError",
+    "MaterializationBudgetError",
+    "DataDependentControlFlowError",
+    "InPlaceUpdateError",
+    "NoBatchingRuleError",
+    "NoBatchingRuleWarning",
+    "task_vector_coefficients",
+]

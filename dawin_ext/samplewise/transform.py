@@ -4,107 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..models import check_finite_state_dict
 from ..statedict import as_state_dict, check_compatible, check_finite_matrix
-from . import layers as L
-from . import openclip as oc
+from .engine import DEFAULT_MATERIALIZE_BUDGET_BYTES, Engine, UnsupportedParameterError, make_stack
 
 __all__ = ["SampleWiseInterpolator", "UnsupportedParameterError", "task_vector_coefficients"]
 
 
-class UnsupportedParameterError(ValueError):
-    """A parameter differs between sources but enters the network in a way that cannot be computed per sample
-    exactly (not through an affine op this module knows, e.g. ``logit_scale`` through exp())."""
-
-
-@dataclass(frozen=True)
-class _Handler:
-    match: Callable[[nn.Module], bool]
-    build: Callable[[nn.Module, list, str, L.CoefficientState], nn.Module]
-    # Raw parameter names the handler takes over; None = every state-dict entry of the module (a leaf layer).
-    raw: tuple[str, ...] | None = None
-
-
-def _exact(*types: type) -> Callable[[nn.Module], bool]:
-    # Exact types only: a subclass may override forward, and replacing it would silently change the network.
-    return lambda m: type(m) in types
-
-
-def _oc(name: str) -> Callable[[nn.Module], bool]:
-    return lambda m: oc.is_open_clip(m, name)
-
-
-def _linear_types() -> tuple[type, ...]:
-    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
-
-    return (nn.Linear, NonDynamicallyQuantizableLinear)
-
-
-_HANDLERS: tuple[_Handler, ...] = (
-    _Handler(_exact(*_linear_types()), lambda m, sds, p, st: L.SampleWiseLinear(sds, p, st)),
-    _Handler(_exact(nn.Conv2d), lambda m, sds, p, st: L.SampleWiseConv2d(m, sds, p, st)),
-    _Handler(
-        lambda m: type(m) is nn.LayerNorm or oc.is_open_clip(m, "LayerNorm") or oc.is_open_clip(m, "LayerNormFp32"),
-        lambda m, sds, p, st: L.SampleWiseLayerNorm(m, sds, p, st),
-    ),
-    _Handler(_exact(nn.BatchNorm2d), lambda m, sds, p, st: L.SampleWiseBatchNorm2d(m, sds, p, st)),
-    _Handler(_exact(nn.Embedding), lambda m, sds, p, st: L.SampleWiseEmbedding(m, sds, p, st)),
-    _Handler(_exact(nn.MultiheadAttention), lambda m, sds, p, st: L.SampleWiseMultiheadAttention(m, sds, p, st)),
-    _Handler(_oc("LayerScale"), lambda m, sds, p, st: L.SampleWiseLayerScale(m, sds, p, st)),
-    _Handler(_oc("AttentionPool2d"), lambda m, sds, p, st: oc.SampleWiseAttentionPool2d(m, sds, p, st)),
-    _Handler(
-        _oc("VisionTransformer"),
-        lambda m, sds, p, st: oc.SampleWiseVisionTransformer(m, sds, p, st),
-        oc.OPEN_CLIP_RAW_PARAMS["VisionTransformer"],
-    ),
-    _Handler(
-        _oc("TextTransformer"),
-        lambda m, sds, p, st: oc.SampleWiseTextTransformer(m, sds, p, st),
-        oc.OPEN_CLIP_RAW_PARAMS["TextTransformer"],
-    ),
-    _Handler(_oc("CLIP"), lambda m, sds, p, st: oc.SampleWiseCLIP(m, sds, p, st), oc.OPEN_CLIP_RAW_PARAMS["CLIP"]),
-)
-
-
-class _Builder:
-    def __init__(self, sources: list[dict[str, Tensor]], varying: set[str], state: L.CoefficientState) -> None:
-        self.sources = sources
-        self.varying = varying
-        self.state = state
-        self.claimed: set[str] = set()
-
-    def transform(self, module: nn.Module, prefix: str) -> nn.Module:
-        handler = next((h for h in _HANDLERS if h.match(module)), None)
-        if handler is not None and handler.raw is None:
-            keys = {prefix + k for k in module.state_dict()}
-            if not keys & self.varying:
-                return module  # identical in every source: the stock layer is exact and fastest
-            self.claimed |= keys
-            return handler.build(module, self.sources, prefix, self.state)
-        for name, child in list(module.named_children()):
-            new = self.transform(child, f"{prefix}{name}.")
-            if new is not child:
-                module._modules[name] = new
-        if handler is not None:
-            keys = {prefix + k for k in handler.raw if prefix + k in self.sources[0]}
-            if keys & self.varying:
-                self.claimed |= keys
-                return handler.build(module, self.sources, prefix, self.state)
-        return module
-
-
 def _module_device(module: nn.Module) -> torch.device:
     for t in module.parameters():
-        return t.device
+        if not t.is_meta:
+            return t.device
     for t in module.buffers():
-        return t.device
+        if not t.is_meta:
+            return t.device
     return torch.device("cpu")
+
+
+_COMBINE_STRATEGIES = ("kernel", "torch")
 
 
 def task_vector_coefficients(scales: Tensor) -> Tensor:
@@ -117,27 +39,71 @@ def task_vector_coefficients(scales: Tensor) -> Tensor:
     return torch.cat([1 - scales.sum(1, keepdim=True), scales], 1)
 
 
+class _ModuleProxy:
+    """``SampleWiseInterpolator.module``: the module's attributes, with every method and submodule call run
+    through the exact engine under the active coefficients (``with swi.coefficients(c): swi.module.m(...)``)."""
+
+    __slots__ = ("_swi", "_target")
+
+    def __init__(self, swi: SampleWiseInterpolator, target: nn.Module) -> None:
+        object.__setattr__(self, "_swi", swi)
+        object.__setattr__(self, "_target", target)
+
+    def __getattr__(self, name: str):
+        target = self._target
+        attr = getattr(target, name)
+        if isinstance(attr, nn.Module):
+            return _ModuleProxy(self._swi, attr)
+        if callable(attr) and getattr(attr, "__self__", None) is target:
+            return self._swi._bound(attr, name)
+        return attr
+
+    def __getitem__(self, key):
+        item = self._target[key]
+        return _ModuleProxy(self._swi, item) if isinstance(item, nn.Module) else item
+
+    def __call__(self, *args, **kwargs):
+        return self._swi._bound(self._target, "forward")(*args, **kwargs)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError("SampleWiseInterpolator.module is read-only")
+
+    def __repr__(self) -> str:
+        return f"SampleWiseInterpolator.module({self._target!r})"
+
+    @property
+    def wrapped(self) -> nn.Module:
+        """The engine's copy of the module (varying parameters are meta placeholders: do not call it directly)."""
+        return self._target
+
+
 class SampleWiseInterpolator(nn.Module):
     """Runs ``module`` so that sample ``b`` uses the parameters ``sum_s coefficients[b, s] * sources[s]``.
 
-    Exact (not an approximation): every parameter that differs between sources enters the network through an
-    op that is linear in (weight, bias) jointly (linear, conv, attention projections, embeddings) or is a small
-    vector merged per sample directly (norm affine and statistics, class token, positional embedding). Such ops
-    run once on ``[W0; W_1 - W0; ...]`` and are blended per sample with ``[1, c_1, ...]``. A parameter that
-    differs and is used any other way raises :class:`UnsupportedParameterError` naming it.
+    Exact, for any module: sample ``b`` runs the module's own code (any method) with the merged parameters. The
+    batch runs as one ``torch.vmap`` pass; every parameter that differs between sources is a placeholder whose
+    uses are routed per sample: linear maps, convolutions and embeddings through the sample-wise kernels (no
+    per-sample weight copies), anything else on the merged value built per sample. See
+    :mod:`dawin_ext.samplewise.engine` for the mechanism and README "Exact per-sample mode" for what is refused.
+
+    Each sample runs as a batch of one: inputs whose dim 0 has the batch size are split per sample (declare other
+    layouts with ``coefficients(c, in_dims=...)``); other inputs (masks ``[L, L]``, position ids ``[1, L]``) are
+    shared. Outputs come back with the batch at dim 0 (``out_dims`` to choose another dim); outputs that do not
+    depend on the sample are returned once.
 
     Coefficient rows must sum to 1 (within ``atol``); source 0's coefficient is then taken as
-    ``1 - sum_{s>0} c_s``. Rows that do not sum to 1 are refused: for task arithmetic build the rows with
-    :func:`task_vector_coefficients`. Inference only: the copy is put in eval mode, and the coefficients are
-    treated as constants (detached; no gradient flows to them).
+    ``1 - sum_{s>0} c_s``. For task arithmetic build the rows with :func:`task_vector_coefficients`. Inference
+    only: the module runs in eval mode under ``torch.no_grad()``.
 
     Args:
-        module: the network (not modified: a deep copy is transformed).
+        module: the network (not modified: a deep copy is used).
         sources: S state dicts with exactly ``module.state_dict()``'s keys and shapes.
         atol: tolerance on ``|sum(row) - 1|``.
-        combine: how output-stacked layers blend their partial outputs: ``"torch"`` (addcmul chain, the default: it
-            measured at least as fast as the scalar CPU kernel, see benchmarks/test_bench_samplewise.py) or
-            ``"kernel"`` (``dawin_ext.sample_combine``).
+        combine: kept for compatibility (``"torch"`` or ``"kernel"``); the engine picks its kernels itself.
+        materialize_budget_bytes: most bytes that per-sample copies of varying parameters (``[B, ...]``) may take
+            in one call; matrices above 1M entries are never copied per sample regardless.
+        strict: raise :class:`~dawin_ext.samplewise.engine.NoBatchingRuleError` instead of warning when an op has
+            no batching rule and would run as a per-sample loop.
     """
 
     def __init__(
@@ -147,10 +113,14 @@ class SampleWiseInterpolator(nn.Module):
         *,
         atol: float = 1e-5,
         combine: str = "torch",
+        materialize_budget_bytes: int = DEFAULT_MATERIALIZE_BUDGET_BYTES,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if combine not in _COMBINE_STRATEGIES:
+            raise ValueError(f"combine must be one of {_COMBINE_STRATEGIES}, got {combine!r}")
         if isinstance(sources, Mapping) or not isinstance(sources, Sequence):
             raise TypeError("sources must be a sequence of state dicts")
         sds = [as_state_dict(s, name=f"source {i}") for i, s in enumerate(sources)]
@@ -182,28 +152,72 @@ class SampleWiseInterpolator(nn.Module):
                     varying.discard(k)  # only read by BatchNorm in training mode, which is refused
                 else:
                     raise UnsupportedParameterError(f"non-floating-point entry {k!r} differs between sources")
-        self._state = L.CoefficientState(self.num_sources, combine)
+        device = _module_device(module)
         with torch.no_grad():
             work = copy.deepcopy(module)
             work.load_state_dict(sds[0])
-            builder = _Builder(sds, varying, self._state)
-            work = builder.transform(work, "")
-        unclaimed = sorted(varying - builder.claimed)
-        if unclaimed:
-            k = unclaimed[0]
-            owner = module.get_submodule(k.rsplit(".", 1)[0]) if "." in k else module
-            raise UnsupportedParameterError(
-                f"parameter {k!r} (in {type(owner).__name__}) differs between sources but is not used through an "
-                f"op that the sample-wise interpolator can show is affine in it, so it cannot be interpolated per "
-                f"sample exactly ({len(unclaimed)} such entries: {unclaimed[:5]}). Make it identical in all sources "
-                "or pass a submodule that does not use it (e.g. model.visual instead of the whole CLIP)."
-            )
-        self.module = work.to(_module_device(module)).eval()
+            work = work.to(device).eval()
+            stacks = self._install_placeholders(work, sds, varying, device)
+        self.net = work
+        self._device = device  # every parameter may be a placeholder (meta), so remember where the module lives
+        self._engine = Engine(work, stacks, materialize_budget_bytes, strict)
         self.varying_keys = sorted(varying)
+        self._rows: Tensor | None = None
+        self._in_dims = None
+        self._out_dims = 0
+
+    @staticmethod
+    def _install_placeholders(work: nn.Module, sds, varying: set[str], device: torch.device) -> dict:
+        """Replaces every varying tensor of ``work`` by a meta placeholder; returns {name: Stack}."""
+        groups: dict[int, list[str]] = {}
+        tensors: dict[int, Tensor] = {}
+        for n, t in [*work.named_parameters(remove_duplicate=False), *work.named_buffers(remove_duplicate=False)]:
+            if t is not None:
+                groups.setdefault(id(t), []).append(n)
+                tensors[id(t)] = t
+        named = {n for names in groups.values() for n in names}
+        unknown = sorted(varying - named)
+        if unknown:
+            raise UnsupportedParameterError(
+                f"state-dict entry {unknown[0]!r} differs between sources but is not a parameter or buffer of the "
+                "module (a custom state_dict hook?), so it cannot be interpolated per sample"
+            )
+        stacks = {}
+        for key, names in groups.items():
+            hit = [n for n in names if n in varying]
+            if not hit:
+                continue
+            name = hit[0]
+            is_param = isinstance(tensors[key], nn.Parameter)
+            ph = torch.empty(tensors[key].shape, dtype=tensors[key].dtype, device="meta")
+            if is_param:
+                ph = nn.Parameter(ph, requires_grad=False)
+            st = make_stack(name, [sd[name].to(device) for sd in sds], ph)
+            for n in names:
+                owner = work.get_submodule(n.rsplit(".", 1)[0]) if "." in n else work
+                leaf = n.rsplit(".", 1)[-1]
+                if is_param:
+                    owner._parameters[leaf] = ph
+                else:
+                    owner._buffers[leaf] = ph
+                if hasattr(owner, "_flat_weights_names") and leaf in owner._flat_weights_names:
+                    owner._init_flat_weights()  # nn.RNN keeps its own list of the weight tensors
+                stacks[n] = st
+        return stacks
+
+    @property
+    def module(self) -> _ModuleProxy:
+        """The module, whose methods run per sample inside :meth:`coefficients` (``swi.module.encode_image(x)``)."""
+        return _ModuleProxy(self, self.net)
 
     @property
     def device(self) -> torch.device:
-        return _module_device(self.module)
+        return self._device
+
+    @property
+    def last_materialized(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(parameter, per-sample shape) of every per-sample copy the last call made (for audits and tests)."""
+        return list(self._engine.last_materialized)
 
     def validate(self, coefficients: Tensor) -> Tensor:
         """Checks ``[B, S]`` rows (type, shape, dtype, device, finiteness, sum to 1); returns them as float32."""
@@ -228,14 +242,30 @@ class SampleWiseInterpolator(nn.Module):
         return c.to(torch.float32).contiguous()
 
     @contextlib.contextmanager
-    def coefficients(self, coefficients: Tensor) -> Iterator[Tensor]:
-        """Context in which ``self.module`` (and any of its methods) runs with these per-sample rows."""
+    def coefficients(self, coefficients: Tensor, *, in_dims: dict | None = None, out_dims: int = 0) -> Iterator[Tensor]:
+        """Context in which ``self.module`` (and any of its methods) runs with these per-sample rows.
+
+        ``in_dims`` declares the batch dim of inputs whose layout cannot be inferred: ``{positional index or
+        keyword name: dim or None (shared by all samples)}``; ``out_dims`` is the dim where outputs hold the batch.
+        """
         rows = self.validate(coefficients)
-        self._state.set(rows)
+        previous = (self._rows, self._in_dims, self._out_dims)
+        self._rows, self._in_dims, self._out_dims = rows, in_dims, int(out_dims)
         try:
             yield rows
         finally:
-            self._state.set(None)
+            self._rows, self._in_dims, self._out_dims = previous
+
+    def _bound(self, method, name: str):
+        def run(*args, **kwargs):
+            if self._rows is None:
+                raise RuntimeError(
+                    f"{name}() called without coefficients: call it through SampleWiseInterpolator.forward / "
+                    "call(), or inside `with swi.coefficients(rows):`"
+                )
+            return self._engine.run(method, self._rows, args, kwargs, self._in_dims, self._out_dims)
+
+        return run
 
     def forward(self, x, coefficients: Tensor, *args, **kwargs):
         """``module(x, *args, **kwargs)`` where sample ``b`` uses ``sum_s coefficients[b, s] * sources[s]``."""
