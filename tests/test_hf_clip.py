@@ -239,6 +239,24 @@ def test_dawin_cluster_on_hf_classifier_matches_plain_torch(hf_pair) -> None:
     torch.testing.assert_close(dw.predict(loader[0], mode="cluster"), got[:8], atol=1e-5, rtol=1e-5)
 
 
+def test_dawin_exact_on_hf_classifier_matches_per_sample_merging(hf_pair) -> None:
+    # HF uses class_embedding through expand(); the exact engine runs HF's own forward with per-sample weights.
+    clf, zs, ft = hf_pair
+    g = torch.Generator().manual_seed(19)
+    loader = [torch.randn(6, 3, 32, 32, generator=g) for _ in range(2)]
+    dw = DaWin(clf, zs, ft, n_clusters=2, seed=1).fit(loader)
+    got = dw.predict_dataset(loader, mode="exact")
+    x = torch.cat(loader)
+    lam = dw.coefficients_
+    assert float(lam.max() - lam.min()) > 1e-3  # samples really get different weights
+    ref = []
+    for i in range(x.shape[0]):
+        a = float(lam[i])
+        sd = {k: (1 - a) * zs[k] + a * ft[k] for k in zs}
+        ref.append(_forward_with(clf, sd, x[i : i + 1]))
+    torch.testing.assert_close(got, torch.cat(ref), atol=1e-4, rtol=1e-4)
+
+
 def test_load_hf_classifier_pair_from_vision_model_dir(tmp_path, tokenizer) -> None:
     hf = _hf_model(seed=17)
     hf.save_pretrained(tmp_path / "zs")
