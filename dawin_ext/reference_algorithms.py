@@ -4,6 +4,11 @@ They follow the procedures of the public reference code (naver-ai/dawin, mlfound
 step, in plain NumPy / PyTorch: dict-comprehension merges, a fresh merge for every cluster present in
 every batch, explicit log-density formulas. They are deliberately slow and keep the reference's
 limitations (for example ``log(0)`` for a coefficient of exactly 0 or 1); do not use them in production.
+
+They import nothing from the code they check (only :mod:`dawin_ext.reference` and NumPy / SciPy /
+scikit-learn / PyTorch; ``tests/test_mirrors_independent.py`` checks this): a shared helper would let a bug in it
+pass on both sides. The Beta and Dirichlet mixtures take their initial responsibilities from scikit-learn's
+``KMeans``, as the reference code and ``dawin_ext.mixture`` both do.
 """
 
 from __future__ import annotations
