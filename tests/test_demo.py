@@ -24,6 +24,10 @@ from dawin_ext.demo.report import (
 from dawin_ext.demo.runner import DemoConfig, run_benchmark
 from dawin_ext.demo.train import TrainConfig, train_pair
 
+# Tiny CNN, one sample at a time in the per-sample recomputation: a second thread only adds spinning (measured
+# 0.2 s per single-sample forward on a loaded 2-core machine with two threads).
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
 # Smaller than the full benchmark (fewer epochs, a test subset) but the same code path.
 SMALL = TrainConfig(seed=0, generalist_epochs=8, specialist_epochs=10)
 TEST_SUBSET = 200
