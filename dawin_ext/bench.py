@@ -391,7 +391,8 @@ class Target:
 _VIT_FULL = r"^ViT-B-32 \d+M params fp32, K=3"  # the full state dict (--quick keeps a third: no match)
 _PIPE_FULL = r"^ViT-B-32, batch 64: "
 
-#: Every documented target, with where it is documented. ``dawin-ext bench --check`` checks all of them.
+#: Every documented target, with where it is documented (all are also listed in benchmarks/RESULTS.md, "Documented
+#: targets"). ``dawin-ext bench --check`` checks all of them.
 # fmt: off
 TARGETS: tuple[Target, ...] = tuple(Target(*t) for t in (
     # key, device, op, case regex, reference regex, metric, bound, where documented
