@@ -16,8 +16,10 @@ What is timed, all in the same run, on the same batch of 64 images (224 x 224), 
   reference's evaluation loop): routing through prebuilt models vs re-merge + load + forward per cluster.
 
 Also the streaming latency at batch 1 and 32. The test checks that both paths give the same logits and prints
-a table; ``DAWIN_BENCH_ASSERT=1`` additionally asserts the targets (<= 3.3x plain, >= 2x faster than the
-reference), which depend on the machine being quiet.
+a table; ``DAWIN_BENCH_ASSERT=1`` additionally asserts issue 3's documented targets on the streaming rows, with
+the bounds from ``dawin_ext.bench.TARGETS`` (the table ``dawin-ext bench --check`` uses): at most 3.3x one plain
+forward and at least 2x faster than the reference streaming loop. The offline ratio (labels known) is printed
+for information only; no target is documented for it. Timings depend on the machine being quiet.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dawin_ext import DaWin, openclip
+from dawin_ext.bench import TARGETS
 from dawin_ext.models import route
 from dawin_ext.reference import coefficient_reference, interpolation_reference
 
@@ -134,5 +137,7 @@ def test_dawin_cluster_pipeline_vit_b32(setup) -> None:
     speed_offline = t["reference loop (labels known)"] / t["dawin offline routing (labels known)"]
     print(f"speed-up over the reference: streaming {speed_stream:.2f}x, offline loop {speed_offline:.2f}x")
     if os.environ.get("DAWIN_BENCH_ASSERT") == "1":
-        assert t["dawin streaming predict"] <= 3.3 * plain
-        assert speed_offline >= 2.0
+        bound = {tg.key: tg.bound for tg in TARGETS}
+        x_plain = t["dawin streaming predict"] / plain
+        assert x_plain <= bound["dawin-cluster-x-plain"], f"streaming predict costs {x_plain:.2f}x a plain forward"
+        assert speed_stream >= bound["dawin-cluster-vs-reference"], f"streaming {speed_stream:.2f}x the reference"

@@ -25,13 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["kernel_rows", "pipeline_rows", "format_table", "add_arguments", "run"]
+__all__ = ["kernel_rows", "pipeline_rows", "format_table", "TARGETS", "check_targets", "add_arguments", "run"]
 
 CLUSTER_ALPHAS = (0.2, 0.5, 0.8)  # K = 3 WiSE-FT / DaWin cluster coefficients
 
@@ -449,6 +452,105 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ --check
+@dataclass(frozen=True)
+class Target:
+    """One documented performance target: a row (``op`` equal, ``case`` and ``reference`` matching the regexes
+    with ``re.search``), a metric and its bound. ``metric`` is ``"speedup"`` (reference / ours, at least
+    ``bound``), ``"x_plain"`` (ours / the plain forward row of the same run, at most ``bound``) or
+    ``"bandwidth_fraction"`` (of the measured copy bandwidth, at least ``bound``)."""
+
+    key: str
+    device: str
+    op: str
+    case: str
+    reference: str | None
+    metric: str
+    bound: float
+    documented: str
+
+
+_VIT_FULL = r"^ViT-B-32 \d+M params fp32, K=3"  # the full state dict (--quick keeps a third: no match)
+_PIPE_FULL = r"^ViT-B-32, batch 64: "
+
+#: Every documented target, with where it is documented (all are also listed in benchmarks/RESULTS.md, "Documented
+#: targets"). ``dawin-ext bench --check`` checks all of them.
+# fmt: off
+TARGETS: tuple[Target, ...] = tuple(Target(*t) for t in (
+    # key, device, op, case regex, reference regex, metric, bound, where documented
+    ("entropy-4096", "cpu", "softmax_entropy", r"^4096x1000 fp32$", None, "speedup", 3.0,
+     "issue 2; README 'Measured'; RESULTS run A"),
+    ("blend-new-outputs", "cpu", "blend", _VIT_FULL + r", new outputs$", r"^dict comprehension", "speedup", 2.5,
+     "issue 2; README 'Measured'; RESULTS runs A and B"),
+    ("blend-out-vs-comprehension", "cpu", "blend", _VIT_FULL + r", out=$", r"^dict comprehension$", "speedup", 6.0,
+     "issue 2; README 'Measured'; RESULTS run A"),
+    ("blend-out-vs-lerp", "cpu", "blend", _VIT_FULL + r", out=$", r"^per-tensor lerp", "speedup", 1.3,
+     "issue 2; README 'Measured'; RESULTS run A"),
+    ("dawin-cluster-x-plain", "cpu", "dawin cluster", _PIPE_FULL + r"streaming predict, K=3$", None, "x_plain", 3.3,
+     "issue 3; README 'Measured'; RESULTS run B"),
+    ("dawin-cluster-vs-reference", "cpu", "dawin cluster", _PIPE_FULL + r"streaming predict, K=3$", None, "speedup",
+     2.0, "issue 3; README 'Measured' (not met on the 2-core CPU); RESULTS run B"),
+    ("exact-x-plain", "cpu", "dawin exact", _PIPE_FULL + r"per-sample weights, S=2$", None, "x_plain", 2.5,
+     "issue 4; README 'Measured'; RESULTS run B and 'Exact per-sample interpolation'"),
+    ("exact-vs-loop", "cpu", "dawin exact", _PIPE_FULL + r"per-sample weights, S=2$", None, "speedup", 3.5,
+     "issue 4; README 'Measured'; RESULTS run B and 'Exact per-sample interpolation'"),
+    ("entropy-bandwidth", "cuda", "softmax_entropy", r"^16384x1000 fp32$", None, "bandwidth_fraction", 0.85,
+     "issue 2 (GPU); RESULTS 'GPU'"),
+    ("blend-out-bandwidth", "cuda", "blend", _VIT_FULL + r", out=$", r"^dict comprehension$", "bandwidth_fraction",
+     0.85, "issue 2 (GPU); RESULTS 'GPU'"),
+    ("exact-vs-loop-gpu-256", "cuda", "dawin exact", r"batch 256: per-sample weights", None, "speedup", 200.0,
+     "issue 4 (GPU, batch 256); RESULTS 'Exact per-sample interpolation' (no bench row measures it yet)"),
+))
+# fmt: on
+
+
+def _matches(row: dict, op: str, case: str, reference: str | None) -> bool:
+    if row.get("op") != op or not re.search(case, row.get("case", "")):
+        return False
+    return reference is None or bool(re.search(reference, row.get("reference") or ""))
+
+
+def check_targets(rows: list[dict], device: str | torch.device, targets: tuple[Target, ...] = TARGETS) -> list[dict]:
+    """Compares ``rows`` (one run of :func:`kernel_rows` + :func:`pipeline_rows`) with the documented targets.
+
+    Returns one dict per target: ``target``, ``status`` (``"met"``, ``"MISSED"``, ``"NOT MEASURED"``: no row
+    of this run matches, or ``"other device"``) and ``value`` (the measured metric, or None). A target on this
+    device with no matching row counts as a failure: a renamed row must not pass unchecked.
+    """
+    dev = torch.device(device).type
+    out = []
+    for t in targets:
+        res = {"target": t, "status": "other device", "value": None}
+        out.append(res)
+        if t.device != dev:
+            continue
+        row = next((r for r in rows if _matches(r, t.op, t.case, t.reference)), None)
+        value = None if row is None else row.get(t.metric)
+        if row is not None and t.metric == "x_plain":
+            plain = next(
+                (r for r in rows if _matches(r, "forward", _PIPE_FULL + "one plain forward pass$", None)), None
+            )
+            value = row["ours_s"] / plain["ours_s"] if plain is not None else None
+        if value is None:
+            res["status"] = "NOT MEASURED"
+            continue
+        res["value"] = value
+        ok = value <= t.bound if t.metric == "x_plain" else value >= t.bound
+        res["status"] = "met" if ok else "MISSED"
+    return out
+
+
+def format_check(results: list[dict]) -> str:
+    """One line per target: status, measured value, bound and where the target is documented."""
+    lines = []
+    for r in results:
+        t = r["target"]
+        want = f"{'<=' if t.metric == 'x_plain' else '>='} {t.bound:g}"
+        got = "-" if r["value"] is None else f"{r['value']:.3g}"
+        lines.append(f"{r['status']:<13} {t.key:<28} {t.metric} {got} (target {want}; {t.documented})")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (about 20 s on an idle 2-core CPU)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
@@ -466,9 +568,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time DaWin cluster-wise and exact per-sample inference against the reference loops "
         "(ViT-B-32 at batch 64: several minutes on a 2-core CPU; tiny ViT with --quick)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare every measured ratio with its documented target (implies --pipeline; not with --quick) and "
+        "exit with status 1 naming each target missed or not measured; timings are noisy, so not for CI",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.check and args.quick:
+        print("dawin-ext bench: error: --check compares full-size rows with the targets; drop --quick", file=sys.stderr)
+        return 2
+    if args.check:
+        args.pipeline = True
     env = environment(args.device)
     print(
         f"dawin-ext bench on {args.device}: torch {env['torch']}, {env['threads']} threads, "
@@ -484,4 +597,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "quick": args.quick, "rows": rows}, f, indent=2)
+    if args.check:
+        results = check_targets(rows, args.device)
+        print("\ndocumented targets (dawin_ext.bench.TARGETS):")
+        print(format_check(results))
+        failed = [r["target"].key for r in results if r["status"] in ("MISSED", "NOT MEASURED")]
+        if failed:
+            print(f"dawin-ext bench --check: {len(failed)} target(s) missed or not measured: {', '.join(failed)}")
+            return 1
     return 0

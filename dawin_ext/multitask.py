@@ -96,17 +96,19 @@ class DaWinMultiTask:
         else:
             taus = [as_state_dict(t, f"task_vectors[{i}]") for i, t in enumerate(task_vectors)]
         n_tasks = len(taus)
-        check_finite_state_dict(self.theta_0, "DaWinMultiTask: theta_0")
-        for t, tau in enumerate(taus):
-            check_finite_state_dict(tau, f"DaWinMultiTask: task vector {t}")
         if not 1 <= n_tasks <= _MAX_TASKS:
             raise ValueError(f"DaWinMultiTask: need 1 to {_MAX_TASKS} tasks, got {n_tasks}")
         self.task_vectors = taus
         self.sources = [self.theta_0, *taus]
+        # Keys, shapes, dtypes and devices first: they need no tensor values, while the finiteness check
+        # reads every element (and would fail on, or copy from, a tensor on the wrong device).
         check_compatible(
             [as_state_dict(model, "model"), *self.sources],
             names=["model", "theta_0", *[f"task vector {t}" for t in range(n_tasks)]],
         )
+        check_finite_state_dict(self.theta_0, "DaWinMultiTask: theta_0")
+        for t, tau in enumerate(taus):
+            check_finite_state_dict(tau, f"DaWinMultiTask: task vector {t}")
         self.n_tasks = n_tasks
         self.scale = float(scale)
         self.scale_by_tasks = bool(scale_by_tasks)

@@ -4,13 +4,18 @@ They follow the procedures of the public reference code (naver-ai/dawin, mlfound
 step, in plain NumPy / PyTorch: dict-comprehension merges, a fresh merge for every cluster present in
 every batch, explicit log-density formulas. They are deliberately slow and keep the reference's
 limitations (for example ``log(0)`` for a coefficient of exactly 0 or 1); do not use them in production.
+
+They import nothing from the code they check (only :mod:`dawin_ext.reference` and NumPy / SciPy /
+scikit-learn / PyTorch; ``tests/test_mirrors_independent.py`` checks this): a shared helper would let a bug in it
+pass on both sides. The Beta and Dirichlet mixtures take their initial responsibilities from scikit-learn's
+``KMeans``, as the reference code and ``dawin_ext.mixture`` both do.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +24,8 @@ from scipy.special import betaln, gammaln, logsumexp
 from scipy.stats import norm
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
@@ -277,21 +284,36 @@ def multitask_merge_reference(
 
 
 # ------------------------------------------------------------------------------------------ AdaWiSE
+def _adawise_gp(previous_kernel, seed: int) -> GaussianProcessRegressor:
+    """AdaWiSE's surrogate, written out here from scikit-learn (not imported from ``dawin_ext.adawise``): a
+    ``Constant * Matern(nu=2.5) + White`` kernel with ``normalize_y=True`` and 2 optimizer restarts; the bounds
+    and starting values restate the design of ``dawin_ext/adawise.py``, so a change there fails the tests that
+    compare against this mirror. A warm start passes the previous batch's fitted kernel."""
+    kernel = previous_kernel
+    if kernel is None:
+        kernel = ConstantKernel(1.0, (1e-3, 1e3)) * Matern(
+            length_scale=0.3, length_scale_bounds=(0.03, 10.0), nu=2.5
+        ) + WhiteKernel(1e-4, (1e-8, 1e-1))
+    return GaussianProcessRegressor(kernel=kernel, normalize_y=True, n_restarts_optimizer=2, random_state=seed)
+
+
 def adawise_reference(
     base_model: nn.Module,
     theta_zs: Mapping[str, Tensor],
     theta_ft: Mapping[str, Tensor],
     batches: Sequence[Tensor],
-    make_gp: Callable[[object | None], object],
     n_evals: int = 8,
     n_init: int = 3,
     warm_start: bool = True,
     grid_size: int = 201,
     xi: float = 0.01,
+    seed: int = 0,
 ) -> tuple[list[float], list[Tensor]]:
     """Plain AdaWiSE: per batch, Bayesian optimisation of the mean prediction entropy over alpha with a
-    full dict-comprehension merge and ``load_state_dict`` per evaluation. ``make_gp(previous_kernel)``
-    returns an unfitted scikit-learn GaussianProcessRegressor. Returns (best alpha, logits) per batch."""
+    full dict-comprehension merge and ``load_state_dict`` per evaluation, its own Gaussian process
+    (:func:`_adawise_gp`, random state ``seed``) and its own expected improvement (minimisation, margin ``xi``,
+    on a grid of ``grid_size`` alphas, evaluated points excluded, ties to the smallest alpha).
+    Shares no code with ``dawin_ext.adawise``. Returns (best alpha, logits) per batch."""
     model = copy.deepcopy(base_model).eval()
     grid = np.linspace(0.0, 1.0, grid_size)
     prev_best, prev_kernel = None, None
@@ -316,7 +338,7 @@ def adawise_reference(
                 evaluate(float(a))
         gp = None
         while len(xs) < n_evals:
-            gp = make_gp(prev_kernel if warm_start else None)
+            gp = _adawise_gp(prev_kernel if warm_start else None, seed)
             with warnings.catch_warnings(), threadpool_limits(1):
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 gp.fit(np.array(xs)[:, None], np.array(ys))
