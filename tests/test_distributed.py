@@ -1,0 +1,249 @@
+"""Evaluation across processes (gloo on the CPU, 2 and 3 ranks) gives the numbers of one process.
+
+* API: ``DaWin.fit`` / ``predict_dataset`` and ``DaWinMultiTask`` in a process group started with
+  ``torch.multiprocessing`` on a tiny open_clip classifier: lambda, offset statistics, mixture assignments and
+  cluster coefficients are bit-identical to one process and identical on every rank; cluster-wise logits are
+  bit-identical too (the shards follow batch boundaries, so every model sees the same batches); exact-mode logits
+  are compared within 1e-5 absolute (the bound the issue allows for reduction order; they are in fact equal here).
+  AdaWiSE is per rank: it equals one process restarted at each shard's first batch.
+* CLI: ``torchrun --nproc_per_node=N -m dawin_ext.cli eval`` writes the single-process JSON's accuracies plus
+  ``world_size`` and each rank's sample count; a rank that raises brings the job down quickly with that rank's
+  message; ``--resume`` after a killed run redoes only the unfinished test sets.
+
+Ports: free ports on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dawin_ext import distributed as dd
+
+ROOT = Path(__file__).resolve().parents[1]
+N_SAMPLES = 25  # not a multiple of the batch size nor of 2 or 3 ranks
+BATCH = 4
+EXACT_ATOL = 1e-5  # exact-mode logits: allowed difference from one process (float reduction order)
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ pure functions
+@pytest.mark.parametrize("n, world, block", [(25, 2, 4), (25, 3, 4), (7, 3, 1), (2, 3, 4), (0, 2, 3), (64, 3, 8)])
+def test_shard_range_covers_each_sample_once(n, world, block):
+    shards = [dd.shard_range(n, r, world, block) for r in range(world)]
+    covered = [i for s in shards for i in range(*s)]
+    assert covered == list(range(n))  # contiguous, in rank order, no padding, no duplicates
+    for start, _ in shards:
+        assert start % block == 0 or start == n  # shards start on batch boundaries
+    sizes = [-(-(b - a) // block) for a, b in shards]
+    assert max(sizes) - min(sizes) <= 1  # balanced to within one block
+
+
+def test_shard_range_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="rank 3 is outside"):
+        dd.shard_range(10, 3, 3)
+    with pytest.raises(ValueError, match="block >= 1"):
+        dd.shard_range(10, 0, 2, block=0)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "results.json"
+    dd.atomic_write_text(path, '{"old": 1}')
+
+    with pytest.raises(TypeError):
+        dd.atomic_write_text(path, 123)  # write() of a non-str fails after the temporary file exists
+    assert path.read_text() == '{"old": 1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
+
+
+# ------------------------------------------------------------------------------------------------ API workers
+def _tiny_problem():
+    """The tiny open_clip classifier, a fine-tuned copy and N_SAMPLES inputs: identical in every process."""
+    from dawin_ext import openclip
+
+    openclip.register_tiny_configs()
+    torch.manual_seed(0)
+    model, _, tok = openclip.create_clip_model("dawin-tiny-vit")
+    clf = openclip.CLIPClassifier.from_clip(model, tok, ["cat", "dog", "car", "tree", "boat"], templates="classname")
+    zs = {k: v.clone() for k, v in clf.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    ft = {k: v + 0.5 * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g) for k, v in zs.items()}
+    x = torch.randn(N_SAMPLES, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # dawin-tiny-vit: 32 px
+    y = torch.arange(N_SAMPLES) % 5
+    return clf, zs, ft, x, y
+
+
+def _loader(x, y, sampler=None):
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=False, sampler=sampler)
+
+
+def _run_methods(clf, zs, ft, loader_fn, group) -> dict:
+    """Everything the equality test compares, from one process or one rank."""
+    from dawin_ext import AdaWiSE, DaWin
+    from dawin_ext.multitask import DaWinMultiTask
+
+    out = {}
+    for name, kwargs in {
+        "plain": {},
+        "offset": {"offset_adjustment": True, "temperatures": (0.9, 1.1)},
+        "ce": {"expertise": "cross_entropy", "offset_adjustment": True},
+    }.items():
+        dw = DaWin(clf, zs, ft, n_clusters=3, seed=1, **kwargs).fit(loader_fn(), group=group)
+        out[name] = {
+            "lambda": dw.coefficients_,
+            "labels": dw.labels_,
+            "means": dw.cluster_coefficients_,
+            "offset": dw.offset_,
+            "cluster": dw.predict_dataset(loader_fn(), "cluster", group=group),
+        }
+        if name == "plain":
+            out[name]["exact"] = dw.predict_dataset(loader_fn(), "exact", group=group)
+            out[name]["logits_zs"] = dw.logits_[0]
+    mt = DaWinMultiTask(clf, zs, [ft, {k: 2 * v - zs[k] for k, v in ft.items()}], n_clusters=2, seed=0)
+    mt.fit(loader_fn(), group=group)
+    out["multitask"] = {"pi": mt.pi_, "labels": mt.labels_, "cluster_pi": mt.cluster_pi_}
+    out["multitask"]["cluster"] = mt.predict_dataset(loader_fn(), group=group)
+    ada = AdaWiSE(clf, zs, ft, n_evals=4, n_init=3, seed=1)
+    out["adawise"] = ada.predict_dataset(loader_fn())
+    out["adawise_alphas"] = [h["alpha"] for h in ada.history_]
+    return out
+
+
+def _api_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=_td(60)
+    )
+    try:
+        clf, zs, ft, x, y = _tiny_problem()
+        sampler = dd.ShardSampler(N_SAMPLES, block=BATCH)
+        out = _run_methods(clf, zs, ft, lambda: _loader(x, y, sampler), None)  # group detected
+        out["shard"] = (sampler.start, sampler.stop)
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _td(s):
+    from datetime import timedelta
+
+    return timedelta(seconds=s)
+
+
+@pytest.fixture(scope="module")
+def single_process_results():
+    clf, zs, ft, x, y = _tiny_problem()
+    return _run_methods(clf, zs, ft, lambda: _loader(x, y), None)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_api_matches_single_process(world, tmp_path, single_process_results):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_api_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    ref = single_process_results
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    shards = [r["shard"] for r in ranks]
+    assert [i for s in shards for i in range(*s)] == list(range(N_SAMPLES))
+    for got in ranks:
+        for name in ("plain", "offset", "ce"):
+            for key in ("lambda", "labels", "means"):
+                assert torch.equal(got[name][key], ref[name][key]), (name, key)  # bit for bit, on every rank
+            assert got[name]["offset"] == ref[name]["offset"], name
+        for key in ("pi", "labels", "cluster_pi"):
+            assert torch.equal(got["multitask"][key], ref["multitask"][key]), key
+    for r, got in enumerate(ranks):
+        s0, s1 = shards[r]
+        assert torch.equal(got["plain"]["logits_zs"], ref["plain"]["logits_zs"][s0:s1])
+        for name in ("plain", "offset", "ce"):
+            assert torch.equal(got[name]["cluster"], ref[name]["cluster"][s0:s1]), name
+        assert torch.equal(got["multitask"]["cluster"], ref["multitask"]["cluster"][s0:s1])
+        torch.testing.assert_close(got["plain"]["exact"], ref["plain"]["exact"][s0:s1], rtol=0, atol=EXACT_ATOL)
+    # Accuracies from per-rank counts equal one process's.
+    y = torch.arange(N_SAMPLES) % 5
+    for name in ("plain", "offset", "ce"):
+        correct = sum(int((g[name]["cluster"].argmax(1) == y[slice(*s)]).sum()) for g, s in zip(ranks, shards))
+        assert correct / N_SAMPLES == float((ref[name]["cluster"].argmax(1) == y).double().mean())
+    # The mixture really clusters (more than one cluster used), so the equality above is not vacuous.
+    assert len(torch.unique(ref["plain"]["labels"])) > 1
+
+
+@pytest.mark.parametrize("world", [2])
+def test_adawise_is_per_rank(world, tmp_path, single_process_results):
+    """AdaWiSE has nothing global: each rank optimises alpha per batch of its shard, its warm start chain
+    restarting at the shard's first batch. It equals one process that calls reset() at those batches."""
+    import torch.multiprocessing as mp
+
+    from dawin_ext import AdaWiSE
+
+    mp.spawn(_api_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    clf, zs, ft, x, y = _tiny_problem()
+    for r in range(world):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        s0, s1 = got["shard"]
+        ada = AdaWiSE(clf, zs, ft, n_evals=4, n_init=3, seed=1)
+        expected = ada.predict_dataset(_loader(x[s0:s1], y[s0:s1]))
+        assert torch.equal(got["adawise"], expected)
+    # Rank 0 starts where one process starts.
+    n0 = -(-(torch.load(tmp_path / "rank0.pt", weights_only=False)["shard"][1]) // BATCH)
+    assert torch.load(tmp_path / "rank0.pt", weights_only=False)["adawise_alphas"] == pytest.approx(
+        single_process_results["adawise_alphas"][:n0]
+    )
+
+
+def _failing_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=_td(60)
+    )
+    from dawin_ext import DaWin
+
+    clf, zs, ft, x, y = _tiny_problem()
+    if rank == world - 1:
+        x = x.clone()
+        x[-1] = float("nan")  # this rank's last sample makes NaN logits
+    sampler = dd.ShardSampler(N_SAMPLES, block=BATCH)
+    try:
+        DaWin(clf, zs, ft).fit(_loader(x, y, sampler))
+    except Exception as e:  # noqa: BLE001
+        (Path(out_dir) / f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_api_failure_reaches_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 3
+    start = time.monotonic()
+    mp.spawn(_failing_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    assert time.monotonic() - start < 45  # not the 60 s collective timeout: the ranks agreed on the failure
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
+    assert msgs[2].startswith("ValueError: zero-shot model: logits of sample")
+    for m in msgs[:2]:
+        assert m.startswith("RankFailedError: DaWin.fit: rank 2 failed: ValueError: zero-shot model: logits of sample")
+
+
+def test_group_false_and_no_group_are_single_process():
+    assert dd.active_group(False) is None
+    assert dd.active_group(None) is None
+    with pytest.raises(RuntimeError, match="not initialised"):
+        dd.active_group(True)
