@@ -442,17 +442,20 @@ def _collect_local(models, loader, names, device, progress: GlobalProgress | Non
     """collect_logits over this rank's shard; an empty shard gives ``None`` instead of an error."""
     from .models import collect_logits
 
-    batches = [0]
+    state = {"batches": 0, "exhausted": False}
 
     def counted():
         for batch in loader if progress is None else progress.wrap(loader):
-            batches[0] += 1
+            state["batches"] += 1
             yield batch
+        state["exhausted"] = True
 
     try:
         return collect_logits(models, counted(), names=names, device=device)
     except ValueError:
-        if batches[0] == 0:
+        # Only a loader that ran to its end without a batch is an empty shard; an error while fetching the
+        # first batch (a corrupt image) is an error.
+        if state["exhausted"] and state["batches"] == 0:
             return None
         raise
 
