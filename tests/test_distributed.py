@@ -138,6 +138,12 @@ def _api_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         sampler = dd.ShardSampler(N_SAMPLES, block=BATCH)
         out = _run_methods(clf, zs, ft, lambda: _loader(x, y, sampler), None)  # group detected
         out["shard"] = (sampler.start, sampler.stop)
+        bar = dd.GlobalProgress(N_SAMPLES, "test bar", True, dd.active_group())
+        has_bar = bar.bar is not None
+        for _ in bar.wrap(_loader(x, y, sampler)):
+            pass
+        dd.barrier(dd.active_group(), timeout_s=60)
+        out["progress"] = (has_bar, bar.store.add(bar.key, 0))  # (a bar on this rank?, samples counted)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -166,6 +172,7 @@ def dist_results(request, tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+@pytest.mark.slow
 def test_api_matches_single_process(dist_results, single_process_results):
     ref, ranks = single_process_results, dist_results
     shards = [r["shard"] for r in ranks]
@@ -184,6 +191,8 @@ def test_api_matches_single_process(dist_results, single_process_results):
             assert torch.equal(got[name]["cluster"], ref[name]["cluster"][s0:s1]), name
         assert torch.equal(got["multitask"]["cluster"], ref["multitask"]["cluster"][s0:s1])
         torch.testing.assert_close(got["plain"]["exact"], ref["plain"]["exact"][s0:s1], rtol=0, atol=EXACT_ATOL)
+    # One progress bar, on rank 0, counting the samples of all ranks.
+    assert [r["progress"] for r in ranks] == [(True, N_SAMPLES)] + [(False, N_SAMPLES)] * (len(ranks) - 1)
     # Accuracies from per-rank counts equal one process's.
     y = torch.arange(N_SAMPLES) % 5
     for name in ("plain", "offset", "ce"):
@@ -231,6 +240,7 @@ def _failing_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_api_failure_reaches_every_rank(tmp_path):
     import torch.multiprocessing as mp
 
@@ -294,28 +304,32 @@ def _single_process(setup, tmp_path, *extra, data=None) -> dict:
     return json.loads(out.read_text())
 
 
-def test_cli_torchrun_matches_single_process(eval_setup, tmp_path):
-    out = tmp_path / "two.json"
-    proc = subprocess.run(
-        _torchrun(2, _eval_args(eval_setup, "--json", str(out))),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=_env(),
-    )
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "world, batch, split",
+    [
+        (2, "8", [8, 10]),  # 3 batches of 8 (the last one short): one on rank 0, two on rank 1
+        (3, "16", [0, 16, 2]),  # 2 batches for 3 ranks: rank 0 has an empty shard and still writes the results
+    ],
+)
+def test_cli_torchrun_matches_single_process(eval_setup, tmp_path, world, batch, split):
+    out = tmp_path / "dist.json"
+    args = _eval_args(eval_setup, "--json", str(out), "--batch-size", batch)
+    proc = subprocess.run(_torchrun(world, args), capture_output=True, text=True, timeout=240, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, ref = json.loads(out.read_text()), _single_process(eval_setup, tmp_path)
+    got, ref = json.loads(out.read_text()), _single_process(eval_setup, tmp_path, "--batch-size", batch)
     assert got["accuracy"] == ref["accuracy"]  # exact: summed (correct, total) counts, same batches as one process
     assert list(got["accuracy"]) == list(ref["accuracy"]) and got["settings"] == ref["settings"]
-    assert got["world_size"] == 2 and ref["world_size"] == 1 and got["complete"] is True
+    assert got["world_size"] == world and ref["world_size"] == 1 and got["complete"] is True
     for name, entry in got["test_sets"].items():
-        assert entry["samples"] == 18 and entry["rank_samples"] == [8, 10]  # 3 batches of 8: one on rank 0
+        assert entry["samples"] == 18 and entry["rank_samples"] == split
         assert ref["test_sets"][name]["rank_samples"] == [18]
     # Rank 0 alone prints: one table, one header line.
     assert proc.stdout.count("dawin-cluster") == 1
-    assert proc.stderr.count("2 ranks (gloo)") == 1
+    assert proc.stderr.count(f"{world} ranks (gloo)") == 1
 
 
+@pytest.mark.slow
 def test_cli_failing_rank_stops_the_job(eval_setup, tmp_path):
     bad = tmp_path / "bad_set"
     shutil.copytree(eval_setup["sets"][1], bad)
@@ -351,6 +365,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_cli_resume_after_killed_run(eval_setup, tmp_path):
     set_a = tmp_path / "set_a"
     set_b = tmp_path / "set_b"
