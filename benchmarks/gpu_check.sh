@@ -145,6 +145,60 @@ bench() {
   tail_log /tmp/gpu_check_pybench.log 60
 }
 
+# NCCL smoke run (issue 13): dawin_ext.distributed's collectives and DaWin's distributed fit on the one GPU, world
+# size 1 (NCCL refuses two ranks on one device), against the same fit without a process group. Self-contained.
+nccl_smoke() {
+  section "NCCL smoke run: torchrun --nproc-per-node=1, DaWin in a process group vs without one"
+  cat >/tmp/gpu_check_nccl_smoke.py <<'PYEOF'
+import os
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+from dawin_ext import DaWin, openclip
+from dawin_ext import distributed as dd
+
+device = torch.device(os.environ.get("SMOKE_DEVICE", "cuda"))  # SMOKE_DEVICE=cpu: the same script on gloo
+group, device, _ = dd.init_from_env(device, 120.0)
+assert group is not None, "torchrun's environment did not give a process group"
+print("backend", dist.get_backend(group), "world", dist.get_world_size(group), "device", device)
+openclip.register_tiny_configs()
+torch.manual_seed(0)
+model, _, tok = openclip.create_clip_model("dawin-tiny-vit")
+clf = openclip.CLIPClassifier.from_clip(model, tok, ["cat", "dog", "car", "tree", "boat"], templates="classname")
+clf = clf.to(device)
+zs = {k: v.clone() for k, v in clf.state_dict().items()}
+g = torch.Generator().manual_seed(1)
+ft = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g).to(device) for k, v in zs.items()}
+x, y = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.arange(40) % 5
+def loader(sampler=None):
+    return DataLoader(TensorDataset(x, y), batch_size=8, sampler=sampler)
+ref = DaWin(clf, zs, ft, offset_adjustment=True).fit(loader(), group=False)
+dw = DaWin(clf, zs, ft, offset_adjustment=True).fit(loader(dd.ShardSampler(40, block=8)))
+assert torch.equal(dw.coefficients_, ref.coefficients_), "lambda differs"
+assert torch.equal(dw.labels_, ref.labels_) and dw.offset_ == ref.offset_, "mixture differs"
+for mode in ("cluster", "exact"):
+    a = dw.predict_dataset(loader(dd.ShardSampler(40, block=8)), mode)
+    b = ref.predict_dataset(loader(), mode, group=False)
+    print(mode, "max |diff|", float((a - b).abs().max()))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+rows, counts = dd.all_gather_rows(torch.arange(6.0, device=device).view(3, 2), group, "smoke")
+assert counts == [3] and rows.device == device and rows.flatten().tolist() == list(range(6))
+assert dd.all_sum_int([3, 4], group) == [3, 4]
+assert dd.run_on_rank0(lambda: "same", group, "smoke") == "same"
+dd.barrier(group, 30)
+for _ in dd.GlobalProgress(40, "smoke", True, group).wrap(loader()):
+    pass
+print("NCCL smoke: OK")
+dist.destroy_process_group()
+PYEOF
+  timeout "${GPU_CHECK_NCCL_S:-90}" "$PY" -m torch.distributed.run --nnodes=1 --nproc-per-node=1 \
+    --master-addr=127.0.0.1 --master-port="${GPU_CHECK_NCCL_PORT:-29533}" /tmp/gpu_check_nccl_smoke.py \
+    >/tmp/gpu_check_nccl_smoke.log 2>&1
+  local rc=$?
+  status "NCCL smoke (world size 1)" $rc
+  tail_log /tmp/gpu_check_nccl_smoke.log 15
+}
+
 finish() {
   {
     printf '\n## Summary\n\n| phase | result |\n| --- | --- |\n'
@@ -156,7 +210,7 @@ finish() {
 
 main() {
   local phases=("$@")
-  [[ ${#phases[@]} -eq 0 || ${phases[0]} == all ]] && phases=(build test sanitize bench)
+  [[ ${#phases[@]} -eq 0 || ${phases[0]} == all ]] && phases=(build test sanitize bench nccl)
   if [[ ${phases[0]} == prepare ]]; then
     prepare
     return
@@ -182,6 +236,7 @@ main() {
       test) run_tests ;;
       sanitize) sanitize ;;
       bench) bench ;;
+      nccl) nccl_smoke ;;
       *)
         echo "usage: $0 [prepare | all | build test sanitize bench]" >&2
         return 2
