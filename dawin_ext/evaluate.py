@@ -15,6 +15,13 @@ downloads anything.
 
 Per test set, DaWin fits its Beta mixture on that set's own coefficients (the reference's offline setting), and
 AdaWiSE chooses one alpha per batch, so its result depends on ``--batch-size``.
+
+Under ``torchrun --nproc_per_node=N -m dawin_ext.cli eval ...`` every rank evaluates a contiguous shard of each test
+set (on batch boundaries: no padding, no duplicates), DaWin's mixture is fitted once over all ranks' coefficients
+(:mod:`dawin_ext.distributed`), accuracies are summed (correct, total) counts, and rank 0 alone prints and writes
+the results, with ``world_size`` and each set's ``rank_samples``. The ``--json`` file is rewritten atomically after
+each test set (``"complete": false`` until the end), and ``--resume`` skips the sets it already holds. AdaWiSE runs
+per rank: its warm start restarts at each shard's first batch.
 """
 
 from __future__ import annotations
