@@ -18,8 +18,10 @@ Timed pipelines (each phase fenced by barriers, so a phase's time is that of its
   set for dawin-cluster and dawin-exact).
 
 Reported: throughput (images/s) of each pipeline, parallel efficiency ``T_1 / (N * T_N)`` (goal >= 0.85 for
-N = 2), and the communication share: seconds inside dawin_ext.distributed's collectives (waiting for the
-slowest rank included), over the pipeline's wall time, the largest over ranks.
+N = 2), the communication share: seconds inside dawin_ext.distributed's collectives (waiting for the slowest rank
+and rank 0's mixture fit included), over the pipeline's wall time, the largest over ranks; and the work ratio: CPU
+seconds of all ranks together over one rank's (1.0 = distribution adds no work; on a machine whose cores are busy
+with other jobs, efficiency falls below the work ratio's promise because the ranks do not get whole cores).
 """
 
 from __future__ import annotations
@@ -107,22 +109,26 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_dir: str) -> None:
     }
     times: dict[str, list[float]] = {p: [] for p in phases}
     comm: dict[str, list[float]] = {p: [] for p in phases}
+    cpu: dict[str, list[float]] = {p: [] for p in phases}
     for r in range(opts["repeats"] + 1):
         for name, fn in phases.items():
             fence()
             dd.reset_comm_seconds()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
+            c1 = time.process_time()
             fence()
             elapsed = time.perf_counter() - t0
             if r > 0:
                 times[name].append(elapsed)
                 comm[name].append(dd.comm_seconds())
+                cpu[name].append(c1 - c0)
     result = {
         "rank": rank,
         "samples": len(sampler),
         "seconds": {p: statistics.median(v) for p, v in times.items()},
         "comm_seconds": {p: statistics.median(v) for p, v in comm.items()},
+        "cpu_seconds": {p: statistics.median(v) for p, v in cpu.items()},
     }
     (Path(out_dir) / f"w{world}_r{rank}.json").write_text(json.dumps(result))
     if group is not None:
@@ -161,26 +167,29 @@ def main(argv: list[str] | None = None) -> int:
         for w in sorted(set(args.ranks)):
             by_world[w] = _run_world(w, opts, out_dir)
 
-    def pipeline_seconds(ranks: list[dict], parts: tuple[str, ...]) -> tuple[float, float]:
+    def pipeline_seconds(ranks: list[dict], parts: tuple[str, ...]) -> tuple[float, float, float]:
         # Phases are fenced: every rank measured the same wall time (up to the fence's skew); take rank 0's.
         wall = sum(ranks[0]["seconds"][q] for q in parts)
         comm = max(sum(r["comm_seconds"][q] for q in parts) for r in ranks)
-        return wall, comm
+        cpu = sum(r["cpu_seconds"][q] for r in ranks for q in parts)  # CPU work of all ranks together
+        return wall, comm, cpu
 
     pipelines = {"cluster-wise": ("fit", "cluster"), "exact": ("fit", "exact")}
     rows = []
-    base = {name: pipeline_seconds(by_world[1], parts)[0] for name, parts in pipelines.items()}
+    base = {name: pipeline_seconds(by_world[1], parts) for name, parts in pipelines.items()}
     for w, ranks in sorted(by_world.items()):
         for name, parts in pipelines.items():
-            wall, comm = pipeline_seconds(ranks, parts)
+            wall, comm, cpu = pipeline_seconds(ranks, parts)
             rows.append(
                 {
                     "ranks": w,
                     "pipeline": name,
                     "seconds": wall,
                     "images_per_s": args.samples / wall,
-                    "efficiency": base[name] / (w * wall),
+                    "efficiency": base[name][0] / (w * wall),
                     "comm_share": comm / wall,
+                    # Total CPU seconds of all ranks over one rank's: > 1 is work that distribution adds.
+                    "work_ratio": cpu / base[name][2],
                     "rank_samples": [r["samples"] for r in ranks],
                     "phase_seconds": {q: ranks[0]["seconds"][q] for q in parts},
                 }
@@ -189,11 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         f"arch {args.arch}, {args.samples} images, batch {args.batch}, 1 thread per rank, gloo, "
         f"medians of {args.repeats} rounds; machine: {os.cpu_count()} cores"
     )
-    print(f"{'ranks':>5} {'pipeline':<13} {'seconds':>8} {'img/s':>8} {'efficiency':>10} {'comm share':>10}")
+    print(
+        f"{'ranks':>5} {'pipeline':<13} {'seconds':>8} {'img/s':>8} {'efficiency':>10} {'comm share':>10} "
+        f"{'work ratio':>10}"
+    )
     for r in rows:
         print(
             f"{r['ranks']:>5} {r['pipeline']:<13} {r['seconds']:>8.2f} {r['images_per_s']:>8.1f} "
-            f"{r['efficiency']:>10.2f} {r['comm_share']:>10.3f}"
+            f"{r['efficiency']:>10.2f} {r['comm_share']:>10.3f} {r['work_ratio']:>10.2f}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": opts, "rows": rows}, indent=2))
