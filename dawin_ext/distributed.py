@@ -599,11 +599,15 @@ def fit_multitask(mt: Any, loader: Iterable, group: Group, progress: bool = Fals
             raise ValueError(f"DaWinMultiTask: task models' logits have different shapes {sorted(shapes)}")
         for t, z in enumerate(logits):
             check_logits_finite(z, f"task model {t}")
-        return entropy_coefficients(torch.stack([z.float() for z in logits])).entropies
+        return entropy_coefficients(torch.stack([z.float() for z in logits])).entropies, int(logits[0].shape[1])
 
-    h, error = capture(local)
-    infos = raise_if_any_failed(error, group, what, None if h is None else int(h.shape[1]))
-    counts = [0 if i is None else i for i in infos]
+    value, error = capture(local)
+    h, n_out = value if value is not None else (None, None)
+    infos = raise_if_any_failed(error, group, what, None if h is None else (int(h.shape[1]), n_out))
+    counts = [0 if i is None else i[0] for i in infos]
+    widths = {i[1] for i in infos if i is not None}
+    if len(widths) > 1:
+        raise ValueError(f"{what}: ranks disagree on the number of outputs: {[i and i[1] for i in infos]}")
     h_all, _ = all_gather_rows(None if h is None else h.t(), group, what)
     h_all = h_all.t().contiguous()
 
@@ -625,6 +629,7 @@ def fit_multitask(mt: Any, loader: Iterable, group: Group, progress: bool = Fals
         result["cluster_pi"],
     )
     mt.n_samples_ = int(mt.pi_.shape[0])
+    mt.n_outputs_ = widths.pop() if widths else 0
     mt.shard_ = _shard_info(counts, rank)
     mt.rank_samples_ = counts
     if mt.clusters is None:

@@ -216,6 +216,8 @@ class DaWinMultiTask:
                 return self._exact_forward(x, self.pi_[s0 + start : s0 + stop])
             return route(models, x, self.labels_[s0 + start : s0 + stop])
 
+        if s1 == s0:  # a rank with an empty shard
+            return torch.empty(0, self.n_outputs_)
         return predict_in_fit_order(loader, s1 - s0, self.device, "DaWinMultiTask", forward)
 
     def _exact_forward(self, x: Tensor, pi: Tensor) -> Tensor:

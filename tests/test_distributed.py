@@ -133,11 +133,23 @@ def _api_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=_td(60)
     )
+    from dawin_ext import DaWin
+    from dawin_ext.multitask import DaWinMultiTask
+
     try:
         clf, zs, ft, x, y = _tiny_problem()
         sampler = dd.ShardSampler(N_SAMPLES, block=BATCH)
         out = _run_methods(clf, zs, ft, lambda: _loader(x, y, sampler), None)  # group detected
         out["shard"] = (sampler.start, sampler.stop)
+        # 4 samples in one batch: every rank but the last has an empty shard, and still takes part.
+        small = dd.ShardSampler(4, block=BATCH)
+        dw = DaWin(clf, zs, ft, n_clusters=2, seed=1).fit(_loader(x[:4], y[:4], small))
+        mt = DaWinMultiTask(clf, zs, [ft], n_clusters=1).fit(_loader(x[:4], y[:4], small))
+        out["empty"] = {
+            "lambda": dw.coefficients_,
+            "cluster": dw.predict_dataset(_loader(x[:4], y[:4], small)),
+            "multitask": mt.predict_dataset(_loader(x[:4], y[:4], small)),
+        }
         bar = dd.GlobalProgress(N_SAMPLES, "test bar", True, dd.active_group())
         has_bar = bar.bar is not None
         for _ in bar.wrap(_loader(x, y, sampler)):
@@ -191,6 +203,16 @@ def test_api_matches_single_process(dist_results, single_process_results):
             assert torch.equal(got[name]["cluster"], ref[name]["cluster"][s0:s1]), name
         assert torch.equal(got["multitask"]["cluster"], ref["multitask"]["cluster"][s0:s1])
         torch.testing.assert_close(got["plain"]["exact"], ref["plain"]["exact"][s0:s1], rtol=0, atol=EXACT_ATOL)
+    # Empty shards (4 samples, one batch, on the last rank): same lambda everywhere, empty predictions elsewhere.
+    from dawin_ext import DaWin
+
+    clf, zs, ft, x, y = _tiny_problem()
+    small = DaWin(clf, zs, ft, n_clusters=2, seed=1).fit(_loader(x[:4], y[:4]))
+    for r, got in enumerate(ranks):
+        assert torch.equal(got["empty"]["lambda"], small.coefficients_)
+        n = 4 if r == len(ranks) - 1 else 0
+        assert got["empty"]["cluster"].shape == (n, 5) and got["empty"]["multitask"].shape == (n, 5)
+    assert torch.equal(ranks[-1]["empty"]["cluster"], small.predict_dataset(_loader(x[:4], y[:4])))
     # One progress bar, on rank 0, counting the samples of all ranks.
     assert [r["progress"] for r in ranks] == [(True, N_SAMPLES)] + [(False, N_SAMPLES)] * (len(ranks) - 1)
     # Accuracies from per-rank counts equal one process's.
