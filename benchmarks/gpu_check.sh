@@ -191,7 +191,7 @@ for _ in dd.GlobalProgress(40, "smoke", True, group).wrap(loader()):
 print("NCCL smoke: OK")
 dist.destroy_process_group()
 PYEOF
-  timeout "${GPU_CHECK_NCCL_S:-90}" "$PY" -m torch.distributed.run --nnodes=1 --nproc-per-node=1 \
+  timeout "${GPU_CHECK_NCCL_S:-40}" "$PY" -m torch.distributed.run --nnodes=1 --nproc-per-node=1 \
     --master-addr=127.0.0.1 --master-port="${GPU_CHECK_NCCL_PORT:-29533}" /tmp/gpu_check_nccl_smoke.py \
     >/tmp/gpu_check_nccl_smoke.log 2>&1
   local rc=$?
@@ -238,7 +238,7 @@ main() {
       bench) bench ;;
       nccl) nccl_smoke ;;
       *)
-        echo "usage: $0 [prepare | all | build test sanitize bench]" >&2
+        echo "usage: $0 [prepare | all | build test sanitize bench nccl]" >&2
         return 2
         ;;
     esac
