@@ -37,14 +37,15 @@ REPORT=$OUT/gpu_report.md
 LOGS=/tmp/gpu_check_logs # scratch logs that do not come back (only $OUT does)
 mkdir -p "$LOGS"
 
-PHASES_ALL=(setup build ktest sanitize bench cudatests)
+PHASES_ALL=(setup build ktest sanitize bench nccl cudatests)
 declare -A BOX=(
   [setup]=${GPU_CHECK_SETUP_S:-20}
   [build]=${GPU_CHECK_BUILD_S:-160}
   [ktest]=${GPU_CHECK_KTEST_S:-80}
   [sanitize]=${GPU_CHECK_SANITIZE_S:-90}
   [bench]=${GPU_CHECK_BENCH_S:-50}
-  [cudatests]=${GPU_CHECK_CUDATESTS_S:-80}
+  [nccl]=${GPU_CHECK_NCCL_S:-30}
+  [cudatests]=${GPU_CHECK_CUDATESTS_S:-50}
   [pybench]=${GPU_CHECK_PYBENCH_S:-60}
 )
 TOTAL_S=${GPU_CHECK_TOTAL_S:-480}
@@ -480,6 +481,58 @@ run_phase() {
   return $rc
 }
 
+# NCCL smoke run (issue 13): dawin_ext.distributed's collectives and DaWin's distributed fit on the one GPU, world
+# size 1 (NCCL refuses two ranks on one device), against the same fit without a process group. Self-contained.
+phase_nccl() {
+  cat >/tmp/gpu_check_nccl_smoke.py <<'PYEOF'
+import os
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+from dawin_ext import DaWin, openclip
+from dawin_ext import distributed as dd
+
+device = torch.device(os.environ.get("SMOKE_DEVICE", "cuda"))  # SMOKE_DEVICE=cpu: the same script on gloo
+group, device, _ = dd.init_from_env(device, 120.0)
+assert group is not None, "torchrun's environment did not give a process group"
+print("backend", dist.get_backend(group), "world", dist.get_world_size(group), "device", device)
+openclip.register_tiny_configs()
+torch.manual_seed(0)
+model, _, tok = openclip.create_clip_model("dawin-tiny-vit")
+clf = openclip.CLIPClassifier.from_clip(model, tok, ["cat", "dog", "car", "tree", "boat"], templates="classname")
+clf = clf.to(device)
+zs = {k: v.clone() for k, v in clf.state_dict().items()}
+g = torch.Generator().manual_seed(1)
+ft = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g).to(device) for k, v in zs.items()}
+x, y = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.arange(40) % 5
+def loader(sampler=None):
+    return DataLoader(TensorDataset(x, y), batch_size=8, sampler=sampler)
+ref = DaWin(clf, zs, ft, offset_adjustment=True).fit(loader(), group=False)
+dw = DaWin(clf, zs, ft, offset_adjustment=True).fit(loader(dd.ShardSampler(40, block=8)))
+assert torch.equal(dw.coefficients_, ref.coefficients_), "lambda differs"
+assert torch.equal(dw.labels_, ref.labels_) and dw.offset_ == ref.offset_, "mixture differs"
+for mode in ("cluster", "exact"):
+    a = dw.predict_dataset(loader(dd.ShardSampler(40, block=8)), mode)
+    b = ref.predict_dataset(loader(), mode, group=False)
+    print(mode, "max |diff|", float((a - b).abs().max()))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+rows, counts = dd.all_gather_rows(torch.arange(6.0, device=device).view(3, 2), group, "smoke")
+assert counts == [3] and rows.device == device and rows.flatten().tolist() == list(range(6))
+assert dd.all_sum_int([3, 4], group) == [3, 4]
+assert dd.run_on_rank0(lambda: "same", group, "smoke") == "same"
+dd.barrier(group, 30)
+for _ in dd.GlobalProgress(40, "smoke", True, group).wrap(loader()):
+    pass
+print("NCCL smoke: OK")
+dist.destroy_process_group()
+PYEOF
+  # A rehearsal runs the same script on gloo (CPU): the collectives and the fit path are the same code.
+  local dev=cuda
+  [[ $REHEARSE == 1 ]] && dev=cpu
+  SMOKE_DEVICE=$dev within "$ALLOWED" "$PY" -m torch.distributed.run --nnodes=1 --nproc-per-node=1 \
+    --master-addr=127.0.0.1 --master-port="${GPU_CHECK_NCCL_PORT:-29533}" /tmp/gpu_check_nccl_smoke.py 2>&1
+}
+
 finish() {
   {
     printf '\n## Summary (%s s in all; boxes sum to %s s, total box %s s)\n\n' "$((SECONDS - START))" "$BOX_SUM" "$TOTAL_S"
@@ -505,7 +558,7 @@ main() {
   local p
   for p in "${PHASES[@]}"; do
     [[ -n ${BOX[$p]:-} ]] || {
-      echo "usage: $0 [--rehearse] [prepare | all | setup build ktest sanitize bench cudatests pybench]" >&2
+      echo "usage: $0 [--rehearse] [prepare | all | setup build ktest sanitize bench nccl cudatests pybench]" >&2
       return 2
     }
   done

@@ -31,6 +31,11 @@ entropy of the model's predictions. The design choices made here:
   fp32, where the exact pass costs about 0.65x a plain forward per candidate (its linear layers mix weights
   per sample in cache; benchmarks/RESULTS.md). The default stays ``q = 1`` because batched proposals follow
   a different (constant-liar) search path than sequential ones, so results would change with the default.
+* **Across ranks** (``torch.distributed``). Nothing is global: alpha is chosen per batch, so each rank runs
+  :meth:`predict` on its own shard's batches with no communication. With ``warm_start`` the chain of warm starts
+  restarts at each rank's first batch, so a rank's results equal one process run on that rank's shard; they equal
+  one process over the whole set exactly when ``warm_start=False`` (and the shards follow batch boundaries, as
+  :class:`~dawin_ext.distributed.ShardSampler` with ``block=batch_size`` makes them).
 """
 
 from __future__ import annotations

@@ -289,10 +289,23 @@ class DaWin:
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
-    def fit(self, loader: Iterable, progress: bool = False) -> DaWin:
+    def fit(self, loader: Iterable, progress: bool = False, group=None) -> DaWin:
         """Runs both models once over ``loader`` ((x, y) or x batches), computes lambda, fits the mixture
         and builds the K cluster models. Sets ``coefficients_`` [N], ``labels_`` [N] (cluster per sample),
-        ``cluster_coefficients_`` [K], ``mixture_``, ``offset_``, ``logits_`` (zero-shot, fine-tuned)."""
+        ``cluster_coefficients_`` [K], ``mixture_``, ``offset_``, ``logits_`` (zero-shot, fine-tuned).
+
+        In an initialised process group (or with ``group=``; ``group=False`` opts out) each rank's ``loader``
+        yields its own shard (e.g. :class:`dawin_ext.distributed.ShardSampler`) and the fit is global: the
+        mixture is fitted once on all ranks' lambdas, in rank order, and ``coefficients_``, ``labels_``,
+        ``cluster_coefficients_``, ``mixture_``, ``offset_`` and ``n_samples_`` are those of the whole set,
+        identical on every rank; ``logits_`` and ``fit_labels_`` are the rank's shard, ``shard_`` its
+        ``[start, stop)`` in the global order (see :mod:`dawin_ext.distributed`).
+        """
+        from . import distributed
+
+        pg = distributed.active_group(group)
+        if pg is not None:
+            return distributed.fit_dawin(self, loader, pg, progress)
         names = ["zero-shot model", "fine-tuned model", "merged model"][: len(self.experts)]
         logits, labels = collect_logits(self.experts.models, loader, names=names, device=self.device, progress=progress)
         lam, self.offset_ = self._coefficients(logits, labels, True if self.offset_adjustment else None)
@@ -346,14 +359,20 @@ class DaWin:
         return route(self.clusters.models, x, self.assign(lam))
 
     @torch.no_grad()
-    def predict_dataset(self, loader: Iterable, mode: str = "cluster", progress: bool = False) -> Tensor:
+    def predict_dataset(self, loader: Iterable, mode: str = "cluster", progress: bool = False, group=None) -> Tensor:
         """Offline inference over the ``fit`` data (same order): reuses the stored coefficients, so weight-space
-        modes cost one forward pass per sample and output-space modes none. Returns scores [N, C]."""
+        modes cost one forward pass per sample and output-space modes none. Returns scores [N, C].
+
+        After a distributed ``fit``, each rank's ``loader`` yields the same shard as in ``fit`` and the scores
+        are that shard's (no communication: routing and the exact mode are local)."""
+        from . import distributed
+
         self._check_fitted()
         if mode not in ("cluster", "exact"):
             raise ValueError(f"DaWin: mode must be 'cluster' or 'exact', got {mode!r}")
+        s0, s1 = distributed.fitted_shard(self, group, "DaWin.predict_dataset")
         if not self.weight_space:
-            return self._output_space(self.logits_[0], self.logits_[1], self.coefficients_)
+            return self._output_space(self.logits_[0], self.logits_[1], self.coefficients_[s0:s1])
         iterator = loader
         if progress:
             from tqdm.auto import tqdm
@@ -362,10 +381,12 @@ class DaWin:
 
         def forward(x: Tensor, start: int, stop: int) -> Tensor:
             if mode == "exact":
-                return self._exact_forward(x, self.coefficients_[start:stop])
-            return route(self.clusters.models, x, self.labels_[start:stop])
+                return self._exact_forward(x, self.coefficients_[s0 + start : s0 + stop])
+            return route(self.clusters.models, x, self.labels_[s0 + start : s0 + stop])
 
-        return predict_in_fit_order(iterator, self.n_samples_, self.device, "DaWin.predict_dataset", forward)
+        if s1 == s0:  # a rank with an empty shard
+            return self.logits_[0].new_empty((0, self.logits_[0].shape[1]))
+        return predict_in_fit_order(iterator, s1 - s0, self.device, "DaWin.predict_dataset", forward)
 
     def _exact_forward(self, x: Tensor, lam: Tensor) -> Tensor:
         if self._exact is None:

@@ -15,6 +15,13 @@ downloads anything.
 
 Per test set, DaWin fits its Beta mixture on that set's own coefficients (the reference's offline setting), and
 AdaWiSE chooses one alpha per batch, so its result depends on ``--batch-size``.
+
+Under ``torchrun --nproc_per_node=N -m dawin_ext.cli eval ...`` every rank evaluates a contiguous shard of each test
+set (on batch boundaries: no padding, no duplicates), DaWin's mixture is fitted once over all ranks' coefficients
+(:mod:`dawin_ext.distributed`), accuracies are summed (correct, total) counts, and rank 0 alone prints and writes
+the results, with ``world_size`` and each set's ``rank_samples``. The ``--json`` file is rewritten atomically after
+each test set (``"complete": false`` until the end), and ``--resume`` skips the sets it already holds. AdaWiSE runs
+per rank: its warm start restarts at each shard's first batch.
 """
 
 from __future__ import annotations
@@ -117,7 +124,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow checkpoints that are pickles needing arbitrary code (e.g. torch.save(model)); this RUNS "
         "CODE FROM THE FILE: use only for files whose origin you trust",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help='also write the results as JSON (rewritten atomically after each test set; "complete": true at the end)',
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --json: skip the test sets whose results that file already holds (same model and settings)",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="under torchrun: a collective that waits longer than S seconds fails the job instead of hanging (1800)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
 
 
@@ -284,36 +307,109 @@ def _accuracy(scores: Tensor, labels: Tensor) -> float:
 
 
 @torch.no_grad()
-def _run_batches(fn: Callable[[Tensor], Tensor], loader, device, desc: str, progress: bool) -> tuple[Tensor, Tensor]:
+def _run_batches(fn: Callable[[Tensor], Tensor], loader, device, desc: str, track) -> tuple[Tensor, Tensor]:
     outs, labels = [], []
-    for x, y in _progress(loader, desc, progress, total=len(loader)):
+    for x, y in track(loader, desc):
         outs.append(fn(x.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(outs), torch.cat(labels)
 
 
+@dataclass
+class _Dist:
+    """Where this process stands: no group (one process), or rank ``rank`` of ``world`` in ``group``."""
+
+    group: object = None
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def agree(self, fn: Callable[[], object], what: str):
+        """Runs the local step ``fn``; in a group, every rank then learns whether any rank failed (and raises)."""
+        from . import distributed as dd
+
+        if self.group is None:
+            return fn()
+        value, error = dd.capture(fn)
+        dd.raise_if_any_failed(error, self.group, what)
+        return value
+
+
 def run(args: argparse.Namespace) -> int:
-    """Runs ``dawin-ext eval``; returns the exit status (2 with a message on stderr for bad input)."""
+    """Runs ``dawin-ext eval``; returns the exit status (2 with a message on stderr for bad input).
+
+    Under ``torchrun`` every rank runs this; each prints its own error (prefixed with its rank), so the job's log
+    names the rank that failed and why; the healthy ranks fail at the next agreement step, naming that rank.
+    """
     from .checkpoints import CheckpointFormatError, UnsafeCheckpointError
+    from .distributed import RankFailedError
     from .statedict import IncompatibleStateDictsError
 
+    prefix = "dawin-ext eval: error: "
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        prefix += f"[rank {os.environ.get('RANK', '?')}] "
     try:
         return _run(args)
     except (EvalError, IncompatibleStateDictsError, CheckpointFormatError, UnsafeCheckpointError) as e:
-        print(f"dawin-ext eval: error: {e}", file=sys.stderr)
+        print(f"{prefix}{e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # a path that vanished between the checks and its use
-        print(f"dawin-ext eval: error: {e}", file=sys.stderr)
+        print(f"{prefix}{e}", file=sys.stderr)
         return 2
-    except MethodError as e:
-        print(f"dawin-ext eval: error: {e}", file=sys.stderr)
+    except (MethodError, RankFailedError) as e:
+        print(f"{prefix}{e}", file=sys.stderr)
         return 1
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    return {
+        "alpha": args.alpha,
+        "components": args.components,
+        "temperatures": list(args.temperatures),
+        "offset_adjustment": args.offset_adjustment,
+        "seed": args.seed,
+        "adawise_evals": args.adawise_evals,
+        "batch_size": args.batch_size,
+    }
+
+
+def _read_resume(args: argparse.Namespace, methods: list[str], test_sets: list[_TestSet]) -> dict:
+    """The finished test sets of an earlier run's ``--json`` file: {name: {"accuracy": {...}, "entry": {...}}}.
+
+    A set counts as finished when the file holds its accuracy for every method asked for now. A file written with
+    other settings or another model is refused (the results would mix two experiments)."""
+    path = Path(args.json)
+    if not path.exists():
+        return {}
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvalError(f"--resume: cannot read {args.json!r}: {e}") from e
+    if not isinstance(previous, dict) or "accuracy" not in previous or "settings" not in previous:
+        raise EvalError(f"--resume: {args.json!r} is not a results file of dawin-ext eval")
+    expected = {"model": args.model, "settings": _settings(args)}
+    for key, value in expected.items():
+        if previous.get(key) != value:
+            raise EvalError(
+                f"--resume: {args.json!r} was written with {key} {previous.get(key)!r}, this run has {value!r}; "
+                "use another --json file or the same settings"
+            )
+    done = {}
+    for ts in test_sets:
+        entry = previous.get("test_sets", {}).get(ts.name)
+        if not entry or entry.get("path") != str(ts.root):
+            continue
+        accs = {m: previous["accuracy"].get(m, {}).get(ts.name) for m in methods}
+        if all(isinstance(v, float) for v in accs.values()):
+            done[ts.name] = {"accuracy": accs, "entry": entry}
+    return done
+
+
 def _run(args: argparse.Namespace) -> int:
-    from . import openclip as oc
-    from .checkpoints import CheckpointFormatError
-    from .statedict import IncompatibleStateDictsError
+    from . import distributed as dd
 
     # Everything about the input is checked before a model is built or an image is read.
     if not (math.isfinite(args.alpha) and 0.0 <= args.alpha <= 1.0):
@@ -326,6 +422,10 @@ def _run(args: argparse.Namespace) -> int:
         raise EvalError(f"--components must be >= 1, got {args.components}")
     if args.adawise_evals < 1:
         raise EvalError(f"--adawise-evals must be >= 1, got {args.adawise_evals}")
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise EvalError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    if args.resume and not args.json:
+        raise EvalError("--resume needs --json PATH: the results file to resume from and to complete")
     for t in args.temperatures:
         if not (math.isfinite(t) and t > 0):
             raise EvalError(f"--temperatures must be finite and > 0, got {tuple(args.temperatures)}")
@@ -336,6 +436,21 @@ def _run(args: argparse.Namespace) -> int:
             raise EvalError(f"{flag} {path!r} does not exist or is not a file")
     classnames = parse_classnames(args.classnames)
     test_sets = _open_test_sets(args.data, classnames)
+    # Under torchrun: join the process group (gloo on the CPU, NCCL on cuda:LOCAL_RANK).
+    group, device, created = dd.init_from_env(device, args.dist_timeout)
+    try:
+        return _run_sets(args, methods, skipped, classnames, test_sets, device, _Dist(group, *dd.rank_and_world(group)))
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _run_sets(args, methods, skipped, classnames, test_sets, device, dist: _Dist) -> int:
+    from . import distributed as dd
+    from . import openclip as oc
+    from .checkpoints import CheckpointFormatError
+    from .statedict import IncompatibleStateDictsError
+
     try:
         for cfg in args.model_config:
             oc.register_model_config(cfg)
@@ -357,61 +472,111 @@ def _run(args: argparse.Namespace) -> int:
     base, theta_zs, theta_ft = pair.model, pair.theta_zs, pair.theta_ft
     for ts in test_sets:
         ts.dataset.transform = pair.preprocess
-    progress = not args.no_progress
+    enabled = not args.no_progress
 
-    print(
-        f"dawin-ext eval: {args.model} ({sum(v.numel() for v in theta_zs.values()) / 1e6:.2f}M parameters), "
-        f"{len(classnames)} classes, {len(test_sets)} test set(s), device {device}",
-        file=sys.stderr,
+    def log(msg: str) -> None:
+        if dist.main:
+            print(f"dawin-ext eval: {msg}", file=sys.stderr)
+
+    ranks = f", {dist.world} ranks ({torch.distributed.get_backend(dist.group)})" if dist.group is not None else ""
+    log(
+        f"{args.model} ({sum(v.numel() for v in theta_zs.values()) / 1e6:.2f}M parameters), "
+        f"{len(classnames)} classes, {len(test_sets)} test set(s), device {device}{ranks}"
     )
     for name, why in skipped.items():
-        print(f"dawin-ext eval: skipping {name}: {why}", file=sys.stderr)
+        log(f"skipping {name}: {why}")
+
+    # --resume: rank 0 reads the earlier results (the file may exist on its node only) and tells every rank.
+    done: dict = {}
+    if args.resume:
+        read = lambda: _read_resume(args, methods, test_sets)  # noqa: E731
+        done = read() if dist.group is None else dd.run_on_rank0(read, dist.group, "--resume")
+    previous_seconds: dict[str, float] = {}
+    if done and dist.main:
+        previous_seconds = json.loads(Path(args.json).read_text(encoding="utf-8")).get("seconds", {})
 
     results: dict[str, dict[str, float]] = {m: {} for m in methods}
-    seconds: dict[str, float] = dict.fromkeys(methods, 0.0)
+    seconds: dict[str, float] = {m: float(previous_seconds.get(m, 0.0)) for m in methods}
+    entries: dict[str, dict] = {}
+
+    def write_json(complete: bool) -> None:
+        if not (args.json and dist.main):
+            return
+        payload = {
+            "model": args.model,
+            "classes": len(classnames),
+            "test_sets": entries,
+            "accuracy": results,
+            "seconds": seconds,
+            "skipped": skipped,
+            "settings": _settings(args),
+            "world_size": dist.world,
+            "complete": complete,
+        }
+        # Atomic: a run killed while writing leaves the previous complete file, never half of one.
+        dd.atomic_write_text(args.json, json.dumps(payload, indent=2))
+
     for ts in test_sets:
+        if ts.name in done:
+            log(f"{ts.name}: complete in {args.json}, skipped (--resume)")
+            for m, acc in done[ts.name]["accuracy"].items():
+                results[m][ts.name] = acc
+            entries[ts.name] = done[ts.name]["entry"]
+            continue
         if ts.note:
-            print(f"dawin-ext eval: {ts.name}: {ts.note}", file=sys.stderr)
+            log(f"{ts.name}: {ts.note}")
+        sampler = None
+        if dist.group is not None:
+            # Contiguous shards on batch boundaries: every rank sees the batches one process would see.
+            sampler = dd.ShardSampler(len(ts.dataset), rank=dist.rank, world_size=dist.world, block=args.batch_size)
         loader = torch.utils.data.DataLoader(
             ts.dataset,
             batch_size=args.batch_size,
             shuffle=False,
+            sampler=sampler,
             num_workers=args.workers,
             pin_memory=device.type == "cuda",
         )
-        set_results = _evaluate_set(args, methods, base, theta_zs, theta_ft, loader, device, ts.name, progress, seconds)
+        n_total = len(ts.dataset)
+
+        track = _tracker(dist, enabled, len(loader), n_total)
+        set_results, rank_samples = _evaluate_set(
+            args, methods, base, theta_zs, theta_ft, loader, device, ts.name, track, seconds, dist
+        )
         for m, acc in set_results.items():
             results[m][ts.name] = acc
+        entries[ts.name] = {"path": str(ts.root), "samples": n_total, "rank_samples": rank_samples}
+        write_json(complete=False)
 
-    _print_table(results, [ts.name for ts in test_sets], skipped)
-    if args.json:
-        payload = {
-            "model": args.model,
-            "classes": len(classnames),
-            "test_sets": {ts.name: {"path": str(ts.root), "samples": len(ts.dataset)} for ts in test_sets},
-            "accuracy": results,
-            "seconds": seconds,
-            "skipped": skipped,
-            "settings": {
-                "alpha": args.alpha,
-                "components": args.components,
-                "temperatures": list(args.temperatures),
-                "offset_adjustment": args.offset_adjustment,
-                "seed": args.seed,
-                "adawise_evals": args.adawise_evals,
-                "batch_size": args.batch_size,
-            },
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+    # Test sets in command-line order, whether resumed or computed.
+    entries = {ts.name: entries[ts.name] for ts in test_sets}
+    results = {m: {ts.name: results[m][ts.name] for ts in test_sets} for m in methods}
+    write_json(complete=True)
+    if dist.main:
+        _print_table(results, [ts.name for ts in test_sets], skipped)
     return 0
+
+
+def _tracker(dist: _Dist, enabled: bool, n_batches: int, n_samples: int) -> Callable[[Iterable, str], Iterable]:
+    """``track(loader, desc)``: a tqdm bar over batches in one process; in a group, one bar on rank 0 counting
+    the samples of all ranks (every rank must call it the same number of times, in the same order)."""
+    from . import distributed as dd
+
+    def track(iterable: Iterable, desc: str) -> Iterable:
+        if dist.group is None:
+            return _progress(iterable, desc, enabled, n_batches)
+        return dd.GlobalProgress(n_samples, desc, enabled, dist.group).wrap(iterable)
+
+    return track
 
 
 def dawin_requested(methods) -> bool:
     return "dawin-cluster" in methods or "dawin-exact" in methods
 
 
-def _shared_logits(args, methods, base, theta_zs, theta_ft, loader, device, tag: str, progress: bool):
-    """Both models' logits over the set, once: through DaWin's fit when DaWin runs, else directly."""
+def _shared_logits(args, methods, base, theta_zs, theta_ft, loader, device, tag: str, track, dist: _Dist):
+    """Both models' logits over the set (this rank's shard), once: through DaWin's fit when DaWin runs (its
+    mixture is fitted over all ranks), else directly."""
     desc = f"{tag} zero-shot + fine-tuned logits"
     if dawin_requested(methods):
         from .dawin import DaWin
@@ -426,7 +591,7 @@ def _shared_logits(args, methods, base, theta_zs, theta_ft, loader, device, tag:
             seed=args.seed,
         )
         # fit() runs both models over the set once; its logits also give zero-shot / fine-tuned / ensemble.
-        dawin.fit(_progress(loader, desc, progress, len(loader)))
+        dawin.fit(track(loader, desc), group=dist.group if dist.group is not None else False)
         logits_zs, logits_ft = dawin.logits_
         return logits_zs, logits_ft, dawin.fit_labels_, dawin
     if any(m in methods for m in ("zeroshot", "finetuned", "ensemble")):
@@ -434,86 +599,123 @@ def _shared_logits(args, methods, base, theta_zs, theta_ft, loader, device, tag:
 
         experts = BlendedModels(base, [theta_zs, theta_ft], n_models=2)
         experts.blend([[1.0, 0.0], [0.0, 1.0]])
-        (logits_zs, logits_ft), labels = collect_logits(
-            experts.models,
-            _progress(loader, desc, progress, len(loader)),
-            names=["zero-shot model", "fine-tuned model"],
-            device=device,
-        )
+
+        def collect():
+            if len(loader) == 0:  # a rank with an empty shard
+                return [torch.empty(0, 0), torch.empty(0, 0)], torch.empty(0, dtype=torch.long)
+            return collect_logits(
+                experts.models, track(loader, desc), names=["zero-shot model", "fine-tuned model"], device=device
+            )
+
+        (logits_zs, logits_ft), labels = dist.agree(collect, f"zero-shot/fine-tuned logits on {tag}")
         return logits_zs, logits_ft, labels, None
     return None, None, None, None
 
 
+def _correct(scores: Tensor, labels: Tensor | None) -> tuple[int, int]:
+    """(correct, total) of this rank's predictions; summed over ranks they give the exact accuracy."""
+    if scores.shape[0] == 0:
+        return 0, 0
+    if labels is None or scores.shape[0] != labels.shape[0]:
+        raise RuntimeError(f"{scores.shape[0]} predictions for {None if labels is None else labels.shape[0]} labels")
+    return int((scores.argmax(dim=1).cpu() == labels.cpu()).sum()), int(labels.shape[0])
+
+
 def _evaluate_set(
-    args, methods, base: nn.Module, theta_zs, theta_ft, loader, device, set_name: str, progress: bool, seconds
-) -> dict[str, float]:
-    """Accuracy of each method on one test set. Both models' logits are computed once and shared."""
+    args, methods, base: nn.Module, theta_zs, theta_ft, loader, device, set_name: str, track, seconds, dist: _Dist
+) -> tuple[dict[str, float], list[int]]:
+    """Accuracy of each method on one test set, and each rank's sample count. Both models' logits are computed
+    once and shared. In a process group each rank scores its shard; (correct, total) counts are summed."""
+    from . import distributed as dd
+
     out: dict[str, float] = {}
     tag = f"[{set_name}]"
 
-    def timed(method: str, fn: Callable[[], float]) -> None:
+    def accuracy(scores: Tensor, labels: Tensor) -> float:
+        if dist.group is None:
+            return _accuracy(scores, labels)
+        correct, total = dd.all_sum_int(_correct(scores, labels), dist.group)
+        return correct / total
+
+    def timed(method: str, fn: Callable[[], tuple[Tensor, Tensor]]) -> None:
+        """``fn`` gives (scores, labels) of this rank's shard; the accuracy is over all ranks."""
         start = time.perf_counter()
         try:
-            out[method] = fn()
+            scores, labels = dist.agree(fn, f"{method} on {set_name}")
+            out[method] = accuracy(scores, labels)
         except ValueError as e:
             raise MethodError(f"{method} on {set_name}: {e}") from e
         seconds[method] += time.perf_counter() - start
 
+    n_local = len(loader.sampler) if loader.sampler is not None else len(loader.dataset)
     dawin = None
     start = time.perf_counter()
     try:
         logits_zs, logits_ft, labels, dawin = _shared_logits(
-            args, methods, base, theta_zs, theta_ft, loader, device, tag, progress
+            args, methods, base, theta_zs, theta_ft, loader, device, tag, track, dist
         )
     except ValueError as e:
         stage = "DaWin fit" if dawin_requested(methods) else "zero-shot/fine-tuned logits"
         raise MethodError(f"{stage} on {set_name}: {e}") from e
     shared = time.perf_counter() - start
+    rank_samples = [n_local] if dist.group is None else [int(n) for n in dd.all_gather_objects(n_local, dist.group)]
     for m in ("zeroshot", "finetuned"):
         if m in methods:
             seconds[m] += shared / 2
     if "zeroshot" in methods:
-        out["zeroshot"] = _accuracy(logits_zs, labels)
+        out["zeroshot"] = accuracy(logits_zs, labels)
     if "finetuned" in methods:
-        out["finetuned"] = _accuracy(logits_ft, labels)
+        out["finetuned"] = accuracy(logits_ft, labels)
     if "ensemble" in methods:
         from .wise_ft import output_ensemble
 
-        timed("ensemble", lambda: _accuracy(output_ensemble(logits_zs, logits_ft, weight=args.alpha), labels))
+        def ensemble():
+            if logits_zs.shape[0] == 0:
+                return logits_zs, labels
+            return output_ensemble(logits_zs, logits_ft, weight=args.alpha), labels
+
+        timed("ensemble", ensemble)
     if "wise-ft" in methods:
 
-        def wise() -> float:
+        def wise():
             from .wise_ft import wise_ft
 
             merged = copy.deepcopy(base)
             merged.load_state_dict(wise_ft(theta_zs, theta_ft, args.alpha))
-            scores, y = _run_batches(merged, loader, device, f"{tag} WiSE-FT a={args.alpha}", progress)
-            return _accuracy(scores, y)
+            if n_local == 0:
+                list(track(loader, f"{tag} WiSE-FT a={args.alpha}"))  # no batches; keeps the bar sequence aligned
+                return torch.empty(0, 0), None
+            return _run_batches(merged, loader, device, f"{tag} WiSE-FT a={args.alpha}", track)
 
         timed("wise-ft", wise)
     if dawin is not None:
         for m, mode in (("dawin-cluster", "cluster"), ("dawin-exact", "exact")):
             if m in methods:
 
-                def dawin_acc(mode=mode) -> float:
+                def dawin_scores(mode=mode):
                     scores = dawin.predict_dataset(
-                        _progress(loader, f"{tag} DaWin {mode}", progress, len(loader)), mode
+                        track(loader, f"{tag} DaWin {mode}"),
+                        mode,
+                        group=dist.group if dist.group is not None else False,
                     )
-                    return _accuracy(scores, labels)
+                    return scores, labels
 
-                timed(m, dawin_acc)
+                timed(m, dawin_scores)
     if "adawise" in methods:
         from .adawise import AdaWiSE
 
-        def adawise() -> float:
+        def adawise():
+            # Per rank: alpha is optimised per batch of the rank's shard; the warm start restarts at its first batch.
             ada = AdaWiSE(
                 base, theta_zs, theta_ft, n_evals=args.adawise_evals, n_init=min(3, args.adawise_evals), seed=args.seed
             )
-            scores, y = _run_batches(ada.predict, loader, device, f"{tag} AdaWiSE", progress)
-            return _accuracy(scores, y)
+            if n_local == 0:
+                list(track(loader, f"{tag} AdaWiSE"))
+                return torch.empty(0, 0), None
+            return _run_batches(ada.predict, loader, device, f"{tag} AdaWiSE", track)
 
         timed("adawise", adawise)
-    return out
+    return out, rank_samples
 
 
 def _print_table(results: dict[str, dict[str, float]], set_names: list[str], skipped: dict[str, str]) -> None:

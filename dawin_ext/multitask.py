@@ -152,9 +152,19 @@ class DaWinMultiTask:
         return entropy_coefficients(torch.stack([z.float() for z in task_logits])).coefficients
 
     @torch.no_grad()
-    def fit(self, loader: Iterable, progress: bool = False) -> DaWinMultiTask:
+    def fit(self, loader: Iterable, progress: bool = False, group=None) -> DaWinMultiTask:
         """Scores ``loader`` with every task model once, computes pi, fits the Dirichlet mixture and builds
-        the cluster models. Sets ``pi_`` [N, T], ``labels_`` [N], ``cluster_pi_`` [K, T], ``mixture_``."""
+        the cluster models. Sets ``pi_`` [N, T], ``labels_`` [N], ``cluster_pi_`` [K, T], ``mixture_``.
+
+        In an initialised process group (or with ``group=``; ``group=False`` opts out) each rank scores its
+        own shard; the task entropies are gathered in rank order and pi, the mixture and the assignments are
+        computed once for the whole set (identical on every rank); ``shard_`` is the rank's ``[start, stop)``.
+        """
+        from . import distributed
+
+        pg = distributed.active_group(group)
+        if pg is not None:
+            return distributed.fit_multitask(self, loader, pg, progress)
         names = [f"task model {t}" for t in range(self.n_tasks)]
         logits, _ = collect_logits(self._task_heads(), loader, names=names, device=self.device, progress=progress)
         self.pi_ = self._pi(logits)
@@ -192,19 +202,25 @@ class DaWinMultiTask:
         return route([_WithHead(m, self.head) for m in self.clusters.models], x, assignment)
 
     @torch.no_grad()
-    def predict_dataset(self, loader: Iterable, mode: str = "cluster") -> Tensor:
-        """Offline inference over the ``fit`` data in the same order, reusing the stored pi and clusters."""
+    def predict_dataset(self, loader: Iterable, mode: str = "cluster", group=None) -> Tensor:
+        """Offline inference over the ``fit`` data in the same order, reusing the stored pi and clusters
+        (after a distributed ``fit``: the rank's shard, locally)."""
+        from . import distributed
+
         self._check_fitted()
+        s0, s1 = distributed.fitted_shard(self, group, "DaWinMultiTask.predict_dataset")
         if mode not in ("cluster", "exact"):
             raise ValueError(f"DaWinMultiTask: mode must be 'cluster' or 'exact', got {mode!r}")
         models = [_WithHead(m, self.head) for m in self.clusters.models]
 
         def forward(x: Tensor, start: int, stop: int) -> Tensor:
             if mode == "exact":
-                return self._exact_forward(x, self.pi_[start:stop])
-            return route(models, x, self.labels_[start:stop])
+                return self._exact_forward(x, self.pi_[s0 + start : s0 + stop])
+            return route(models, x, self.labels_[s0 + start : s0 + stop])
 
-        return predict_in_fit_order(loader, self.n_samples_, self.device, "DaWinMultiTask", forward)
+        if s1 == s0:  # a rank with an empty shard
+            return torch.empty(0, self.n_outputs_)
+        return predict_in_fit_order(loader, s1 - s0, self.device, "DaWinMultiTask", forward)
 
     def _exact_forward(self, x: Tensor, pi: Tensor) -> Tensor:
         if self._exact is None:
