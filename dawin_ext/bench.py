@@ -270,6 +270,10 @@ def _bandwidth_note(achieved: float, peak: float, in_cache: float, extra: str = 
     note = f"{achieved / 1e9:.1f} GB/s = {100 * fraction:.0f}% of copy bandwidth; in cache {in_cache / 1e9:.1f} GB/s"
     if fraction >= _MEMORY_BOUND_FRACTION:
         bound = "memory bandwidth"
+    elif in_cache < achieved:
+        # Physically the cached run cannot be slower; on a busy machine waking the thread pool for each
+        # call can make it so. Say that instead of drawing a conclusion from noise.
+        bound = "undetermined: the in-cache run was slower than the one from memory, so this run was too noisy"
     elif in_cache < 1.3 * achieved:
         bound = f"compute, not memory: in cache it is only {in_cache / achieved:.2f}x faster{extra}"
     else:
