@@ -273,13 +273,13 @@ def _bandwidth_note(achieved: float, peak: float, in_cache: float, extra: str = 
     elif in_cache < achieved:
         # Physically the cached run cannot be slower; on a busy machine waking the thread pool for each
         # call can make it so. Say that instead of drawing a conclusion from noise.
-        bound = "undetermined: the in-cache run was slower than the one from memory, so this run was too noisy"
+        bound = f"undetermined: the in-cache run was slower than the one from memory, so this run was too noisy{extra}"
     elif in_cache < 1.3 * achieved:
         bound = f"compute, not memory: in cache it is only {in_cache / achieved:.2f}x faster{extra}"
     else:
         bound = (
             f"memory access, below the copy rate: in cache it is {in_cache / achieved:.1f}x faster, "
-            f"so the access pattern (many concurrent streams) and not the arithmetic limits it{extra}"
+            f"so the arithmetic is not what limits it{extra}"
         )
     return note + f"; bound: {bound}", bound
 
