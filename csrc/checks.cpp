@@ -2,6 +2,11 @@
 // Unsupported dtypes raise TypeError in Python (TORCH_CHECK_TYPE), every other bad argument ValueError
 // (TORCH_CHECK_VALUE), matching the Python-side checks; see docs/errors.md.
 #include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
 
 #include "common/blend_math.h"
 #include "ops.h"
@@ -95,6 +100,90 @@ void check_blend_args(at::TensorList sources, const at::Tensor& coefficients, at
   }
 }
 
+namespace {
+struct Span {
+  int dev_type;
+  int64_t dev_index;
+  uintptr_t begin;
+  uintptr_t end;  // one past the last byte
+  int64_t index;
+};
+}  // namespace
+
+std::vector<MemoryOverlap> memory_overlaps(at::TensorList tensors, int64_t num_read_only) {
+  std::vector<Span> spans;
+  spans.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (!t.defined() || !t.has_storage() || t.numel() == 0) continue;
+    const auto* p = static_cast<const char*>(t.const_data_ptr());
+    if (p == nullptr) continue;  // meta and similar: no memory to share
+    // Lowest and highest element offsets reachable through the strides (negative strides included).
+    int64_t lo = 0, hi = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      const int64_t extent = (t.size(d) - 1) * t.stride(d);
+      (extent < 0 ? lo : hi) += extent;
+    }
+    const int64_t el = static_cast<int64_t>(t.element_size());
+    spans.push_back({static_cast<int>(t.device().type()), t.device().index(), reinterpret_cast<uintptr_t>(p + lo * el),
+                     reinterpret_cast<uintptr_t>(p + (hi + 1) * el), static_cast<int64_t>(i)});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    if (a.dev_type != b.dev_type) return a.dev_type < b.dev_type;
+    if (a.dev_index != b.dev_index) return a.dev_index < b.dev_index;
+    return a.begin < b.begin;
+  });
+  std::vector<MemoryOverlap> found;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    // Every span that starts inside span i (sorted by start) intersects it; that finds each pair once.
+    for (size_t j = i + 1; j < spans.size(); ++j) {
+      const Span& a = spans[i];
+      const Span& b = spans[j];
+      if (b.dev_type != a.dev_type || b.dev_index != a.dev_index || b.begin >= a.end) break;
+      const int64_t first = std::min(a.index, b.index);
+      const int64_t second = std::max(a.index, b.index);
+      if (second < num_read_only) continue;  // two read-only tensors may share memory freely
+      const at::Tensor& x = tensors[first];
+      const at::Tensor& y = tensors[second];
+      const bool exact = x.const_data_ptr() == y.const_data_ptr() && x.scalar_type() == y.scalar_type() &&
+                         x.sizes() == y.sizes() && x.strides() == y.strides();
+      found.push_back({first, second, exact});
+    }
+  }
+  return found;
+}
+
+bool check_blend_aliasing(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out) {
+  const int64_t S = coefficients.size(1);
+  const int64_t N = static_cast<int64_t>(sources.size()) / S;
+  std::vector<at::Tensor> all(sources.begin(), sources.end());
+  all.insert(all.end(), out.begin(), out.end());
+  bool in_place = false;
+  for (const MemoryOverlap& o : memory_overlaps(all, S * N)) {
+    const int64_t k = (o.second - S * N) / N;  // the second of a pair is always an output
+    const int64_t n = (o.second - S * N) % N;
+    if (o.first < S * N) {
+      const int64_t s = o.first / N;
+      const int64_t m = o.first % N;
+      if (o.exact && m == n) {
+        in_place = true;
+        continue;
+      }
+      TORCH_CHECK_VALUE(false, "blend: output tensor ", n, " of cluster ", k,
+                        o.exact ? " is the same memory as" : " overlaps", " tensor ", m, " of source ", s,
+                        "; an output may share memory with a source only by being exactly the source tensor of its "
+                        "own index (an in-place blend). Partial overlaps and other views would be read after they "
+                        "were written");
+    }
+    const int64_t k0 = (o.first - S * N) / N;
+    const int64_t n0 = (o.first - S * N) % N;
+    TORCH_CHECK_VALUE(false, "blend: output tensor ", n0, " of cluster ", k0, " and output tensor ", n, " of cluster ",
+                      k, o.exact ? " are the same memory" : " overlap",
+                      "; every output needs its own memory (dawin_ext.blend writes tied state-dict keys once)");
+  }
+  return in_place;
+}
+
 void check_sample_combine_args(const at::Tensor& stacked, const at::Tensor& weights) {
   TORCH_CHECK_VALUE(stacked.dim() == 4, "sample_combine: stacked must be [B, M, S, N], got shape ", stacked.sizes());
   TORCH_CHECK_VALUE(weights.dim() == 2, "sample_combine: weights must be [B, S], got shape ", weights.sizes());
@@ -166,3 +255,16 @@ at::Tensor coefficients_from_entropies(const at::Tensor& entropies, bool offset_
 }
 
 }  // namespace dawin_ext
+
+// Private op behind dawin_ext.blend's own aliasing analysis (which names state-dict keys): the pairs of
+// memory_overlaps as a flat list [first, second, exact, ...].
+TORCH_LIBRARY_FRAGMENT(dawin_ext, m) {
+  m.def("_memory_overlaps(Tensor[] tensors, int num_read_only) -> int[]",
+        [](at::TensorList tensors, int64_t num_read_only) {
+          std::vector<int64_t> flat;
+          for (const auto& o : dawin_ext::memory_overlaps(tensors, num_read_only)) {
+            flat.insert(flat.end(), {o.first, o.second, o.exact ? 1 : 0});
+          }
+          return flat;
+        });
+}

@@ -47,6 +47,22 @@ void check_softmax_entropy_args(const at::Tensor& logits, double temperature);
 void check_entropy_coefficients_args(const at::Tensor& logits, c10::ArrayRef<double> temperatures,
                                      bool offset_adjustment);
 void check_blend_args(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out);
+// Two tensors whose memory ranges intersect (memory_overlaps): indices into the list, first < second;
+// exact when both are the same view (data pointer, dtype, sizes and strides).
+struct MemoryOverlap {
+  int64_t first;
+  int64_t second;
+  bool exact;
+};
+// Every pair of tensors whose memory may intersect (byte ranges from the strides; tensors on different
+// devices never do), except pairs of two read-only tensors (indices < num_read_only). One sort and sweep.
+std::vector<MemoryOverlap> memory_overlaps(at::TensorList tensors, int64_t num_read_only);
+// Overlap analysis of one blend_ call over all (output, source) and (output, output) pairs, before any
+// work. The only sharing allowed is an output that is exactly the source tensor of its own index (an
+// in-place blend: every kernel reads an element of all sources before it writes that element of any
+// output); anything else raises ValueError naming the tensors and clusters. Returns whether some output
+// is such an in-place alias (kernels that re-read sources after writing outputs must not run then).
+bool check_blend_aliasing(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out);
 void check_sample_combine_args(const at::Tensor& stacked, const at::Tensor& weights);
 void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& weights,
                                   const std::optional<at::Tensor>& biases, const at::Tensor& coefficients);

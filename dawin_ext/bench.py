@@ -11,6 +11,9 @@ repeat (so that a busy machine slows both alike), and reports both medians and t
   allocating call (new outputs minus ``out=``), blend's fresh outputs (transparent-huge-page hint)
   against fresh ``torch.empty_like`` outputs, and allocation + first touch alone;
 * on CUDA, the device-to-device copy bandwidth and each kernel's fraction of it;
+* on the CPU, this machine's memory bandwidth (copy, triad, read over 256 MiB buffers) and the achieved GB/s of
+  ``softmax_entropy`` at large sizes, ``blend`` with ``out=`` and task arithmetic over 8 task vectors as
+  fractions of the copy rate, with what bounds each one below 70% (:func:`cpu_bandwidth_rows`);
 * with ``--pipeline``, the pipelines on an open_clip classifier at random init (ViT-B-32 at batch 64; the tiny
   ViT config at batch 16 with ``--quick``): DaWin cluster-wise streaming ``predict`` against the reference's
   re-merge-per-cluster loop, and the exact per-sample interpolator against the per-sample merge-and-forward
@@ -221,6 +224,210 @@ def samplewise_linear_rows(device: torch.device, quick: bool, repeats: int) -> l
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# CPU memory bandwidth: the machine's copy rate, measured in the same run, and each memory-bound
+# kernel's achieved GB/s as a fraction of it.
+# --------------------------------------------------------------------------------------------
+TASK_ARITHMETIC_SCALE = 0.3  # the multi-task reference's task-arithmetic scale
+_MEMORY_BOUND_FRACTION = 0.7  # below this fraction of the copy rate, a row says what bounds it
+
+
+def _median_rate(fn: Callable[[], object], work: float, repeats: int, inner: int = 1) -> float:
+    """``work`` units per second of one ``fn()`` call, median of ``repeats`` timings of ``inner`` calls each."""
+
+    def many():
+        for _ in range(inner):
+            fn()
+
+    t, _ = _time_pair(many, None, repeats, lambda: None)
+    return work * inner / t
+
+
+def cpu_memory_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
+    """This CPU's memory bandwidth in bytes/s over buffers of ``nbytes`` (far larger than the caches).
+
+    ``copy``: ``dst.copy_(src)``, counting the bytes read plus the bytes written (2 x nbytes). ``triad``:
+    STREAM's ``a = b + s * c`` as ``torch.add(b, c, alpha=s, out=a)``, counting 3 x nbytes. ``read``:
+    ``src.sum()``, counting nbytes. Ordinary stores also read each destination line before writing it
+    (write-allocate), which is not counted: that traffic is real, so kernels that write with
+    non-temporal stores (blend, for large outputs) can exceed the copy rate.
+    """
+    n = nbytes // 4
+    a = torch.empty(n, dtype=torch.float32).uniform_()
+    b = torch.empty(n, dtype=torch.float32).uniform_()
+    c = torch.empty(n, dtype=torch.float32).uniform_()
+    return {
+        "copy": _median_rate(lambda: a.copy_(b), 2 * n * 4, repeats),
+        "triad": _median_rate(lambda: torch.add(b, c, alpha=3.0, out=a), 3 * n * 4, repeats),
+        "read": _median_rate(lambda: b.sum(), n * 4, repeats),
+    }
+
+
+def _bandwidth_note(achieved: float, peak: float, in_cache: float, extra: str = "") -> tuple[str, str]:
+    """The row's note (achieved GB/s, fraction of ``peak``) and, below 70%, what bounds the kernel.
+
+    ``in_cache`` is the same kernel's rate (bytes/s counted the same way) on data that fits in the
+    caches: if it is not clearly faster, memory is not what limits the kernel.
+    """
+    fraction = achieved / peak
+    note = f"{achieved / 1e9:.1f} GB/s = {100 * fraction:.0f}% of copy bandwidth; in cache {in_cache / 1e9:.1f} GB/s"
+    if fraction >= _MEMORY_BOUND_FRACTION:
+        bound = "memory bandwidth"
+    elif in_cache < achieved:
+        # Physically the cached run cannot be slower; on a busy machine waking the thread pool for each
+        # call can make it so. Say that instead of drawing a conclusion from noise.
+        bound = f"undetermined: the in-cache run was slower than the one from memory, so this run was too noisy{extra}"
+    elif in_cache < 1.3 * achieved:
+        bound = f"compute, not memory: in cache it is only {in_cache / achieved:.2f}x faster{extra}"
+    else:
+        bound = (
+            f"memory access, below the copy rate: in cache it is {in_cache / achieved:.1f}x faster, "
+            f"so the arithmetic is not what limits it{extra}"
+        )
+    return note + f"; bound: {bound}", bound
+
+
+def _bandwidth_row(
+    op: str,
+    case: str,
+    seconds: float,
+    nbytes: float,
+    peak: float,
+    in_cache: float,
+    extra: str = "",
+    ref_name: str | None = None,
+    ref_s: float | None = None,
+    **more,
+) -> dict:
+    achieved = nbytes / seconds
+    note, bound = _bandwidth_note(achieved, peak, in_cache, extra)
+    return _row(
+        op,
+        case,
+        seconds,
+        f"vs {ref_name}; {note}" if ref_name else note,
+        ref_s,
+        achieved_GBps=achieved / 1e9,
+        memory_bandwidth_fraction=achieved / peak,
+        in_cache_GBps=in_cache / 1e9,
+        bound=bound,
+        **more,
+    )
+
+
+def _blend_in_cache(num_sources: int, coef: list[list[float]], repeats: int) -> float:
+    """Bytes/s (reads + writes) of the blend op with these S and K on ~10 MB in all, which stays in the L3 cache.
+
+    Calls of a few milliseconds, so that waking the thread pool (which can take milliseconds on a busy
+    machine) does not dominate the timing."""
+    n = (10 << 20) // (4 * (num_sources + len(coef)))
+    srcs = [torch.randn(n) for _ in range(num_sources)]
+    outs = [torch.empty(n) for _ in coef]
+    c = torch.tensor(coef, dtype=torch.float64)
+    op = torch.ops.dawin_ext.blend_  # the op alone: no wrapper checks in the timing
+    return _median_rate(lambda: op(srcs, c, outs), n * 4 * (num_sources + len(coef)), repeats, inner=5)
+
+
+def _entropy_bandwidth_row(quick: bool, repeats: int, peak: float) -> dict:
+    import dawin_ext
+
+    b = 16384 if quick else 65536
+    x = torch.randn(b, 1000, generator=torch.Generator().manual_seed(b)) * 3
+    t, _ = _time_pair(lambda: dawin_ext.softmax_entropy(x), None, repeats, lambda: None)
+    small = x[:2048].clone()  # 8 MB: stays in the L3 cache, and a call takes milliseconds
+    in_cache = _median_rate(lambda: dawin_ext.softmax_entropy(small), small.numel() * 4 + 2048 * 4, repeats, inner=5)
+    y = torch.empty_like(small)
+    exp_rate = _median_rate(lambda: torch.exp(small, out=y), small.numel(), repeats, inner=5)
+    rate = x.numel() / t
+    extra = (
+        f"; {rate / 1e9:.2f} G logits/s here, torch.exp alone in cache {exp_rate / 1e9:.2f} G elements/s "
+        "(the op computes one exp per logit)"
+    )
+    case = f"{b}x1000 fp32 (logits read + entropies written)"
+    nbytes = x.numel() * 4 + b * 4
+    return _bandwidth_row(
+        "softmax_entropy", case, t, nbytes, peak, in_cache, extra, exp_Gps=exp_rate / 1e9, logits_Gps=rate / 1e9
+    )
+
+
+def _blend_bandwidth_row(quick: bool, repeats: int, peak: float) -> dict:
+    import dawin_ext
+
+    sd0, sd1 = vit_b32_state_dicts(torch.device("cpu"), quick)
+    numel = sum(v.numel() for v in sd0.values())
+    coef = [[1.0 - a, a] for a in CLUSTER_ALPHAS]
+    out = [{k: torch.empty_like(v) for k, v in sd0.items()} for _ in coef]
+    t, _ = _time_pair(lambda: dawin_ext.blend([sd0, sd1], coef, out=out), None, repeats, lambda: None)
+    case = f"ViT-B-32{' (1/3 of keys)' if quick else ''} {numel / 1e6:.0f}M fp32, K=3, out= ((2+3) x 4 B/param)"
+    return _bandwidth_row("blend", case, t, numel * 4 * (2 + len(coef)), peak, _blend_in_cache(2, coef, repeats))
+
+
+def _task_arithmetic_bandwidth_row(quick: bool, repeats: int, peak: float) -> dict:
+    import dawin_ext
+
+    theta0 = {k: v for k, v in vit_b32_state_dicts(torch.device("cpu"), quick, 1)[0].items() if k.startswith("visual.")}
+    gen = torch.Generator().manual_seed(3)
+    taus = [{k: torch.empty_like(v).uniform_(-0.01, 0.01, generator=gen) for k, v in theta0.items()} for _ in range(8)]
+    coef = [[1.0] + [TASK_ARITHMETIC_SCALE] * len(taus)]
+    merged = {k: torch.empty_like(v) for k, v in theta0.items()}
+
+    def accumulate():
+        for k, o in merged.items():
+            o.copy_(theta0[k])
+            for tau in taus:
+                o.add_(tau[k], alpha=TASK_ARITHMETIC_SCALE)
+
+    t, ref = _time_pair(lambda: dawin_ext.blend([theta0, *taus], coef, out=[merged]), accumulate, repeats, lambda: None)
+    numel = sum(v.numel() for v in theta0.values())
+    case = (
+        f"ViT-B-32 visual{' (1/3 of keys)' if quick else ''} {numel / 1e6:.0f}M, 8 task vectors, out= (10 x 4 B/param)"
+    )
+    return _bandwidth_row(
+        "task arithmetic",
+        case,
+        t,
+        numel * 4 * (len(taus) + 2),
+        peak,
+        _blend_in_cache(len(taus) + 1, coef, repeats),
+        ref_name="in-place copy_ + 8 add_",
+        ref_s=ref,
+    )
+
+
+def cpu_bandwidth_rows(quick: bool = False, repeats: int = 5) -> list[dict]:
+    """Rows for the CPU's memory bandwidth and the memory-bound kernels' fraction of it.
+
+    * the copy, triad and read bandwidths of :func:`cpu_memory_bandwidth` (256 MiB buffers; 128 MiB with
+      ``quick``); the copy rate (read + write counted) is the reference for the fractions;
+    * ``softmax_entropy`` on [65536, 1000] fp32 (262 MB; [16384, 1000] with ``quick``), bytes = logits read
+      + entropies written; its note gives the same op on in-cache rows and ``torch.exp`` alone in cache
+      (elements/s), since the op computes one exp per logit;
+    * ``blend`` of ViT-B-32 into K = 3 preallocated outputs (``out=``), bytes = (S + K) x parameters x 4;
+    * task arithmetic, theta_0 + sum_t 0.3 tau_t over 8 task vectors on ViT-B-32's visual tower, as one
+      ``blend`` of 9 sources into a preallocated output (bytes = 10 x parameters x 4), against an in-place
+      torch accumulate (copy, then 8 ``add_``) into the same tensors.
+
+    Each kernel row also times the kernel on data that fits in the caches (``in_cache_GBps``); where a
+    kernel reaches less than 70% of the copy rate, its note says what bounds it, from that comparison.
+    """
+    mib = 128 if quick else 256
+    bw = cpu_memory_bandwidth(mib << 20, repeats)
+    rows = [
+        {"op": "copy_", "case": f"CPU {mib} MiB copy_ (read + write counted)", "bandwidth_GBps": bw["copy"] / 1e9},
+        {
+            "op": "triad",
+            "case": f"CPU {mib} MiB a = b + s*c (3 x {mib} MiB counted)",
+            "bandwidth_GBps": bw["triad"] / 1e9,
+        },
+        {"op": "sum", "case": f"CPU {mib} MiB read only", "bandwidth_GBps": bw["read"] / 1e9},
+    ]
+    peak = bw["copy"]
+    rows.append(_entropy_bandwidth_row(quick, repeats, peak))
+    rows.append(_blend_bandwidth_row(quick, repeats, peak))
+    rows.append(_task_arithmetic_bandwidth_row(quick, repeats, peak))
+    return rows
+
+
 def kernel_rows(device: str | torch.device = "cpu", quick: bool = False, repeats: int | None = None) -> list[dict]:
     """Runs the kernel benchmarks and returns one dict per row.
 
@@ -240,6 +447,8 @@ def kernel_rows(device: str | torch.device = "cpu", quick: bool = False, repeats
     rows += entropy_rows(device, quick, repeats, bandwidth)
     rows += blend_rows(device, quick, repeats, bandwidth)
     rows += samplewise_linear_rows(device, quick, repeats)
+    if device.type == "cpu":
+        rows += cpu_bandwidth_rows(quick, repeats)
     return rows
 
 

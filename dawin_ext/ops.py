@@ -193,6 +193,135 @@ def _new_output(t: Tensor) -> Tensor:
     return o
 
 
+class _AliasPlan(NamedTuple):
+    """What :func:`_plan_aliasing` decided for one ``blend(..., out=)`` call."""
+
+    order: list[int]  # clusters in launch order; clusters writing into a source come last
+    skip: set[str]  # tied keys written by copying their group's first key after the launches
+    tied_to: dict[str, str]  # skipped key -> the key whose blend it takes
+    snapshot: set[tuple[int, str]]  # (source, key) to copy before the first launch
+
+
+def _same_values(x: Tensor, y: Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same values (NaN equal to NaN)."""
+    if x.data_ptr() == y.data_ptr() and x.stride() == y.stride():
+        return True
+    if torch.equal(x, y):
+        return True
+    return x.is_floating_point() and bool(((x == y) | (x.isnan() & y.isnan())).all())
+
+
+def _plan_aliasing(
+    sources: list[StateDict], out: list[dict[str, Tensor]], keys: list[str], float_keys: set[str]
+) -> _AliasPlan:
+    """One overlap analysis over every (output, source) and (output, output) pair of the whole call.
+
+    Runs before anything is written. The compiled ``_memory_overlaps`` finds the pairs (one sort and
+    sweep); this function names their keys and decides:
+
+    * an output that is exactly the source tensor of its own key (``out=[sources[0]]``) is an in-place
+      blend. Within one launch the kernels read every source element before writing it; across
+      launches (more than 16 clusters) the clusters that write into a source are launched last, or, when
+      more than 16 clusters do, the aliased sources are copied once before the first launch;
+    * keys of one output state dict that are the same tensor (tied weights) get one value: the group's
+      first key is blended and the others are copied from it. That needs every source to hold equal
+      values under those keys (the same tensor, or equal copies); otherwise ``ValueError``;
+    * every other sharing (partial overlaps, views, an output that is another key's source, one tensor
+      in two clusters' outputs) raises ``ValueError`` naming the keys.
+    """
+    num_sources, num_keys, num_clusters = len(sources), len(keys), len(out)
+    read_only = num_sources * num_keys
+    tensors = [sd[key] for sd in sources for key in keys] + [od[key] for od in out for key in keys]
+    flat = _ops._memory_overlaps(tensors, read_only)
+    source_out, ties = [], []
+    for first, second, exact in zip(flat[0::3], flat[1::3], flat[2::3], strict=True):
+        k, y = divmod(second - read_only, num_keys)  # the second of a pair is always an output
+        if first < read_only:
+            s, x = divmod(first, num_keys)
+            source_out.append((s, keys[x], k, keys[y], bool(exact)))
+            continue
+        k0, y0 = divmod(first - read_only, num_keys)
+        if k0 != k:
+            raise ValueError(
+                f"blend: out {k0} key {keys[y0]!r} and out {k} key {keys[y]!r} "
+                + ("are the same tensor" if exact else "share memory")
+                + "; each output state dict needs its own tensors (is one state dict passed twice in out?)"
+            )
+        if not exact:
+            raise ValueError(
+                f"blend: out {k} keys {keys[y0]!r} and {keys[y]!r} overlap in memory without being the same "
+                "tensor (a partial overlap or different views); blend cannot write both"
+            )
+        ties.append((k, keys[y0], keys[y]))
+
+    # Tied output keys: union-find over keys, the first key in state-dict order represents its group.
+    position = {key: i for i, key in enumerate(keys)}
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.get(key, key) != key:
+            key = parent[key]
+        return key
+
+    tie_cluster: dict[str, int] = {}
+    for k, a, b in ties:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            lo, hi = sorted((ra, rb), key=position.__getitem__)
+            parent[hi] = lo
+        tie_cluster.setdefault(a, k)
+        tie_cluster.setdefault(b, k)
+    tied_to = {key: root(key) for key in tie_cluster if root(key) != key}
+    for key, rep in tied_to.items():
+        # Non-floating keys are copied from source 0 only, so only source 0 has to agree for them.
+        for s in range(num_sources if key in float_keys else 1):
+            if not _same_values(sources[s][rep], sources[s][key]):
+                raise ValueError(
+                    f"blend: out {tie_cluster[key]} holds keys {rep!r} and {key!r} in the same memory (tied "
+                    f"weights), but source {s} has different values under them, so their blends differ; untie "
+                    "them in out, or pass sources whose tied keys hold the same values"
+                )
+
+    in_place: set[int] = set()
+    aliased: set[tuple[int, str]] = set()
+    for s, x, k, y, exact in source_out:
+        # A skipped source key is never read (its group's first key is); a skipped output key is written
+        # by a copy after every source has been read.
+        if x in tied_to or y in tied_to:
+            continue
+        if exact and x == y:
+            if x in float_keys:  # a non-floating key is a copy from source 0 onto itself
+                in_place.add(k)
+                aliased.add((s, x))
+            continue
+        raise ValueError(
+            f"blend: out {k} key {y!r} "
+            + ("is the same tensor as" if exact else "overlaps")
+            + f" source {s} key {x!r}; an output may share memory with a source only by being that very "
+            "tensor under the same key (an in-place blend). Views, partial overlaps and other keys' sources "
+            "would be read after they were written"
+        )
+
+    order, snapshot = list(range(num_clusters)), set()
+    if num_clusters > _MAX_CLUSTERS_PER_LAUNCH and in_place:
+        if len(in_place) <= _MAX_CLUSTERS_PER_LAUNCH:
+            order = [k for k in order if k not in in_place] + sorted(in_place)
+        else:
+            snapshot = aliased
+    return _AliasPlan(order, set(tied_to), tied_to, snapshot)
+
+
+def _launch_groups(order: list[int]) -> list[list[int]]:
+    """Splits the clusters into launches of at most ``_MAX_CLUSTERS_PER_LAUNCH``, counted from the end,
+    so that the last launch is a full one (it holds the in-place clusters that ``order`` puts last)."""
+    groups, end = [], len(order)
+    while end > 0:
+        start = max(0, end - _MAX_CLUSTERS_PER_LAUNCH)
+        groups.append(order[start:end])
+        end = start
+    return groups[::-1]
+
+
 def blend(
     sources: Sequence[Mapping[str, Tensor]],
     coefficients,
@@ -212,6 +341,16 @@ def blend(
         out: optional K state dicts whose existing tensors are overwritten in place (for example a
             live model's ``state_dict()``), so that repeated calls allocate nothing.
 
+    Memory shared between ``out`` and the sources, or within ``out``, is analysed once before anything
+    is written (see docs/errors.md, *Aliasing in blend*):
+
+    * an output may be exactly the source tensor of its own key (``out=[sources[0], ...]``, an in-place
+      blend), for any number of clusters;
+    * keys of one output state dict that share one tensor (tied weights) all receive the same blend, if
+      every source holds the same values under them; otherwise ``ValueError``;
+    * any other sharing (partial overlaps, views, an output that is another key's source, one tensor in
+      two clusters' outputs) raises ``ValueError`` naming the keys, and nothing is written.
+
     Returns:
         The K blended state dicts (``out`` itself when given).
     """
@@ -226,7 +365,8 @@ def blend(
     coef = _as_coefficient_matrix(coefficients, len(sources))
     k_total = coef.shape[0]
     ref = sources[0]
-    if out is None:
+    fresh = out is None
+    if fresh:
         out = [{key: _new_output(ref[key]) for key in keys} for _ in range(k_total)]
     else:
         out = list(out)
@@ -247,18 +387,30 @@ def blend(
                 f"blend: key {key!r} has dtype {t.dtype}; blend interpolates float32, float64, float16 and bfloat16 "
                 "(convert the state dicts first, e.g. {k: v.float() for k, v in sd.items()})"
             )
-    float_keys = [key for key in keys if ref[key].dtype in BLENDABLE_DTYPES]
-    other_keys = [key for key in keys if ref[key].dtype not in BLENDABLE_DTYPES]
+    blendable = {key for key in keys if ref[key].dtype in BLENDABLE_DTYPES}
+    # Fresh outputs share memory with nothing; given outputs are analysed before anything is written.
+    plan = (
+        _AliasPlan(list(range(k_total)), set(), {}, set()) if fresh else _plan_aliasing(sources, out, keys, blendable)
+    )
+    float_keys = [key for key in keys if key in blendable and key not in plan.skip]
+    other_keys = [key for key in keys if key not in blendable and key not in plan.skip]
     with torch.no_grad():
         if float_keys:
-            flat_sources = [sd[key].detach() for sd in sources for key in float_keys]
-            for k0 in range(0, k_total, _MAX_CLUSTERS_PER_LAUNCH):
-                k1 = min(k_total, k0 + _MAX_CLUSTERS_PER_LAUNCH)
-                flat_out = [out[k][key] for k in range(k0, k1) for key in float_keys]
-                _ops.blend_(flat_sources, coef[k0:k1].contiguous(), flat_out)
+            flat_sources = [
+                sd[key].detach().clone() if (s, key) in plan.snapshot else sd[key].detach()
+                for s, sd in enumerate(sources)
+                for key in float_keys
+            ]
+            for group in _launch_groups(plan.order):
+                flat_out = [out[k][key] for k in group for key in float_keys]
+                _ops.blend_(flat_sources, coef[group].contiguous(), flat_out)
         for key in other_keys:
             for k in range(k_total):
                 out[k][key].copy_(ref[key])
+        for key, rep in plan.tied_to.items():  # tied keys: every source agrees, so the blend is the same
+            for k in range(k_total):
+                if out[k][key].data_ptr() != out[k][rep].data_ptr():
+                    out[k][key].copy_(out[k][rep])
     return out
 
 

@@ -290,3 +290,197 @@ def test_opcheck(device):
     out = [torch.empty_like(t) for _ in range(2) for t in flat[:3]]
     coef = torch.tensor([[0.5, 0.5], [0.1, 0.9]])
     torch.library.opcheck(torch.ops.dawin_ext.blend_.default, (flat, coef, out))
+
+
+# --------------------------------------------------------------------------------------------
+# Aliasing: outputs that share memory with sources or with each other (docs/errors.md)
+# --------------------------------------------------------------------------------------------
+def _snapshot(sources: list[dict]) -> list[dict]:
+    return [{k: v.detach().clone() for k, v in sd.items()} for sd in sources]
+
+
+def _assert_blends(out: list[dict], before: list[dict], coef, atol=1e-5) -> None:
+    """Each out[k] equals the blend of the sources as they were before the call."""
+    want = expected(before, coef)
+    for k, (o, w) in enumerate(zip(out, want, strict=True)):
+        for key in w:
+            err = (o[key].double().cpu() - w[key]).abs().max().item() if w[key].numel() else 0.0
+            assert err <= atol, f"cluster {k} key {key!r}: max error {err:.3g}"
+
+
+def test_in_place_over_sixteen_clusters_issue_11_repro(device):
+    """The issue-11 repro: out[0] is source 0 and K = 18 > 16 clusters take two launches."""
+    gen = torch.Generator().manual_seed(31)
+    a = {"w": torch.randn(1000, generator=gen).to(device)}
+    b = {"w": torch.randn(1000, generator=gen).to(device)}
+    al = torch.linspace(0.5, 1, 18, dtype=torch.float64)
+    coef = torch.stack([1 - al, al], 1)
+    before = _snapshot([a, b])
+    out = [a] + [{"w": torch.empty(1000, device=device)} for _ in range(17)]
+    dawin_ext.blend([a, b], coef, out=out)
+    _assert_blends(out, before, coef)
+
+
+@pytest.mark.parametrize("K", [17, 33, 40])
+@pytest.mark.parametrize("where", ["first", "middle", "last", "two_sources"])
+def test_in_place_clusters_anywhere_across_launches(device, K, where):
+    gen = torch.Generator().manual_seed(37 + K)
+    sources = random_state_dicts(3, torch.float32, device, gen)
+    coef = torch.randn(K, 3, generator=gen, dtype=torch.float64)
+    before = _snapshot(sources)
+    out = [{k: torch.empty_like(v) for k, v in sources[0].items()} for _ in range(K)]
+    at = {"first": {0: 0}, "middle": {K // 2: 1}, "last": {K - 1: 2}, "two_sources": {1: 0, K - 2: 2}}[where]
+    for k, s in at.items():
+        out[k] = sources[s]
+    dawin_ext.blend(sources, coef, out=out)
+    _assert_blends(out, before, coef)
+
+
+def test_more_than_sixteen_in_place_clusters_snapshot_the_sources(device):
+    """17 clusters each write into a different key of source 0: too many for one last launch."""
+    gen = torch.Generator().manual_seed(41)
+    keys = [f"k{i}" for i in range(17)]
+    sources = [{k: torch.randn(300, generator=gen).to(device) for k in keys} for _ in range(2)]
+    coef = torch.randn(17, 2, generator=gen, dtype=torch.float64)
+    before = _snapshot(sources)
+    out = []
+    for j in range(17):
+        od = {k: torch.empty(300, device=device) for k in keys}
+        od[keys[j]] = sources[0][keys[j]]  # cluster j writes into source 0's key j
+        out.append(od)
+    dawin_ext.blend(sources, coef, out=out)
+    _assert_blends(out, before, coef)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight  # tied, as in language models
+
+
+def _tied_state_dicts(device, n: int) -> list[dict]:
+    torch.manual_seed(43)
+    sds = [_Tied().to(device).state_dict() for _ in range(n)]
+    assert all(sd["head.weight"].data_ptr() == sd["embed.weight"].data_ptr() for sd in sds)
+    return sds
+
+
+@pytest.mark.parametrize("K", [1, 3, 18])
+def test_tied_weights_in_place_get_one_value(device, K):
+    """out[0] is source 0 whose two keys share a tensor; naively the second key reads blended values."""
+    sources = _tied_state_dicts(device, 2)
+    gen = torch.Generator().manual_seed(47)
+    coef = torch.randn(K, 2, generator=gen, dtype=torch.float64)
+    before = _snapshot(sources)
+    out = [sources[0]] + [{k: torch.empty_like(v) for k, v in sources[0].items()} for _ in range(K - 1)]
+    dawin_ext.blend(sources, coef, out=out)
+    assert out[0]["head.weight"].data_ptr() == out[0]["embed.weight"].data_ptr()  # still tied
+    _assert_blends(out, before, coef)
+
+
+def test_tied_output_with_untied_but_equal_sources(device):
+    """A live tied model as out, sources whose tied keys are separate copies with equal values."""
+    sources = [{k: v.clone() for k, v in sd.items()} for sd in _tied_state_dicts(device, 3)]
+    live = _Tied().to(device)
+    coef = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
+    dawin_ext.blend(sources, coef, out=[live.state_dict()])
+    assert live.head.weight is live.embed.weight
+    _assert_blends([live.state_dict()], sources, coef)
+
+
+def test_tied_output_with_sources_that_disagree_is_refused(device):
+    sources = [{k: v.clone() for k, v in sd.items()} for sd in _tied_state_dicts(device, 2)]
+    sources[1]["head.weight"] += 1.0  # source 1 no longer agrees under the two tied keys
+    live = _Tied().to(device)
+    weight_before = live.embed.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"'embed\.weight' and 'head\.weight'.*tied.*source 1"):
+        dawin_ext.blend(sources, [[0.5, 0.5]], out=[live.state_dict()])
+    assert torch.equal(live.embed.weight, weight_before)  # refused before anything was written
+
+
+def _fresh_like(sd: dict) -> dict:
+    return {k: torch.zeros_like(v) for k, v in sd.items()}
+
+
+def test_partial_overlap_with_a_source_is_refused(device):
+    gen = torch.Generator().manual_seed(53)
+    buf = torch.randn(1500, generator=gen).to(device)
+    a, b = {"w": buf[500:1500]}, {"w": torch.randn(1000, generator=gen).to(device)}
+    out = [{"w": buf[0:1000]}]  # overlaps the first half of a["w"]
+    before = buf.clone()
+    with pytest.raises(ValueError, match=r"out 0 key 'w' overlaps source 0 key 'w'"):
+        dawin_ext.blend([a, b], [[0.5, 0.5]], out=out)
+    assert torch.equal(buf, before)
+
+
+def test_output_that_is_another_keys_source_is_refused(device):
+    gen = torch.Generator().manual_seed(59)
+    a = {"x": torch.randn(8, generator=gen).to(device), "y": torch.randn(8, generator=gen).to(device)}
+    b = {"x": torch.randn(8, generator=gen).to(device), "y": torch.randn(8, generator=gen).to(device)}
+    out = [{"x": a["y"], "y": torch.empty(8, device=device)}]
+    with pytest.raises(ValueError, match=r"out 0 key 'x' is the same tensor as source 0 key 'y'"):
+        dawin_ext.blend([a, b], [[0.5, 0.5]], out=out)
+
+
+def test_transposed_view_of_an_output_as_source_is_refused(device):
+    gen = torch.Generator().manual_seed(61)
+    w = torch.randn(6, 6, generator=gen).to(device)
+    with pytest.raises(ValueError, match=r"out 0 key 'w' overlaps source 1 key 'w'"):
+        dawin_ext.blend([{"w": torch.randn(6, 6, device=device)}, {"w": w.t()}], [[0.5, 0.5]], out=[{"w": w}])
+
+
+def test_one_tensor_in_two_clusters_outputs_is_refused(device):
+    gen = torch.Generator().manual_seed(67)
+    sources = random_state_dicts(2, torch.float32, device, gen)
+    shared = _fresh_like(sources[0])
+    with pytest.raises(ValueError, match=r"out 0 key '\w+' and out 1 key '\w+' are the same tensor"):
+        dawin_ext.blend(sources, [[0.2, 0.8], [0.6, 0.4]], out=[shared, shared])
+
+
+def test_partially_overlapping_output_keys_are_refused(device):
+    gen = torch.Generator().manual_seed(71)
+    sources = [
+        {"a": torch.randn(100, generator=gen).to(device), "b": torch.randn(100, generator=gen).to(device)}
+        for _ in range(2)
+    ]
+    buf = torch.zeros(150, device=device)
+    with pytest.raises(ValueError, match=r"out 0 keys 'a' and 'b' overlap in memory"):
+        dawin_ext.blend(sources, [[0.5, 0.5]], out=[{"a": buf[:100], "b": buf[50:]}])
+    assert bool((buf == 0).all())
+
+
+def test_disjoint_views_of_one_buffer_are_fine(device):
+    """Outputs and sources carved from one flat buffer without overlapping: no false alarm."""
+    gen = torch.Generator().manual_seed(73)
+    flat = torch.randn(6 * 64, generator=gen).to(device)
+    part = flat.view(6, 64)
+    sources = [{"a": part[0], "b": part[1].view(8, 8)}, {"a": part[2], "b": part[3].view(8, 8)}]
+    out = [{"a": part[4], "b": part[5].view(8, 8)}]
+    before = _snapshot(sources)
+    coef = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    dawin_ext.blend(sources, coef, out=out)
+    _assert_blends(out, before, coef)
+
+
+def test_op_level_aliasing(device):
+    """Direct callers of torch.ops.dawin_ext.blend_ get the same protection, with tensor indices."""
+    op = torch.ops.dawin_ext.blend_
+    gen = torch.Generator().manual_seed(79)
+    x = [torch.randn(1000, generator=gen).to(device) for _ in range(2)]
+    x0 = x[0].clone()
+    coef = torch.tensor([[0.3, 0.7], [0.9, 0.1]])
+    other = torch.empty(1000, device=device)
+    op(x, coef, [x[0], other])  # in place into source 0: allowed
+    torch.testing.assert_close(x[0], 0.3 * x0 + 0.7 * x[1])
+    torch.testing.assert_close(other, 0.9 * x0 + 0.1 * x[1])
+    buf = torch.randn(1500, generator=gen).to(device)
+    with pytest.raises(ValueError, match="output tensor 0 of cluster 0 overlaps tensor 0 of source 0"):
+        op([buf[500:], x[1]], coef[:1], [buf[:1000]])
+    with pytest.raises(ValueError, match="output tensor 0 of cluster 0 and output tensor 0 of cluster 1"):
+        op(x, coef, [other, other])
+    y = [torch.randn(1000, generator=gen).to(device) for _ in range(2)]
+    with pytest.raises(ValueError, match="output tensor 0 of cluster 0 is the same memory as tensor 1 of source 0"):
+        op([x[0], y[0], x[1], y[1]], coef[:1], [y[0], other])

@@ -178,6 +178,10 @@ void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride,
 
 void blend_cpu(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out) {
   check_blend_args(sources, coefficients, out);
+  // In-place outputs (exactly a source of their own index) are safe here: every code path (vector,
+  // scalar head/tail, streaming stores) loads an element of all S sources before it stores that element
+  // of any output, and each element belongs to one work item. Other sharing is refused.
+  check_blend_aliasing(sources, coefficients, out);
   const int64_t K = coefficients.size(0);
   const int64_t S = coefficients.size(1);
   const int64_t N = static_cast<int64_t>(sources.size()) / S;

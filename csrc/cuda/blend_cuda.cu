@@ -237,6 +237,10 @@ int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
 void blend_cuda(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out) {
   check_blend_args(sources, coefficients, out);
+  // Refuses every sharing between outputs and sources except an output that is exactly the source of its
+  // own index; for those, the kernel that keeps all sources in registers runs (the re-read one would
+  // read already-written values).
+  const bool outputs_overlap_sources = check_blend_aliasing(sources, coefficients, out);
   const int64_t K = coefficients.size(0);
   const int64_t S = coefficients.size(1);
   const int64_t N = static_cast<int64_t>(sources.size()) / S;
@@ -249,19 +253,6 @@ void blend_cuda(at::TensorList sources, const at::Tensor& coefficients, at::Tens
   // Strided sources are made contiguous (stream-ordered copies that live until the kernel ran).
   std::vector<at::Tensor> src_c(sources.size());
   for (size_t i = 0; i < sources.size(); ++i) src_c[i] = sources[i].contiguous();
-
-  // Does any output share memory with a source of the same tensor (an in-place blend)?
-  bool outputs_overlap_sources = false;
-  for (int64_t n = 0; n < N && !outputs_overlap_sources; ++n) {
-    const int64_t nbytes = src_c[n].numel() * static_cast<int64_t>(src_c[n].element_size());
-    for (int64_t k = 0; k < K; ++k) {
-      const auto* o = static_cast<const char*>(out[k * N + n].data_ptr());
-      for (int64_t s = 0; s < S; ++s) {
-        const auto* x = static_cast<const char*>(src_c[s * N + n].const_data_ptr());
-        outputs_overlap_sources |= (o < x + nbytes) && (x < o + nbytes);
-      }
-    }
-  }
 
   std::vector<ChunkEntry> chunks;
   for (int64_t n = 0; n < N; ++n) {
