@@ -39,10 +39,16 @@ PRELOAD="$("$CXX_BIN" -print-file-name=libasan.so) $("$CXX_BIN" -print-file-name
 echo "== built $SO in $(($(date +%s) - start)) s; preloading $PRELOAD"
 
 if [ "$#" -eq 0 ]; then
-  # The op-level tests: each kernel's own tests, the property tests, the ops' bad-input and NaN cases,
-  # and the 4-thread tests (the high-level API's tests exercise no other kernel code).
+  # The op-level tests: each kernel's own tests, the CUDA kernels' grids emulated on the CPU, the property
+  # tests, the ops' bad-input and NaN cases, and the 4-thread tests (the high-level API's tests exercise no
+  # other kernel code).
   set -- $(ls tests/test_ops*.py tests/test_kernel*.py tests/test_blend*.py tests/test_entropy*.py \
-    tests/test_sample_combine*.py tests/test_samplewise_linear*.py tests/test_properties.py 2>/dev/null | sort -u)
+    tests/test_sample_combine*.py tests/test_samplewise_linear*.py tests/test_cuda_emulation.py \
+    tests/test_properties.py 2>/dev/null | sort -u)
+  if [ ! -f tests/test_cuda_emulation.py ]; then
+    echo "asan_check: tests/test_cuda_emulation.py is missing" >&2
+    exit 1
+  fi
   if [ "$#" -eq 0 ]; then
     echo "asan_check: no kernel test files found" >&2
     exit 1

@@ -84,6 +84,36 @@ def test_huge_logits(device, dtype, magnitude):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_of_maxima_further_apart_than_the_float_range(device, dtype):
+    """Partial states with maxima -3e38 and 3e38 must merge to the right entropy, not NaN.
+
+    Their difference, -6e38, overflows to -inf in fp32, so the rescale factor exp(-inf) is 0 and the
+    rescaled t term was 0 * (-inf) = NaN (issue 11). Rows longer than the CPU kernel's split length
+    (32768) are cut into chunks whose states are merged; the first chunk here holds only -3e38 and a
+    later one holds k entries of 3e38, so every other entry has probability 0 and H = log k. The
+    same row as a single block (short rows) was right already and is checked alongside.
+    """
+    k = 5
+    C = 3 * 32768 + 7
+    x = torch.full((4, C), -3e38, dtype=torch.float64)
+    x[0, 40000 : 40000 + k] = 3e38  # max in the second chunk, first chunk all -3e38
+    x[1, -k:] = 3e38  # max in the last (partial) chunk
+    x[2, 40000:] = torch.randn(C - 40000, dtype=torch.float64)  # second chunk finite, first -3e38: no overflow
+    x[2, 50000 : 50000 + k] = 3e38
+    x[3, :k] = 3e38  # max first, then chunks of only -3e38: the other direction of the merge
+    x = x.to(dtype).to(device)
+    got = dawin_ext.softmax_entropy(x).cpu()
+    want = torch.full((4,), torch.log(torch.tensor(float(k))).item(), dtype=torch.float64)
+    assert torch.isfinite(got).all(), got
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), entropy64(x.cpu()), atol=1e-5, rtol=1e-5)
+    # A short row with both values in one block.
+    short = torch.tensor([[-3e38] * 7 + [3e38] * k], dtype=dtype, device=device)
+    assert abs(dawin_ext.softmax_entropy(short).item() - want[0].item()) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_neg_inf_entries_and_one_hot_rows(device, dtype):
     x = make((6, 300), dtype, device)

@@ -1,17 +1,7 @@
 // Shared per-element math for the blend and sample-combine kernels (CPU and CUDA).
 #pragma once
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define DAWIN_HD __host__ __device__ __forceinline__
-#else
-#define DAWIN_HD inline
-#endif
-
-#if defined(__CUDACC__) || defined(__HIPCC__) || defined(__clang__)
-#define DAWIN_UNROLL _Pragma("unroll")
-#else
-#define DAWIN_UNROLL _Pragma("GCC unroll 16")
-#endif
+#include "hd.h"
 
 namespace dawin_ext {
 namespace math {

@@ -12,11 +12,7 @@
 #include <cmath>
 #include <limits>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define DAWIN_HD __host__ __device__ __forceinline__
-#else
-#define DAWIN_HD inline
-#endif
+#include "hd.h"
 
 namespace dawin_ext {
 namespace math {
@@ -40,6 +36,10 @@ DAWIN_HD EntropyState entropy_state_rescale(const EntropyState& a, float new_m) 
   }
   const float shift = a.m - new_m;  // <= 0
   const float r = expf(shift);
+  // r == 0: the old terms vanish against the new max. The shift can be -inf (maxima -3e38 and
+  // 3e38 differ by more than the float range) or shift * s can overflow, and 0 * (-inf) would turn
+  // the state into NaN. r > 0 needs shift > -104, where shift * s stays finite.
+  if (r == 0.f) return EntropyState{new_m, 0.f, 0.f};
   return EntropyState{new_m, r * a.s, r * (a.t + shift * a.s)};
 }
 

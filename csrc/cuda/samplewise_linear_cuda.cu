@@ -4,7 +4,9 @@
 // B * G * N * K elements of memory, so the CUDA path computes the G partial outputs x @ W_g^T with
 // cuBLAS (one GEMM per source, reading W_g^T in place when that view is contiguous) and blends them
 // per sample in one kernel that also adds the merged bias. Same schema and result as the CPU op
-// (up to rounding order); the blend uses math::blend_dot, the CPU kernels' accumulation order.
+// (up to rounding order); the blend uses math::blend_dot, the CPU kernels' accumulation order. The
+// blend kernel's per-thread work is in common/samplewise_linear_kernel.h, which the CPU grid
+// emulator (cpu/cuda_emulation.cpp) runs too.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -13,34 +15,23 @@
 
 #include <vector>
 
-#include "../common/blend_math.h"
+#include "../common/samplewise_linear_kernel.h"
 #include "../ops.h"
 #include "cuda_utils.cuh"
 
 namespace dawin_ext {
 namespace {
 
-constexpr int kThreads = 256;
+namespace slk = kernels::samplewise_linear;
 
-// partial [G, rows, N] (rows = B * M), bias [G, N] or null, c [B, G] fp32 -> out [rows, N].
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(slk::kThreads)
     blend_partials_kernel(const scalar_t* __restrict__ partial, const scalar_t* __restrict__ bias,
                           const float* __restrict__ c, scalar_t* __restrict__ out, int64_t rows, int64_t M, int64_t N,
                           int G) {
-  const int64_t total = rows * N;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / N, n = i - r * N;
-    const float* cb = c + (r / M) * G;
-    float x[math::kMaxSources];
-    for (int g = 0; g < G; ++g) x[g] = cuda::to_float(partial[g * total + i]);
-    float acc = math::blend_dot<0, float>(x, cb, G);
-    if (bias != nullptr) {
-      for (int g = 0; g < G; ++g) x[g] = cuda::to_float(bias[g * N + n]);
-      acc += math::blend_dot<0, float>(x, cb, G);
-    }
-    out[i] = static_cast<scalar_t>(acc);
+  for (int64_t i = simt::grid_stride_first(blockIdx.x, blockDim.x, threadIdx.x); i < rows * N;
+       i += simt::grid_stride_step(gridDim.x, blockDim.x)) {
+    slk::blend_partials_element(partial, bias, c, out, rows, M, N, G, i);
   }
 }
 
@@ -66,10 +57,10 @@ at::Tensor samplewise_linear_cuda(const at::Tensor& input, const at::Tensor& wei
   const at::Tensor c = coefficients.to(at::kFloat).contiguous();
   const at::Tensor bias = biases ? biases->contiguous() : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cuda::dispatch_float_types(input.scalar_type(), "samplewise_linear_cuda", [&](auto tag) {
+  simt::dispatch_float_types(input.scalar_type(), "samplewise_linear_cuda", [&](auto tag) {
     using scalar_t = decltype(tag);
-    const int grid = cuda::grid_for(rows * N, kThreads);
-    blend_partials_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+    const int grid = simt::grid_size(rows * N, slk::kThreads, cuda::current_sms(), 8);
+    blend_partials_kernel<scalar_t><<<grid, slk::kThreads, 0, stream>>>(
         partial.const_data_ptr<scalar_t>(), biases ? bias.const_data_ptr<scalar_t>() : nullptr,
         c.const_data_ptr<float>(), out.data_ptr<scalar_t>(), rows, M, N, static_cast<int>(G));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

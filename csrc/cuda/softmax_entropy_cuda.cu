@@ -1,12 +1,7 @@
-// CUDA softmax_entropy and entropy_coefficients. One pass over the logits: each thread keeps the
-// (max, sum exp, sum exp * shifted logit) state of common/entropy_math.h over its elements (one
-// 16-byte vector load = one block of the two-level scheme), and the states are merged across the
-// warp with shuffles, and across warps through shared memory, with the same rescaling rule.
-//   C <= kWarpRowMaxC: one warp per row (8 rows per 256-thread block), no shared memory.
-//   larger C:          one 512-thread block per row.
-// Rows may start at any element alignment (offset views): the first few elements up to the next
-// 16-byte boundary and the tail are read one by one, the rest as vectors. A non-unit class stride
-// is read element by element.
+// CUDA softmax_entropy and entropy_coefficients: the __global__ wrappers and their launch. The
+// per-thread work (which elements a thread owns, head / vector / tail, the accumulation) and the
+// choice between the warp-per-row and block-per-row kernels are in common/softmax_entropy_kernel.h,
+// which the CPU grid emulator (cpu/cuda_emulation.cpp) runs too.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,6 +10,7 @@
 
 #include <vector>
 
+#include "../common/softmax_entropy_kernel.h"
 #include "../ops.h"
 #include "cuda_utils.cuh"
 
@@ -24,76 +20,29 @@ int cuda_runtime_version() { return CUDART_VERSION; }
 
 namespace {
 
-constexpr int64_t kWarpRowMaxC = 4096;
-constexpr int kWarpRowThreads = 256;
-constexpr int kBlockRowThreads = 512;
-
-// This thread's state over its share of one row; `tid` in [0, kThreads) threads cooperate.
-template <typename scalar_t>
-__device__ __forceinline__ math::EntropyState row_state(const scalar_t* __restrict__ row, int64_t C, int64_t cs,
-                                                        float scale, int tid, int kThreads) {
-  math::EntropyState st = math::entropy_state_empty();
-  if (cs == 1) {
-    constexpr int V = cuda::VecWidth<scalar_t>::value;
-    using P = cuda::Pack<scalar_t, V>;
-    const auto addr = reinterpret_cast<uintptr_t>(row);
-    int64_t head = static_cast<int64_t>((cuda::kVecBytes - addr % cuda::kVecBytes) % cuda::kVecBytes) /
-                   static_cast<int64_t>(sizeof(scalar_t));
-    head = head < C ? head : C;
-    if (tid < head) math::entropy_state_push(st, cuda::to_float(row[tid]) * scale);
-    const int64_t nvec = (C - head) / V;
-    const P* __restrict__ vp = reinterpret_cast<const P*>(row + head);
-    int64_t i = tid;
-    // Two loads in flight per thread before their exps.
-    for (; i + kThreads < nvec; i += 2 * static_cast<int64_t>(kThreads)) {
-      const P p0 = vp[i];
-      const P p1 = vp[i + kThreads];
-      float z[2 * V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        z[j] = cuda::to_float(p0.v[j]) * scale;
-        z[V + j] = cuda::to_float(p1.v[j]) * scale;
-      }
-      math::entropy_state_push_block(st, z, V);
-      math::entropy_state_push_block(st, z + V, V);
-    }
-    if (i < nvec) {
-      const P p0 = vp[i];
-      float z[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) z[j] = cuda::to_float(p0.v[j]) * scale;
-      math::entropy_state_push_block(st, z, V);
-    }
-    for (int64_t c = head + nvec * V + tid; c < C; c += kThreads) {
-      math::entropy_state_push(st, cuda::to_float(row[c]) * scale);
-    }
-  } else {
-    for (int64_t c = tid; c < C; c += kThreads) math::entropy_state_push(st, cuda::to_float(row[c * cs]) * scale);
-  }
-  return st;
-}
+namespace ek = kernels::entropy;
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kWarpRowThreads)
+__global__ void __launch_bounds__(ek::kWarpRowThreads)
     entropy_warp_rows_kernel(const scalar_t* __restrict__ x, int64_t R, int64_t C, int64_t rs, int64_t cs, float scale,
                              float* __restrict__ out) {
-  const int lane = threadIdx.x % cuda::kWarp;
-  const int64_t warps_per_block = blockDim.x / cuda::kWarp;
-  for (int64_t r = blockIdx.x * warps_per_block + threadIdx.x / cuda::kWarp; r < R;
-       r += static_cast<int64_t>(gridDim.x) * warps_per_block) {
-    math::EntropyState st = row_state(x + r * rs, C, cs, scale, lane, cuda::kWarp);
-    st = cuda::warp_merge(st);
+  const int lane = threadIdx.x % simt::kWarp;
+  const int warps = blockDim.x / simt::kWarp;
+  for (int64_t r = ek::warp_rows_first(blockIdx.x, threadIdx.x / simt::kWarp, warps); r < R;
+       r += ek::warp_rows_step(gridDim.x, warps)) {
+    math::EntropyState st = ek::row_state(x + r * rs, C, cs, scale, lane, simt::kWarp);
+    st = simt::warp_merge(st);
     if (lane == 0) out[r] = math::entropy_state_finalize(st);
   }
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBlockRowThreads)
+__global__ void __launch_bounds__(ek::kBlockRowThreads)
     entropy_block_rows_kernel(const scalar_t* __restrict__ x, int64_t R, int64_t C, int64_t rs, int64_t cs, float scale,
                               float* __restrict__ out) {
-  __shared__ float scratch[3 * cuda::kWarp];
+  __shared__ float scratch[3 * simt::kWarp];
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    math::EntropyState st = row_state(x + r * rs, C, cs, scale, threadIdx.x, blockDim.x);
+    math::EntropyState st = ek::row_state(x + r * rs, C, cs, scale, threadIdx.x, blockDim.x);
     st = cuda::block_merge(st, scratch);
     if (threadIdx.x == 0) out[r] = math::entropy_state_finalize(st);
   }
@@ -104,16 +53,14 @@ void launch_entropy_rows(const at::Tensor& x2d, float scale, float* out) {
   const int64_t R = x2d.size(0), C = x2d.size(1), rs = x2d.stride(0), cs = x2d.stride(1);
   if (R == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cuda::dispatch_float_types(x2d.scalar_type(), "softmax_entropy_cuda", [&](auto tag) {
+  const ek::LaunchConfig cfg = ek::launch_config(R, C, cuda::current_sms());
+  simt::dispatch_float_types(x2d.scalar_type(), "softmax_entropy_cuda", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
-    if (C <= kWarpRowMaxC) {
-      const int rows_per_block = kWarpRowThreads / cuda::kWarp;
-      const int grid = cuda::grid_for(R, rows_per_block);
-      entropy_warp_rows_kernel<scalar_t><<<grid, kWarpRowThreads, 0, stream>>>(xp, R, C, rs, cs, scale, out);
+    if (cfg.warp_rows) {
+      entropy_warp_rows_kernel<scalar_t><<<cfg.grid, cfg.threads, 0, stream>>>(xp, R, C, rs, cs, scale, out);
     } else {
-      const int grid = cuda::grid_for(R, 1, 4);
-      entropy_block_rows_kernel<scalar_t><<<grid, kBlockRowThreads, 0, stream>>>(xp, R, C, rs, cs, scale, out);
+      entropy_block_rows_kernel<scalar_t><<<cfg.grid, cfg.threads, 0, stream>>>(xp, R, C, rs, cs, scale, out);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

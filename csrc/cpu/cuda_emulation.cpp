@@ -1,0 +1,333 @@
+// CPU grid emulator of the CUDA kernels, for tests only (tests/test_cuda_emulation.py).
+//
+// No GPU has run this project's CUDA kernels. Their per-thread work (which elements a thread owns,
+// the vector / scalar choice, head and tail, the accumulation) lives in common/*_kernel.h as
+// __host__ __device__ functions that the __global__ wrappers in cuda/*.cu call. This file calls
+// the same functions for every thread of the same grid (same launch configuration, same kernel
+// choice), one block and one thread after another, over host memory; the warp and block merges go
+// through simt.h's interface with arrays in place of shuffles, in the GPU's butterfly order. Under
+// AddressSanitizer (scripts/asan_check.sh) every index a thread computes is bounds-checked, and
+// UBSan checks the alignment of every vector access.
+//
+// What it cannot cover: real shuffles and shared-memory races (threads run one after another, and
+// each barrier-separated step runs for all threads before the next), cuBLAS (samplewise_linear's
+// GEMMs run as CPU at::mm here), streams, graphs, pinned-memory copies, and the device's math
+// library (expf / logf differ from the host's by an ulp or two).
+//
+// The ops are private (leading underscore) and take CPU tensors:
+//   _emulate_softmax_entropy_cuda(logits, temperature, num_sms) -> (entropies, kernel)
+//   _emulate_blend_cuda(sources, coefficients, out, outputs_overlap_sources, kernel) -> kernel
+//   _emulate_sample_combine_cuda(stacked, weights, num_sms) -> (out, kernel)
+//   _emulate_samplewise_linear_cuda(input, weights, biases, coefficients, num_sms) -> out
+// num_sms stands for the device's multiprocessor count, which sizes the grids (simt::grid_size):
+// a small count makes every thread walk its grid-stride loop several times. `kernel` names the
+// specialisation that ran (or, for blend, may force one).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../common/blend_kernel.h"
+#include "../common/sample_combine_kernel.h"
+#include "../common/samplewise_linear_kernel.h"
+#include "../common/simt.h"
+#include "../common/softmax_entropy_kernel.h"
+#include "../ops.h"
+
+namespace dawin_ext {
+namespace emulation {
+namespace {
+
+namespace ek = kernels::entropy;
+namespace bk = kernels::blend;
+namespace sck = kernels::sample_combine;
+namespace slk = kernels::samplewise_linear;
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+void check_cpu(const at::Tensor& t, const char* op, const char* what) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": the emulator takes CPU tensors, got ", what, " on ", t.device());
+}
+
+void check_sms(int64_t sms, const char* op) {
+  TORCH_CHECK_VALUE(sms >= 1 && sms <= 4096, op, ": num_sms must be in [1, 4096], got ", sms);
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax_entropy: entropy_warp_rows_kernel and entropy_block_rows_kernel.
+// ---------------------------------------------------------------------------------------------
+
+// cuda::block_merge with its barriers as step boundaries: every warp's butterfly and publish, then
+// warp 0's gather and butterfly. Returns thread 0's state.
+math::EntropyState block_merge(const std::vector<math::EntropyState>& st) {
+  const int threads = static_cast<int>(st.size());
+  const int warps = threads / simt::kWarp;
+  float scratch[3 * simt::kWarp];
+  for (float& v : scratch) v = kNaN;  // shared memory starts as garbage
+  for (int w = 0; w < warps; ++w) {
+    simt::HostWarp<math::EntropyState> lanes;
+    for (int l = 0; l < simt::kWarp; ++l) lanes.lane[l] = st[w * simt::kWarp + l];
+    lanes = simt::warp_merge(lanes);
+    for (int l = 0; l < simt::kWarp; ++l) simt::block_merge_publish(lanes.lane[l], l, w, scratch);
+  }
+  // __syncthreads()
+  simt::HostWarp<math::EntropyState> warp0;
+  for (int l = 0; l < simt::kWarp; ++l) warp0.lane[l] = simt::block_merge_gather(l, warps, scratch);
+  warp0 = simt::warp_merge(warp0);
+  return warp0.lane[0];
+}
+
+template <typename scalar_t>
+void entropy_warp_rows(const scalar_t* x, int64_t R, int64_t C, int64_t rs, int64_t cs, float scale, float* out,
+                       int grid, int threads) {
+  const int warps = threads / simt::kWarp;
+  for (int64_t block = 0; block < grid; ++block) {
+    for (int warp = 0; warp < warps; ++warp) {
+      for (int64_t r = ek::warp_rows_first(block, warp, warps); r < R; r += ek::warp_rows_step(grid, warps)) {
+        simt::HostWarp<math::EntropyState> st;
+        for (int lane = 0; lane < simt::kWarp; ++lane) {
+          st.lane[lane] = ek::row_state(x + r * rs, C, cs, scale, lane, simt::kWarp);
+        }
+        st = simt::warp_merge(st);
+        out[r] = math::entropy_state_finalize(st.lane[0]);  // lane 0 writes
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void entropy_block_rows(const scalar_t* x, int64_t R, int64_t C, int64_t rs, int64_t cs, float scale, float* out,
+                        int grid, int threads) {
+  std::vector<math::EntropyState> st(threads);
+  for (int64_t block = 0; block < grid; ++block) {
+    for (int64_t r = block; r < R; r += grid) {
+      for (int tid = 0; tid < threads; ++tid) st[tid] = ek::row_state(x + r * rs, C, cs, scale, tid, threads);
+      out[r] = math::entropy_state_finalize(block_merge(st));  // thread 0 writes
+    }
+  }
+}
+
+std::tuple<at::Tensor, std::string> emulate_softmax_entropy(const at::Tensor& logits, double temperature,
+                                                            int64_t num_sms) {
+  const char* op = "_emulate_softmax_entropy_cuda";
+  check_softmax_entropy_args(logits, temperature);
+  check_cpu(logits, op, "logits");
+  check_sms(num_sms, op);
+  // As softmax_entropy_cuda and its launch_entropy_rows.
+  const int64_t C = logits.size(-1);
+  auto out_sizes = logits.sizes().vec();
+  out_sizes.pop_back();
+  at::Tensor out = at::empty(out_sizes, logits.options().dtype(at::kFloat));
+  const at::Tensor x2d = logits.reshape({-1, C});
+  const int64_t R = x2d.size(0), rs = x2d.stride(0), cs = x2d.stride(1);
+  const ek::LaunchConfig cfg = ek::launch_config(R, C, num_sms);
+  const std::string kernel = cfg.warp_rows ? "warp_rows" : "block_rows";
+  if (out.numel() == 0) return {out, kernel};
+  const float scale = static_cast<float>(1.0 / temperature);
+  simt::dispatch_float_types(x2d.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
+    if (cfg.warp_rows) {
+      entropy_warp_rows(xp, R, C, rs, cs, scale, out.data_ptr<float>(), cfg.grid, cfg.threads);
+    } else {
+      entropy_block_rows(xp, R, C, rs, cs, scale, out.data_ptr<float>(), cfg.grid, cfg.threads);
+    }
+  });
+  return {out, kernel};
+}
+
+// ---------------------------------------------------------------------------------------------
+// blend: blend_kernel<kReread, S_, K_>.
+// ---------------------------------------------------------------------------------------------
+
+template <bool kReread, int S_, int K_>
+void blend_grid(const bk::BlendTable& t, int64_t blocks, int S, int K) {
+  for (int64_t block = 0; block < blocks; ++block) {
+    float coef_f[math::kMaxSources * math::kMaxClusters];
+    double coef_d[math::kMaxSources * math::kMaxClusters];
+    std::fill(std::begin(coef_f), std::end(coef_f), kNaN);
+    std::fill(std::begin(coef_d), std::end(coef_d), static_cast<double>(kNaN));
+    for (int tid = 0; tid < bk::kThreads; ++tid) bk::load_coefficients(t, S, K, coef_f, coef_d, tid, bk::kThreads);
+    // __syncthreads()
+    for (int tid = 0; tid < bk::kThreads; ++tid) {
+      bk::blend_block<kReread, S_, K_>(t, block, S, K, coef_f, coef_d, tid, bk::kThreads);
+    }
+  }
+}
+
+std::string emulate_blend(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out,
+                          bool outputs_overlap_sources, c10::string_view kernel) {
+  const char* op = "_emulate_blend_cuda";
+  check_blend_args(sources, coefficients, out);
+  const int64_t K = coefficients.size(0);
+  const int64_t S = coefficients.size(1);
+  const int64_t N = static_cast<int64_t>(sources.size()) / S;
+  bk::Kernel chosen = bk::choose_kernel(S, K, outputs_overlap_sources);
+  if (kernel != "auto") {
+    bool found = false;
+    for (int i = 0; i < bk::kNumKernels && !found; ++i) {
+      if (kernel == bk::kernel_name(static_cast<bk::Kernel>(i))) {
+        chosen = static_cast<bk::Kernel>(i);
+        found = true;
+      }
+    }
+    TORCH_CHECK_VALUE(found, op, ": unknown kernel '", kernel, "'");
+    // A forced re-read kernel may run with overlapping outputs (to show what it would compute);
+    // a fixed-size kernel must match S and K, or its threads would index past the table.
+    TORCH_CHECK_VALUE(chosen == bk::Kernel::kReread || bk::kernel_fits(chosen, S, K, outputs_overlap_sources), op,
+                      ": kernel ", kernel, " cannot blend S=", S, " sources into K=", K, " outputs");
+  }
+  const std::string name = bk::kernel_name(chosen);
+  if (N == 0) return name;
+  for (const at::Tensor& t : sources) check_cpu(t, op, "a source");
+  for (const at::Tensor& t : out) check_cpu(t, op, "an output");
+  // As blend_cuda's host side, with the table in host memory instead of a pinned copy to the device.
+  const at::Tensor coef = coefficients.detach().to(at::kCPU, at::kDouble).contiguous();
+  std::vector<at::Tensor> src_c(sources.size());
+  for (size_t i = 0; i < sources.size(); ++i) src_c[i] = sources[i].contiguous();
+  std::vector<int64_t> numel(N);
+  std::vector<int32_t> dtypes(N);
+  for (int64_t n = 0; n < N; ++n) {
+    numel[n] = src_c[n].numel();
+    dtypes[n] = bk::dtype_code(src_c[n].scalar_type());
+  }
+  const std::vector<bk::ChunkEntry> chunks = bk::make_chunks(numel);
+  if (chunks.empty()) return name;
+  std::vector<const void*> src_ptrs(src_c.size());
+  for (size_t i = 0; i < src_c.size(); ++i) src_ptrs[i] = src_c[i].const_data_ptr();
+  std::vector<void*> dst_ptrs(out.size());
+  for (size_t i = 0; i < out.size(); ++i) dst_ptrs[i] = out[i].data_ptr();
+  const bk::TableLayout layout = bk::table_layout(N, S, K, static_cast<int64_t>(chunks.size()));
+  at::Tensor table = at::empty({layout.bytes}, at::TensorOptions().dtype(at::kByte));
+  bk::fill_table(table.data_ptr<uint8_t>(), layout, N, S, K, coef.const_data_ptr<double>(), src_ptrs, dst_ptrs, numel,
+                 dtypes, chunks);
+  const bk::BlendTable t = bk::table_view(table.const_data_ptr<uint8_t>(), layout);
+  const int s = static_cast<int>(S), k = static_cast<int>(K);
+  bk::with_kernel(chosen, [&](auto reread, auto s_, auto k_) {
+    blend_grid<decltype(reread)::value, decltype(s_)::value, decltype(k_)::value>(
+        t, static_cast<int64_t>(chunks.size()), s, k);
+  });
+  return name;
+}
+
+// ---------------------------------------------------------------------------------------------
+// sample_combine: sample_combine_kernel<scalar_t, V>.
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, int V>
+void sample_combine_grid(const scalar_t* x, const float* w, scalar_t* out, int64_t rows, int64_t M, int64_t S,
+                         int64_t N, int grid) {
+  const int64_t total = rows * (N / V);
+  for (int64_t block = 0; block < grid; ++block) {
+    for (int tid = 0; tid < sck::kThreads; ++tid) {
+      for (int64_t idx = simt::grid_stride_first(block, sck::kThreads, tid); idx < total;
+           idx += simt::grid_stride_step(grid, sck::kThreads)) {
+        sck::combine_group<scalar_t, V>(x, w, out, M, S, N, idx);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, std::string> emulate_sample_combine(const at::Tensor& stacked, const at::Tensor& weights,
+                                                           int64_t num_sms) {
+  const char* op = "_emulate_sample_combine_cuda";
+  check_sample_combine_args(stacked, weights);
+  check_cpu(stacked, op, "stacked");
+  check_cpu(weights, op, "weights");
+  check_sms(num_sms, op);
+  // As sample_combine_cuda.
+  const int64_t B = stacked.size(0), M = stacked.size(1), S = stacked.size(2), N = stacked.size(3);
+  const at::Tensor x = stacked.contiguous();
+  const at::Tensor w = weights.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({B, M, N}, stacked.options());
+  std::string kernel;
+  simt::dispatch_float_types(x.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    constexpr int V = simt::VecWidth<scalar_t>::value;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    const float* wp = w.const_data_ptr<float>();
+    if (sck::use_vector_kernel(N, xp, outp)) {
+      kernel = "vector";
+      if (out.numel() == 0) return;
+      const int grid = simt::grid_size(B * M * (N / V), sck::kThreads, num_sms, 8);
+      sample_combine_grid<scalar_t, V>(xp, wp, outp, B * M, M, S, N, grid);
+    } else {
+      kernel = "scalar";
+      if (out.numel() == 0) return;
+      const int grid = simt::grid_size(B * M * N, sck::kThreads, num_sms, 8);
+      sample_combine_grid<scalar_t, 1>(xp, wp, outp, B * M, M, S, N, grid);
+    }
+  });
+  return {out, kernel};
+}
+
+// ---------------------------------------------------------------------------------------------
+// samplewise_linear: blend_partials_kernel (the GEMMs, cuBLAS on the GPU, are CPU at::mm here).
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor emulate_samplewise_linear(const at::Tensor& input, const at::Tensor& weights,
+                                     const std::optional<at::Tensor>& biases, const at::Tensor& coefficients,
+                                     int64_t num_sms) {
+  const char* op = "_emulate_samplewise_linear_cuda";
+  check_samplewise_linear_args(input, weights, biases, coefficients);
+  check_cpu(input, op, "input");
+  check_sms(num_sms, op);
+  // As samplewise_linear_cuda.
+  const int64_t B = input.size(0), K = input.size(-1), G = weights.size(0), N = weights.size(1);
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, input.options());
+  if (out.numel() == 0) return out;
+  const int64_t rows = out.numel() / N, M = rows / B;
+  const at::Tensor x = input.reshape({rows, K});
+  at::Tensor partial = at::empty({G, rows, N}, input.options());
+  for (int64_t g = 0; g < G; ++g) {
+    at::Tensor slot = partial[g];
+    at::mm_out(slot, x, weights[g].t());
+  }
+  const at::Tensor c = coefficients.to(at::kFloat).contiguous();
+  const at::Tensor bias = biases ? biases->contiguous() : at::Tensor();
+  simt::dispatch_float_types(input.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const int grid = simt::grid_size(rows * N, slk::kThreads, num_sms, 8);
+    const scalar_t* pp = partial.const_data_ptr<scalar_t>();
+    const scalar_t* bp = biases ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const float* cp = c.const_data_ptr<float>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    for (int64_t block = 0; block < grid; ++block) {
+      for (int tid = 0; tid < slk::kThreads; ++tid) {
+        for (int64_t i = simt::grid_stride_first(block, slk::kThreads, tid); i < rows * N;
+             i += simt::grid_stride_step(grid, slk::kThreads)) {
+          slk::blend_partials_element(pp, bp, cp, op_, rows, M, N, static_cast<int>(G), i);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace emulation
+}  // namespace dawin_ext
+
+// Test-only ops; not part of the public API (dawin_ext never calls them).
+TORCH_LIBRARY_FRAGMENT(dawin_ext, m) {
+  m.def("_emulate_softmax_entropy_cuda(Tensor logits, float temperature, int num_sms) -> (Tensor, str)",
+        &dawin_ext::emulation::emulate_softmax_entropy);
+  m.def(
+      "_emulate_blend_cuda(Tensor[] sources, Tensor coefficients, Tensor(a!)[] out, bool outputs_overlap_sources, "
+      "str kernel='auto') -> str",
+      &dawin_ext::emulation::emulate_blend);
+  m.def("_emulate_sample_combine_cuda(Tensor stacked, Tensor weights, int num_sms) -> (Tensor, str)",
+        &dawin_ext::emulation::emulate_sample_combine);
+  m.def(
+      "_emulate_samplewise_linear_cuda(Tensor input, Tensor weights, Tensor? biases, Tensor coefficients, "
+      "int num_sms) -> Tensor",
+      &dawin_ext::emulation::emulate_samplewise_linear);
+}
