@@ -867,12 +867,13 @@ HIGH_LEVEL_CASES = [
         r"floating point, got torch\.int64",
     ),
     (
+        # Integer entries cannot be interpolated; a PReLU slope that differs is now merged per sample instead.
         "samplewise-unsupported-parameter",
         lambda: _mod("samplewise").SampleWiseInterpolator(
-            _tiny_prelu(0), [_tiny_prelu(1).state_dict(), {**_tiny_prelu(2).state_dict(), "2.weight": torch.ones(1)}]
+            _tiny(0), [_tiny_sd(1), _tiny_sd(2, **{"1.num_batches_tracked": torch.tensor(7)})]
         ),
         ValueError,  # UnsupportedParameterError
-        r"parameter '2\.weight' \(in PReLU\) differs",
+        r"non-floating-point entry '1\.num_batches_tracked' differs",
     ),
     (
         "samplewise-key-mismatch",
