@@ -162,3 +162,41 @@ def test_torch_compile_gives_the_same_answers(fitted, mode: str) -> None:
     compiled = DaWinPredictor(dw, mode, compile=True, compile_options=opts, input_shape=SHAPE)
     for sl in (slice(0, 5), slice(5, 6), slice(6, 14)):
         _close(compiled(x[sl]), eager(x[sl]))
+
+
+# --------------------------------------------------------------------------------------------- the example server
+def test_example_server_under_load(tmp_path) -> None:
+    """examples/serve at reduced size: 4 clients, 200 requests with bad ones mixed in, on 127.0.0.1, in-process."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install dawin-ext[serve])")
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install dawin-ext[serve])")
+    pytest.importorskip("PIL", reason="Pillow is needed to decode images")
+    import http.client
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "serve"))
+    try:
+        import app as serve_app
+        import load_test
+        import make_bundle
+    finally:
+        sys.path.pop(0)
+
+    bundle = make_bundle.make_bundle(tmp_path / "bundle", "dawin-tiny-vit")
+    predictor, preprocess, classes = serve_app.load_bundle(bundle, "cluster")
+    reqs = load_test.build_requests(200, predictor.input_shape, preprocess)
+    load_test.attach_expected(reqs, predictor, predictor.dawin)  # offline answers, before any request is served
+    assert sum(r.status != 200 for r in reqs) >= 25 and len({r.name for r in reqs if r.status != 200}) == 7
+    with load_test.serve_in_thread(serve_app.create_app(predictor, preprocess, classes, request_threads=4)) as port:
+        summary = load_test.load_test(
+            "127.0.0.1", port, reqs, clients=4, time_limit_s=50, rss=lambda: load_test.rss_bytes(os.getpid())
+        )
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/healthz")
+        health = json.loads(conn.getresponse().read())
+    assert summary["problems"] == []
+    assert summary["sent"] == 200 and summary["bitwise_equal"] == summary["good"] == summary["close_to_predict"]
+    assert summary["rss_flat"], summary["rss_mib"]
+    assert health["status"] == "ok" and health["stats"]["server_errors"] == 0
+    assert health["stats"]["client_errors"] == summary["bad"]
