@@ -200,3 +200,16 @@ def test_example_server_under_load(tmp_path) -> None:
     assert summary["rss_flat"], summary["rss_mib"]
     assert health["status"] == "ok" and health["stats"]["server_errors"] == 0
     assert health["stats"]["client_errors"] == summary["bad"]
+
+
+def test_latency_bench_rows() -> None:
+    from dawin_ext.bench import format_latency_table, latency_rows
+
+    rows = latency_rows(torch.device("cpu"), quick=True, repeats=2, batch_sizes=(1, 2), compiled=False)
+    assert [(r["batch"], r["config"]) for r in rows[:2]] == [
+        (1, "plain forward"),
+        (1, "DaWin.predict cluster (3 passes)"),
+    ]
+    assert len(rows) == 10 and all(r["n"] == 2 and 0 < r["p50_s"] <= r["p99_s"] for r in rows)
+    assert all(r["p50_vs_plain"] == 1.0 for r in rows if r["config"] == "plain forward")
+    assert "predictor exact, fused experts" in format_latency_table(rows)
