@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -237,3 +238,25 @@ class AdaWiSE:
         if not outs:
             raise ValueError("AdaWiSE: the loader yielded no batches")
         return torch.cat(outs)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> Path:
+        """Writes the settings and the warm-start state (``best_alpha_``, the fitted GP kernel's
+        hyperparameters, ``history_``) to directory ``path``, with content hashes of both weight sets."""
+        from .persistence import save_adawise
+
+        return save_adawise(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path,
+        model: nn.Module,
+        theta_zs: Mapping[str, Tensor] | nn.Module,
+        theta_ft: Mapping[str, Tensor] | nn.Module,
+    ) -> AdaWiSE:
+        """Rebuilds AdaWiSE from :meth:`save`'s directory so that the next batch warm-starts where the saved one
+        stopped. Refuses weights that differ from the saved ones (naming the keys)."""
+        from .persistence import load_adawise
+
+        return load_adawise(cls, path, model, theta_zs, theta_ft)

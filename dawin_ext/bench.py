@@ -37,7 +37,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["kernel_rows", "pipeline_rows", "format_table", "TARGETS", "check_targets", "add_arguments", "run"]
+__all__ = [
+    "kernel_rows",
+    "pipeline_rows",
+    "latency_rows",
+    "format_table",
+    "format_latency_table",
+    "TARGETS",
+    "check_targets",
+    "add_arguments",
+    "run",
+]
 
 CLUSTER_ALPHAS = (0.2, 0.5, 0.8)  # K = 3 WiSE-FT / DaWin cluster coefficients
 
@@ -630,6 +640,114 @@ def exact_engine_rows(device: torch.device, quick: bool, repeats: int) -> list[d
     return rows
 
 
+def _latency_setup(device: torch.device, arch: str):
+    """An open_clip classifier (random init, 10 classes), a perturbed copy and a DaWin fitted on 2 x 8 images."""
+    from .dawin import DaWin
+    from .openclip import CLIPClassifier, create_clip_model, register_tiny_configs
+
+    register_tiny_configs()
+    torch.manual_seed(0)
+    clip, _, tokenizer = create_clip_model(arch, device=device)
+    clf = CLIPClassifier.from_clip(clip, tokenizer, [f"class {i}" for i in range(10)], templates="classname")
+    clf = clf.to(device).eval()
+    del clip
+    gen = torch.Generator().manual_seed(1)
+    zs = {k: v.detach().clone() for k, v in clf.state_dict().items()}
+    ft = {
+        k: (v + 0.05 * v.float().std().nan_to_num(0.02) * torch.randn(v.shape, generator=gen).to(v))
+        if v.is_floating_point()
+        else v.clone()
+        for k, v in zs.items()
+    }
+    size = clf.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    calib = [torch.randn(8, 3, size, size, generator=gen).to(device) for _ in range(2)]
+    dawin = DaWin(clf, zs, ft, temperatures=(0.9576, 0.9733), n_clusters=3, seed=1).fit(calib)
+    return clf, dawin, (3, size, size), gen
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: with n samples p99 is the largest unless n >= 100)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(-(-q * len(ordered) // 100)) - 1))]
+
+
+def latency_rows(
+    device: torch.device,
+    quick: bool,
+    repeats: int | None = None,
+    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    compiled: bool = True,
+) -> list[dict]:
+    """Request latency of :class:`~dawin_ext.serving.DaWinPredictor` (p50, p99) against a plain forward.
+
+    For each batch size, every configuration runs once per round, round after round (so a busy machine slows all
+    alike), after a warm-up round (which also compiles). Configurations: the plain forward of one model;
+    ``DaWin.predict`` (three sequential passes); the predictor in cluster mode with the fused expert pass and with
+    two plain expert forwards; the predictor in exact mode; and, with ``compiled``, the plain forward and both
+    predictor modes under ``torch.compile``. ViT-B-32 (the tiny ViT with ``quick``) with a 10-class head.
+    """
+    from .serving import DaWinPredictor
+
+    arch = "dawin-tiny-vit" if quick else "ViT-B-32"
+    clf, dawin, shape, gen = _latency_setup(device, arch)
+    sync = _sync(device)
+    configs: list[tuple[str, Callable]] = [
+        ("plain forward", torch.inference_mode()(clf)),
+        ("DaWin.predict cluster (3 passes)", lambda x: dawin.predict(x)),
+        ("predictor cluster, fused experts", DaWinPredictor(dawin, "cluster", input_shape=shape)),
+        ("predictor cluster, 2 expert fwds", DaWinPredictor(dawin, "cluster", fused_experts=False, input_shape=shape)),
+        ("predictor exact, fused experts", DaWinPredictor(dawin, "exact", input_shape=shape)),
+    ]
+    if compiled:
+        opts = {"dynamic": False}
+        configs += [
+            ("plain forward, compiled", torch.inference_mode()(torch.compile(clf, **opts))),
+            (
+                "predictor cluster, compiled",
+                DaWinPredictor(dawin, "cluster", compile=True, compile_options=opts, input_shape=shape),
+            ),
+            (
+                "predictor exact, compiled",
+                DaWinPredictor(dawin, "exact", compile=True, compile_options=opts, input_shape=shape),
+            ),
+        ]
+    rows = []
+    for b in batch_sizes:
+        n = repeats if repeats is not None else max(5, 40 // b if not quick else 100 // b)
+        x = torch.randn(b, *shape, generator=gen).to(device)
+        times: dict[str, list[float]] = {name: [] for name, _ in configs}
+        for r in range(n + 1):
+            for name, fn in configs:
+                sync()
+                t0 = time.perf_counter()
+                fn(x)
+                sync()
+                if r:  # round 0 warms up (and compiles)
+                    times[name].append(time.perf_counter() - t0)
+        plain50 = statistics.median(times["plain forward"])
+        for name, _ in configs:
+            p50, p99 = statistics.median(times[name]), _percentile(times[name], 99)
+            rows.append(
+                {"arch": arch, "batch": b, "config": name, "n": n, "p50_s": p50, "p99_s": p99,
+                 "p50_vs_plain": p50 / plain50, "p99_vs_p50": p99 / p50}
+            )  # fmt: skip
+    return rows
+
+
+def format_latency_table(rows: list[dict]) -> str:
+    """Fixed-width text table of :func:`latency_rows`' output."""
+    lines = [
+        f"{'arch':<15} {'batch':>5} {'configuration':<36} {'n':>4} {'p50':>10} {'p99':>10} {'p50/plain':>9} {'p99/p50':>8}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['arch']:<15} {r['batch']:>5} {r['config']:<36} {r['n']:>4} {r['p50_s'] * 1e3:>8.1f}ms "
+            f"{r['p99_s'] * 1e3:>8.1f}ms {r['p50_vs_plain']:>8.2f}x {r['p99_vs_p50']:>7.2f}x"
+        )
+    return "\n".join(lines)
+
+
 def environment(device: str | torch.device) -> dict:
     import dawin_ext
 
@@ -783,6 +901,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compare every measured ratio with its documented target (implies --pipeline; not with --quick) and "
         "exit with status 1 naming each target missed or not measured; timings are noisy, so not for CI",
     )
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="only the serving latency table: DaWinPredictor p50/p99 at batch 1, 8, 32, cluster and exact mode, "
+        "eager and compiled, against a plain forward (ViT-B-32; tiny ViT with --quick)",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="with --latency: skip the torch.compile rows")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -796,6 +921,8 @@ def run(args: argparse.Namespace) -> int:
         f"dawin-ext bench on {args.device}: torch {env['torch']}, {env['threads']} threads, "
         f"CPU capability {env['cpu_capability']}" + (f", {env['gpu']}" if "gpu" in env else "")
     )
+    if getattr(args, "latency", False):
+        return run_latency(args, env)
     rows = kernel_rows(args.device, quick=args.quick, repeats=args.repeats)
     if args.pipeline:
         rows += pipeline_rows(torch.device(args.device), args.quick, args.repeats or 3)
@@ -814,4 +941,15 @@ def run(args: argparse.Namespace) -> int:
         if failed:
             print(f"dawin-ext bench --check: {len(failed)} target(s) missed or not measured: {', '.join(failed)}")
             return 1
+    return 0
+
+
+def run_latency(args: argparse.Namespace, env: dict) -> int:
+    """``dawin-ext bench --latency``: prints (and with ``--json`` writes) :func:`latency_rows`."""
+    rows = latency_rows(torch.device(args.device), args.quick, args.repeats, compiled=not args.no_compile)
+    print(format_latency_table(rows))
+    print("p50/plain = p50 / the plain forward's p50 at the same batch; p99 is nearest-rank over n requests")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "quick": args.quick, "latency": rows}, f, indent=2)
     return 0

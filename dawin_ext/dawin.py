@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -401,3 +402,31 @@ class DaWin:
         if not self.weight_space:
             raise RuntimeError(f"DaWin: expertise {self.expertise!r} does not cluster")
         return np.bincount(self.labels_.numpy(), minlength=self.n_clusters)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> Path:
+        """Writes everything ``fit`` produced (settings, temperatures, offset statistics, the mixture, cluster
+        coefficients, per-sample coefficients and logits) to directory ``path``: ``tensors.safetensors`` plus
+        ``meta.json`` with a format version and content hashes of ``theta_zs`` and ``theta_ft`` (not the weights
+        themselves). See :mod:`dawin_ext.persistence`."""
+        from .persistence import save_dawin
+
+        return save_dawin(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path,
+        model: nn.Module,
+        theta_zs: Mapping[str, Tensor] | nn.Module,
+        theta_ft: Mapping[str, Tensor] | nn.Module,
+    ) -> DaWin:
+        """Rebuilds a fitted DaWin from :meth:`save`'s directory and the same weights, without refitting.
+
+        Raises :class:`~dawin_ext.persistence.WeightMismatchError` naming the differing keys when ``theta_zs`` or
+        ``theta_ft`` is not bit-identical to the fitted weights (checked by content hash before anything is
+        built), and :class:`~dawin_ext.persistence.SavedStateError` for missing, truncated or corrupted files
+        and for another format version."""
+        from .persistence import load_dawin
+
+        return load_dawin(cls, path, model, theta_zs, theta_ft)

@@ -13,6 +13,7 @@ is built once with ``blend`` from the sources ``[theta_0, tau_1, ..., tau_T]`` i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -236,3 +237,31 @@ class DaWinMultiTask:
         """How many fit samples each cluster holds."""
         self._check_fitted()
         return np.bincount(self.labels_.numpy(), minlength=self.n_clusters)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> Path:
+        """Writes what ``fit`` produced (settings, pi, cluster assignments, the Dirichlet mixture) to directory
+        ``path`` with content hashes of theta_0, every task vector and the head (if it is a module). See
+        :mod:`dawin_ext.persistence`."""
+        from .persistence import save_multitask
+
+        return save_multitask(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path,
+        model: nn.Module,
+        theta_0: Mapping[str, Tensor] | nn.Module,
+        task_thetas: Sequence[Mapping[str, Tensor] | nn.Module] | None = None,
+        *,
+        task_vectors: Sequence[Mapping[str, Tensor]] | None = None,
+        head: Callable[[Tensor], Tensor] | None = None,
+    ) -> DaWinMultiTask:
+        """Rebuilds a fitted DaWinMultiTask from :meth:`save`'s directory and the same weights and head.
+
+        Refuses (:class:`~dawin_ext.persistence.WeightMismatchError`, naming the keys) weights or a head module
+        that differ from the fitted ones; :class:`~dawin_ext.persistence.SavedStateError` for unreadable files."""
+        from .persistence import load_multitask
+
+        return load_multitask(cls, path, model, theta_0, task_thetas, task_vectors=task_vectors, head=head)
