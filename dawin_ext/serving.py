@@ -16,10 +16,15 @@ then costs:
 Two sequential passes per request, against three for ``DaWin.predict``. Every call runs under
 ``torch.inference_mode``; no parameter or buffer is allocated per request.
 
-**Threads.** The exact engine keeps the coefficient rows of the pass in progress on the engine object, so two
-passes through it must not overlap: calls into it are serialised by a lock. Cluster models are plain modules with
-no per-call state and run concurrently. The coefficient code and the mixture are pure functions. So any number of
-threads may call one predictor; each gets the answer a sequential call would give.
+**Threads.** A pass through the exact engine switches process-global torch settings for its duration (the
+nn.MultiheadAttention fast path, vmap's fallback warning), which would change the numerics of a plain forward
+running in another thread at the same time. So a predictor that holds an engine (exact mode, or fused experts)
+serialises whole requests with a lock; without an engine (cluster mode, ``fused_experts=False``) requests run
+concurrently. Either way any number of threads may call one predictor, and each gets the answer a sequential call
+would give.
+
+**torch.compile.** ``compile=True`` compiles the plain models (experts and clusters). The exact engine itself
+(vmap under a TorchFunctionMode over meta placeholders) is not traceable by dynamo and runs eagerly.
 """
 
 from __future__ import annotations
@@ -106,7 +111,7 @@ class DaWinPredictor:
         self.fused_experts = bool(fused_experts)
         self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
         self.device = dawin.device
-        self._lock = threading.Lock()  # guards the exact engine's per-pass coefficient state
+        self._lock = threading.Lock()  # serialises requests that pass through the exact engine (see above)
         # Expert coefficient rows: zero-shot, fine-tuned and, for merged pseudo labels, the merged model.
         rows = [[1.0, 0.0], [0.0, 1.0]]
         if dawin._needs_merged:
@@ -121,8 +126,6 @@ class DaWinPredictor:
         self._engine_call: Callable[[Tensor, Tensor], Tensor] | None = self.engine
         if compile:
             opts = dict(compile_options or {})
-            if self.engine is not None:
-                self._engine_call = torch.compile(self.engine, **opts)
             # One compiled function serves every plain model: the parameters are its inputs, not constants, so the
             # K cluster models and the experts share one graph instead of compiling K + 2 times.
             plain = torch.compile(_functional_forward(dawin.model), **opts)
@@ -157,8 +160,7 @@ class DaWinPredictor:
 
     def _engine(self, x: Tensor, rows: Tensor) -> Tensor:
         assert self._engine_call is not None
-        with self._lock:
-            return self._engine_call(x, rows)
+        return self._engine_call(x, rows)
 
     def expert_logits(self, x: Tensor) -> list[Tensor]:
         """The experts' logits of a (checked) batch: zero-shot, fine-tuned (and merged where needed)."""
@@ -175,6 +177,12 @@ class DaWinPredictor:
     def __call__(self, x: Tensor) -> Tensor:
         """Scores [B, C] of batch ``x`` (see the class docstring). Raises :class:`BadRequestError` for a bad batch."""
         x = self._check(x)
+        if self.engine is None:
+            return self._answer(x)
+        with self._lock:  # the engine's global torch settings must not meet another thread's forward
+            return self._answer(x)
+
+    def _answer(self, x: Tensor) -> Tensor:
         dw = self.dawin
         logits = self.expert_logits(x)
         for name, z in zip(("zero-shot model", "fine-tuned model", "merged model"), logits, strict=False):

@@ -470,6 +470,12 @@ def _tiny(seed: int) -> torch.nn.Module:
     ).eval()
 
 
+def _tiny_int_buffer(seed: int, steps: int) -> torch.nn.Module:
+    m = _tiny(seed)
+    m.register_buffer("steps", torch.tensor([steps]))  # an integer entry: it cannot be interpolated
+    return m
+
+
 def _tiny_sd(seed: int, **overrides):
     sd = dict(_tiny(seed).state_dict())
     for key, value in overrides.items():
@@ -870,10 +876,10 @@ HIGH_LEVEL_CASES = [
         # Integer entries cannot be interpolated; a PReLU slope that differs is now merged per sample instead.
         "samplewise-unsupported-parameter",
         lambda: _mod("samplewise").SampleWiseInterpolator(
-            _tiny(0), [_tiny_sd(1), _tiny_sd(2, **{"1.num_batches_tracked": torch.tensor(7)})]
+            _tiny_int_buffer(0, 1), [_tiny_int_buffer(1, 1).state_dict(), _tiny_int_buffer(2, 2).state_dict()]
         ),
         ValueError,  # UnsupportedParameterError
-        r"non-floating-point entry '1\.num_batches_tracked' differs",
+        r"non-floating-point entry 'steps' differs",
     ),
     (
         "samplewise-key-mismatch",

@@ -215,6 +215,6 @@ def test_gpu_check_script_parses_and_its_boxes_fit_one_device_call() -> None:
     text = script.read_text()
     boxes = dict(re.findall(r"\[(\w+)\]=\$\{GPU_CHECK_\w+_S:-(\d+)\}", text))
     default_phases = re.search(r"^PHASES_ALL=\(([^)]*)\)", text, re.M).group(1).split()
-    assert default_phases == ["setup", "build", "ktest", "sanitize", "bench", "cudatests"]
+    assert default_phases == ["setup", "build", "ktest", "sanitize", "bench", "nccl", "cudatests"]
     total = int(re.search(r"^TOTAL_S=\$\{GPU_CHECK_TOTAL_S:-(\d+)\}", text, re.M).group(1))
     assert sum(int(boxes[p]) for p in default_phases) <= total <= 540

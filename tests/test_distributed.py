@@ -290,7 +290,7 @@ def eval_setup(tmp_path_factory):
     """test_cli_eval's generated ImageFolder sets (18 images, 3 classes) and tiny open_clip checkpoints."""
     from test_cli_eval import ARCH, _build
 
-    return _build(tmp_path_factory.mktemp("dist_eval"), ARCH, "dawin-tiny-vit", n_sets=2)
+    return _build(tmp_path_factory.mktemp("dist_eval"), ARCH, "dawin-tiny-vit", n_sets=2, train_steps=4, train_lr=3e-3)
 
 
 def _eval_args(setup, *extra, data=None) -> list[str]:
