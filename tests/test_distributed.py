@@ -287,7 +287,7 @@ def test_group_false_and_no_group_are_single_process():
 # ------------------------------------------------------------------------------------------------ CLI under torchrun
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory):
-    """test_cli_eval's generated ImageFolder sets (18 images, 3 classes) and tiny open_clip checkpoints."""
+    """test_cli_eval's generated ImageFolder sets (30 images, 3 classes) and tiny open_clip checkpoints."""
     from test_cli_eval import ARCH, _build
 
     return _build(tmp_path_factory.mktemp("dist_eval"), ARCH, "dawin-tiny-vit", n_sets=2, train_steps=4, train_lr=3e-3)
@@ -331,8 +331,8 @@ def _single_process(setup, tmp_path, *extra, data=None) -> dict:
 @pytest.mark.parametrize(
     "world, batch, split",
     [
-        (2, "8", [8, 10]),  # 3 batches of 8 (the last one short): one on rank 0, two on rank 1
-        (3, "16", [0, 16, 2]),  # 2 batches for 3 ranks: rank 0 has an empty shard and still writes the results
+        (2, "8", [16, 14]),  # 4 batches of 8 (the last one short): two per rank
+        (3, "16", [0, 16, 14]),  # 2 batches for 3 ranks: rank 0 has an empty shard and still writes the results
     ],
 )
 def test_cli_torchrun_matches_single_process(eval_setup, tmp_path, world, batch, split):
@@ -345,8 +345,8 @@ def test_cli_torchrun_matches_single_process(eval_setup, tmp_path, world, batch,
     assert list(got["accuracy"]) == list(ref["accuracy"]) and got["settings"] == ref["settings"]
     assert got["world_size"] == world and ref["world_size"] == 1 and got["complete"] is True
     for name, entry in got["test_sets"].items():
-        assert entry["samples"] == 18 and entry["rank_samples"] == split
-        assert ref["test_sets"][name]["rank_samples"] == [18]
+        assert entry["samples"] == 30 and entry["rank_samples"] == split
+        assert ref["test_sets"][name]["rank_samples"] == [30]
     # Rank 0 alone prints: one table, one header line.
     assert proc.stdout.count("dawin-cluster") == 1
     assert proc.stderr.count(f"{world} ranks (gloo)") == 1
@@ -356,7 +356,7 @@ def test_cli_torchrun_matches_single_process(eval_setup, tmp_path, world, batch,
 def test_cli_failing_rank_stops_the_job(eval_setup, tmp_path):
     bad = tmp_path / "bad_set"
     shutil.copytree(eval_setup["sets"][1], bad)
-    (bad / "zebra" / "5.png").write_bytes(b"not a png")  # zebra sorts last: in rank 2's shard
+    (bad / "zebra" / "05.png").write_bytes(b"not a png")  # zebra sorts last: in rank 2's shard
     cmd = _torchrun(
         3, [*_eval_args(eval_setup, "--methods", "zeroshot", "dawin-cluster", data=[bad]), "--dist-timeout", "300"]
     )
@@ -394,7 +394,7 @@ def test_cli_resume_after_killed_run(eval_setup, tmp_path):
     set_b = tmp_path / "set_b"
     shutil.copytree(eval_setup["sets"][0], set_a)
     shutil.copytree(eval_setup["sets"][1], set_b)
-    stuck = set_b / "zebra" / "5.png"
+    stuck = set_b / "zebra" / "05.png"
     original = stuck.read_bytes()
     stuck.unlink()
     os.mkfifo(stuck)  # opening it blocks: the run stops inside set_b, deterministically, until killed
@@ -415,7 +415,7 @@ def test_cli_resume_after_killed_run(eval_setup, tmp_path):
         proc.communicate()
     partial = json.loads(out.read_text())
     assert partial["complete"] is False and list(partial["test_sets"]) == ["set_a"]
-    assert partial["test_sets"]["set_a"]["rank_samples"] == [8, 10]
+    assert partial["test_sets"]["set_a"]["rank_samples"] == [16, 14]
 
     stuck.unlink()
     stuck.write_bytes(original)
@@ -424,8 +424,8 @@ def test_cli_resume_after_killed_run(eval_setup, tmp_path):
     assert "set_a: complete in" in proc.stderr and "skipped (--resume)" in proc.stderr
     final = json.loads(out.read_text())
     assert final["complete"] is True and list(final["test_sets"]) == ["set_a", "set_b"]
-    assert final["test_sets"]["set_a"]["rank_samples"] == [8, 10]  # kept from the killed 2-rank run
-    assert final["test_sets"]["set_b"]["rank_samples"] == [8, 8, 2]  # computed now, on 3 ranks
+    assert final["test_sets"]["set_a"]["rank_samples"] == [16, 14]  # kept from the killed 2-rank run
+    assert final["test_sets"]["set_b"]["rank_samples"] == [8, 8, 14]  # computed now, on 3 ranks
     ref = _single_process(eval_setup, tmp_path, *methods, data=[set_a, set_b])
     assert final["accuracy"] == ref["accuracy"]
     # Other settings than the file's: refused, not mixed.
