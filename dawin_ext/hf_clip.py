@@ -234,25 +234,18 @@ class HFCLIPClassifier(nn.Module):
         classnames: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if head_weight.dim() != 2:
-            raise ValueError(f"head_weight must be [num_classes, embed_dim], got shape {tuple(head_weight.shape)}")
-        num_classes, dim = head_weight.shape
-        out_dim = getattr(visual_projection, "out_features", dim)
-        if out_dim != dim:
-            raise ValueError(f"head_weight has embed_dim {dim} but the visual projection outputs {out_dim} features")
-        if head_bias is not None and tuple(head_bias.shape) != (num_classes,):
-            raise ValueError(f"head_bias must have shape ({num_classes},), got {tuple(head_bias.shape)}")
-        if classnames is not None and len(classnames) != num_classes:
-            raise ValueError(f"{len(classnames)} class names for a head with {num_classes} rows")
+        from .openclip import linear_head
+
+        head = linear_head(
+            head_weight,
+            head_bias,
+            classnames,
+            getattr(visual_projection, "out_features", None),
+            "the visual projection",
+        )
         self.vision_model = vision_model
         self.visual_projection = visual_projection
-        self.head = nn.Linear(dim, num_classes, bias=True, device=head_weight.device, dtype=head_weight.dtype)
-        with torch.no_grad():
-            self.head.weight.copy_(head_weight)
-            if head_bias is None:
-                self.head.bias.zero_()
-            else:
-                self.head.bias.copy_(head_bias)
+        self.head = head  # registered last: the state dict keeps its key order
         self.classnames = list(classnames) if classnames is not None else None
 
     @property

@@ -278,6 +278,30 @@ def build_zero_shot_head(
     return weight, bias
 
 
+def linear_head(
+    head_weight: Tensor, head_bias: Tensor | None, classnames: Sequence[str] | None, out_dim: int | None, what: str
+) -> nn.Linear:
+    """A classification head (a copy of ``head_weight`` [C, D] and ``head_bias`` [C] or zeros) checked against the
+    ``out_dim`` features that ``what`` produces (None: not checked) and the class names; errors name the shape."""
+    if head_weight.dim() != 2:
+        raise ValueError(f"head_weight must be [num_classes, embed_dim], got shape {tuple(head_weight.shape)}")
+    num_classes, dim = head_weight.shape
+    if out_dim is not None and out_dim != dim:
+        raise ValueError(f"head_weight has embed_dim {dim} but {what} outputs {out_dim} features")
+    if head_bias is not None and tuple(head_bias.shape) != (num_classes,):
+        raise ValueError(f"head_bias must have shape ({num_classes},), got {tuple(head_bias.shape)}")
+    if classnames is not None and len(classnames) != num_classes:
+        raise ValueError(f"{len(classnames)} class names for a head with {num_classes} rows")
+    head = nn.Linear(dim, num_classes, bias=True, device=head_weight.device, dtype=head_weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(head_weight)
+        if head_bias is None:
+            head.bias.zero_()
+        else:
+            head.bias.copy_(head_bias)
+    return head
+
+
 class CLIPClassifier(nn.Module):
     """open_clip image encoder + linear head: ``logits = normalize(visual(x)) @ head.weight.T + head.bias``.
 
@@ -294,24 +318,9 @@ class CLIPClassifier(nn.Module):
         classnames: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if head_weight.dim() != 2:
-            raise ValueError(f"head_weight must be [num_classes, embed_dim], got shape {tuple(head_weight.shape)}")
-        num_classes, dim = head_weight.shape
-        out_dim = getattr(visual, "output_dim", dim)
-        if out_dim != dim:
-            raise ValueError(f"head_weight has embed_dim {dim} but the image encoder outputs {out_dim} features")
-        if head_bias is not None and tuple(head_bias.shape) != (num_classes,):
-            raise ValueError(f"head_bias must have shape ({num_classes},), got {tuple(head_bias.shape)}")
-        if classnames is not None and len(classnames) != num_classes:
-            raise ValueError(f"{len(classnames)} class names for a head with {num_classes} rows")
-        self.visual = visual
-        self.head = nn.Linear(dim, num_classes, bias=True, device=head_weight.device, dtype=head_weight.dtype)
-        with torch.no_grad():
-            self.head.weight.copy_(head_weight)
-            if head_bias is None:
-                self.head.bias.zero_()
-            else:
-                self.head.bias.copy_(head_bias)
+        head = linear_head(head_weight, head_bias, classnames, getattr(visual, "output_dim", None), "the image encoder")
+        self.visual = visual  # registered before the head: the state dict keeps its key order
+        self.head = head
         self.classnames = list(classnames) if classnames is not None else None
 
     @property
