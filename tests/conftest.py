@@ -101,3 +101,23 @@ def one_thread() -> Iterator[None]:
 def one_thread_per_module() -> Iterator[None]:
     """One intra-op thread for a whole module (``pytestmark = pytest.mark.usefixtures(...)``)."""
     yield from _single_intra_op_thread()
+
+
+def fit_tiny_dawin(temperatures: tuple[float, float]):
+    """A DaWin (offset adjustment, K=3) fitted on the tiny open_clip ViT and a noisy fine-tuned copy, over 40 images
+    of varied scale. Returns (dawin, classifier, theta_zs, theta_ft, images)."""
+    from dawin_ext import DaWin, openclip
+
+    openclip.register_tiny_configs()
+    torch.manual_seed(3)
+    model, _, tok = openclip.create_clip_model("dawin-tiny-vit")
+    clf = openclip.CLIPClassifier.from_clip(model, tok, ["cat", "dog", "car", "tree", "boat"], templates="classname")
+    zs = {k: v.clone() for k, v in clf.state_dict().items()}
+    g = torch.Generator().manual_seed(4)
+    ft = {
+        k: v + 0.3 * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in zs.items()
+    }
+    x = torch.randn(40, 3, 32, 32, generator=g) * torch.rand(40, 1, 1, 1, generator=g).mul(3)
+    dw = DaWin(clf, zs, ft, temperatures=temperatures, offset_adjustment=True, n_clusters=3, seed=1)
+    return dw.fit([x[:20], x[20:]]), clf, zs, ft, x

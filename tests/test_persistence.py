@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import fit_tiny_dawin
 from torch import nn
 
 from dawin_ext.adawise import AdaWiSE
@@ -43,20 +44,7 @@ def _mlp_setup(seed: int = 0):
 @pytest.fixture(scope="module")
 def fitted_clip(tmp_path_factory):
     """A DaWin fitted on the tiny open_clip ViT, saved once for the module."""
-    from dawin_ext import openclip
-
-    openclip.register_tiny_configs()
-    torch.manual_seed(3)
-    model, _, tok = openclip.create_clip_model("dawin-tiny-vit")
-    clf = openclip.CLIPClassifier.from_clip(model, tok, ["cat", "dog", "car", "tree", "boat"], templates="classname")
-    zs = {k: v.clone() for k, v in clf.state_dict().items()}
-    g = torch.Generator().manual_seed(4)
-    ft = {
-        k: v + 0.3 * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-        for k, v in zs.items()
-    }
-    x = torch.randn(40, 3, 32, 32, generator=g) * torch.rand(40, 1, 1, 1, generator=g).mul(3)
-    dw = DaWin(clf, zs, ft, temperatures=TEMPS, offset_adjustment=True, n_clusters=3, seed=1).fit([x[:20], x[20:]])
+    dw, clf, zs, ft, x = fit_tiny_dawin(TEMPS)
     path = tmp_path_factory.mktemp("saved") / "dawin"
     dw.save(path)
     return dw, clf, zs, ft, x, path
