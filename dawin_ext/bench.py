@@ -462,20 +462,11 @@ def kernel_rows(device: str | torch.device = "cpu", quick: bool = False, repeats
     return rows
 
 
-def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]:
-    """Pipeline rows: DaWin cluster-wise and exact per-sample inference against the reference loops.
-
-    Each row's note gives the time relative to one plain forward pass of the same batch, measured in the
-    same run (the ``plain`` row).
-    """
-    import copy
-
-    from .dawin import DaWin
+def _perturbed_classifier(arch: str, device: torch.device):
+    """An open_clip classifier (random init, 10 classes), its weights and a slightly perturbed copy, the generator
+    the inputs continue from, and the image size: the shared setup of the pipeline and latency rows."""
     from .openclip import CLIPClassifier, create_clip_model, register_tiny_configs
-    from .reference import coefficient_reference, interpolation_reference
-    from .samplewise import SampleWiseInterpolator
 
-    arch, batch = ("dawin-tiny-vit", 16) if quick else ("ViT-B-32", 64)
     register_tiny_configs()
     torch.manual_seed(0)
     clip, _, tokenizer = create_clip_model(arch, device=device)
@@ -492,6 +483,23 @@ def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]
     }
     size = clf.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size
+    return clf, zs, ft, gen, size
+
+
+def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]:
+    """Pipeline rows: DaWin cluster-wise and exact per-sample inference against the reference loops.
+
+    Each row's note gives the time relative to one plain forward pass of the same batch, measured in the
+    same run (the ``plain`` row).
+    """
+    import copy
+
+    from .dawin import DaWin
+    from .reference import coefficient_reference, interpolation_reference
+    from .samplewise import SampleWiseInterpolator
+
+    arch, batch = ("dawin-tiny-vit", 16) if quick else ("ViT-B-32", 64)
+    clf, zs, ft, gen, size = _perturbed_classifier(arch, device)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
     calib = [torch.randn(batch, 3, size, size, generator=gen).to(device) for _ in range(2)]
     sync = _sync(device)
@@ -643,24 +651,8 @@ def exact_engine_rows(device: torch.device, quick: bool, repeats: int) -> list[d
 def _latency_setup(device: torch.device, arch: str):
     """An open_clip classifier (random init, 10 classes), a perturbed copy and a DaWin fitted on 2 x 8 images."""
     from .dawin import DaWin
-    from .openclip import CLIPClassifier, create_clip_model, register_tiny_configs
 
-    register_tiny_configs()
-    torch.manual_seed(0)
-    clip, _, tokenizer = create_clip_model(arch, device=device)
-    clf = CLIPClassifier.from_clip(clip, tokenizer, [f"class {i}" for i in range(10)], templates="classname")
-    clf = clf.to(device).eval()
-    del clip
-    gen = torch.Generator().manual_seed(1)
-    zs = {k: v.detach().clone() for k, v in clf.state_dict().items()}
-    ft = {
-        k: (v + 0.05 * v.float().std().nan_to_num(0.02) * torch.randn(v.shape, generator=gen).to(v))
-        if v.is_floating_point()
-        else v.clone()
-        for k, v in zs.items()
-    }
-    size = clf.visual.image_size
-    size = size[0] if isinstance(size, tuple | list) else size
+    clf, zs, ft, gen, size = _perturbed_classifier(arch, device)
     calib = [torch.randn(8, 3, size, size, generator=gen).to(device) for _ in range(2)]
     dawin = DaWin(clf, zs, ft, temperatures=(0.9576, 0.9733), n_clusters=3, seed=1).fit(calib)
     return clf, dawin, (3, size, size), gen
