@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../common/blend_kernel.h"
+#include "../common/kernel_host.h"
 #include "../common/sample_combine_kernel.h"
 #include "../common/samplewise_linear_kernel.h"
 #include "../common/simt.h"
@@ -186,27 +187,11 @@ std::string emulate_blend(at::TensorList sources, const at::Tensor& coefficients
   if (N == 0) return name;
   for (const at::Tensor& t : sources) check_cpu(t, op, "a source");
   for (const at::Tensor& t : out) check_cpu(t, op, "an output");
-  // As blend_cuda's host side, with the table in host memory instead of a pinned copy to the device.
-  const at::Tensor coef = coefficients.detach().to(at::kCPU, at::kDouble).contiguous();
-  std::vector<at::Tensor> src_c(sources.size());
-  for (size_t i = 0; i < sources.size(); ++i) src_c[i] = sources[i].contiguous();
-  std::vector<int64_t> numel(N);
-  std::vector<int32_t> dtypes(N);
-  for (int64_t n = 0; n < N; ++n) {
-    numel[n] = src_c[n].numel();
-    dtypes[n] = bk::dtype_code(src_c[n].scalar_type());
-  }
-  const std::vector<bk::ChunkEntry> chunks = bk::make_chunks(numel);
+  // blend_cuda's host side, with the table left in (unpinned) host memory instead of copied to the device.
+  const kernels::BlendLaunch launch = kernels::prepare_blend_launch(sources, coefficients, out, /*pinned=*/false);
+  const std::vector<bk::ChunkEntry>& chunks = launch.chunks;
   if (chunks.empty()) return name;
-  std::vector<const void*> src_ptrs(src_c.size());
-  for (size_t i = 0; i < src_c.size(); ++i) src_ptrs[i] = src_c[i].const_data_ptr();
-  std::vector<void*> dst_ptrs(out.size());
-  for (size_t i = 0; i < out.size(); ++i) dst_ptrs[i] = out[i].data_ptr();
-  const bk::TableLayout layout = bk::table_layout(N, S, K, static_cast<int64_t>(chunks.size()));
-  at::Tensor table = at::empty({layout.bytes}, at::TensorOptions().dtype(at::kByte));
-  bk::fill_table(table.data_ptr<uint8_t>(), layout, N, S, K, coef.const_data_ptr<double>(), src_ptrs, dst_ptrs, numel,
-                 dtypes, chunks);
-  const bk::BlendTable t = bk::table_view(table.const_data_ptr<uint8_t>(), layout);
+  const bk::BlendTable t = bk::table_view(launch.host_table.const_data_ptr<uint8_t>(), launch.layout);
   const int s = static_cast<int>(S), k = static_cast<int>(K);
   bk::with_kernel(chosen, [&](auto reread, auto s_, auto k_) {
     blend_grid<decltype(reread)::value, decltype(s_)::value, decltype(k_)::value>(
@@ -278,21 +263,12 @@ at::Tensor emulate_samplewise_linear(const at::Tensor& input, const at::Tensor& 
   check_samplewise_linear_args(input, weights, biases, coefficients);
   check_cpu(input, op, "input");
   check_sms(num_sms, op);
-  // As samplewise_linear_cuda.
-  const int64_t B = input.size(0), K = input.size(-1), G = weights.size(0), N = weights.size(1);
-  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-  shape.back() = N;
-  at::Tensor out = at::empty(shape, input.options());
+  // samplewise_linear_cuda's host side (the partial GEMMs run with at::mm on the CPU instead of cuBLAS).
+  const kernels::LinearPartials p = kernels::samplewise_linear_partials(input, weights, biases, coefficients);
+  at::Tensor out = p.out;
   if (out.numel() == 0) return out;
-  const int64_t rows = out.numel() / N, M = rows / B;
-  const at::Tensor x = input.reshape({rows, K});
-  at::Tensor partial = at::empty({G, rows, N}, input.options());
-  for (int64_t g = 0; g < G; ++g) {
-    at::Tensor slot = partial[g];
-    at::mm_out(slot, x, weights[g].t());
-  }
-  const at::Tensor c = coefficients.to(at::kFloat).contiguous();
-  const at::Tensor bias = biases ? biases->contiguous() : at::Tensor();
+  const int64_t rows = p.rows, M = p.per_sample, N = p.out_features, G = p.num_sources;
+  const at::Tensor &partial = p.partial, &c = p.coefficients, &bias = p.bias;
   simt::dispatch_float_types(input.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const int grid = simt::grid_size(rows * N, slk::kThreads, num_sms, 8);

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common/blend_kernel.h"
+#include "../common/kernel_host.h"
 #include "../ops.h"
 
 namespace dawin_ext {
@@ -48,33 +49,14 @@ void blend_cuda(at::TensorList sources, const at::Tensor& coefficients, at::Tens
   const at::Device device = sources[0].device();
   TORCH_CHECK_VALUE(device.is_cuda(), "blend: the CUDA kernel got tensors on ", device);
   c10::cuda::CUDAGuard guard(device);
-  const at::Tensor coef = coefficients.detach().to(at::kCPU, at::kDouble).contiguous();
-
-  // Strided sources are made contiguous (stream-ordered copies that live until the kernel ran).
-  std::vector<at::Tensor> src_c(sources.size());
-  for (size_t i = 0; i < sources.size(); ++i) src_c[i] = sources[i].contiguous();
-
-  std::vector<int64_t> numel(N);
-  std::vector<int32_t> dtypes(N);
-  for (int64_t n = 0; n < N; ++n) {
-    numel[n] = src_c[n].numel();
-    dtypes[n] = bk::dtype_code(src_c[n].scalar_type());
-  }
-  const std::vector<bk::ChunkEntry> chunks = bk::make_chunks(numel);
+  // Strided sources are made contiguous (stream-ordered copies that live until the kernel ran); the table is
+  // filled in pinned memory and copied to the device on the stream.
+  const kernels::BlendLaunch launch = kernels::prepare_blend_launch(sources, coefficients, out, /*pinned=*/true);
+  const std::vector<bk::ChunkEntry>& chunks = launch.chunks;
   if (chunks.empty()) return;
-  TORCH_CHECK(chunks.size() < (size_t{1} << 31), "blend: too many chunks for one launch (", chunks.size(), ")");
-  std::vector<const void*> src_ptrs(src_c.size());
-  for (size_t i = 0; i < src_c.size(); ++i) src_ptrs[i] = src_c[i].const_data_ptr();
-  std::vector<void*> dst_ptrs(out.size());
-  for (size_t i = 0; i < out.size(); ++i) dst_ptrs[i] = out[i].data_ptr();
-
-  const bk::TableLayout layout = bk::table_layout(N, S, K, static_cast<int64_t>(chunks.size()));
-  at::Tensor host =
-      at::empty({layout.bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCPU).pinned_memory(true));
-  bk::fill_table(host.data_ptr<uint8_t>(), layout, N, S, K, coef.const_data_ptr<double>(), src_ptrs, dst_ptrs, numel,
-                 dtypes, chunks);
+  const bk::TableLayout& layout = launch.layout;
   at::Tensor dev = at::empty({layout.bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  dev.copy_(host, /*non_blocking=*/true);
+  dev.copy_(launch.host_table, /*non_blocking=*/true);
   const bk::BlendTable t = bk::table_view(dev.const_data_ptr<uint8_t>(), layout);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -15,6 +15,7 @@
 
 #include <vector>
 
+#include "../common/kernel_host.h"
 #include "../common/samplewise_linear_kernel.h"
 #include "../ops.h"
 #include "cuda_utils.cuh"
@@ -42,20 +43,11 @@ at::Tensor samplewise_linear_cuda(const at::Tensor& input, const at::Tensor& wei
   check_samplewise_linear_args(input, weights, biases, coefficients);
   TORCH_CHECK_VALUE(input.is_cuda(), "samplewise_linear: expected CUDA tensors, got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  const int64_t B = input.size(0), K = input.size(-1), G = weights.size(0), N = weights.size(1);
-  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-  shape.back() = N;
-  at::Tensor out = at::empty(shape, input.options());
+  const kernels::LinearPartials p = kernels::samplewise_linear_partials(input, weights, biases, coefficients);
+  at::Tensor out = p.out;
   if (out.numel() == 0) return out;
-  const int64_t rows = out.numel() / N, M = rows / B;
-  const at::Tensor x = input.reshape({rows, K});
-  at::Tensor partial = at::empty({G, rows, N}, input.options());
-  for (int64_t g = 0; g < G; ++g) {
-    at::Tensor slot = partial[g];
-    at::mm_out(slot, x, weights[g].t());
-  }
-  const at::Tensor c = coefficients.to(at::kFloat).contiguous();
-  const at::Tensor bias = biases ? biases->contiguous() : at::Tensor();
+  const int64_t rows = p.rows, M = p.per_sample, N = p.out_features, G = p.num_sources;
+  const at::Tensor &partial = p.partial, &c = p.coefficients, &bias = p.bias;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   simt::dispatch_float_types(input.scalar_type(), "samplewise_linear_cuda", [&](auto tag) {
     using scalar_t = decltype(tag);

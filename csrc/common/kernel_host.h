@@ -1,0 +1,86 @@
+// Host-side preparation shared by the CUDA launchers and the CPU emulation of their grids, so that the
+// emulation exercises the same table, chunking and partial-GEMM set-up the GPU path uses.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "blend_kernel.h"
+
+namespace dawin_ext {
+namespace kernels {
+
+// blend_'s launch inputs: contiguous sources (kept alive until the kernel ran), the chunks of the one grid, and
+// the pointer/coefficient table filled in host memory (pinned for an asynchronous copy to the device, or not).
+struct BlendLaunch {
+  std::vector<at::Tensor> src_c;
+  std::vector<blend::ChunkEntry> chunks;
+  blend::TableLayout layout{};
+  at::Tensor host_table;
+};
+
+inline BlendLaunch prepare_blend_launch(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out,
+                                        bool pinned) {
+  namespace bk = blend;
+  const int64_t K = coefficients.size(0), S = coefficients.size(1);
+  const int64_t N = static_cast<int64_t>(sources.size()) / S;
+  BlendLaunch L;
+  const at::Tensor coef = coefficients.detach().to(at::kCPU, at::kDouble).contiguous();
+  L.src_c.resize(sources.size());
+  for (size_t i = 0; i < sources.size(); ++i) L.src_c[i] = sources[i].contiguous();
+  std::vector<int64_t> numel(N);
+  std::vector<int32_t> dtypes(N);
+  for (int64_t n = 0; n < N; ++n) {
+    numel[n] = L.src_c[n].numel();
+    dtypes[n] = bk::dtype_code(L.src_c[n].scalar_type());
+  }
+  L.chunks = bk::make_chunks(numel);
+  if (L.chunks.empty()) return L;
+  TORCH_CHECK(L.chunks.size() < (size_t{1} << 31), "blend: too many chunks for one launch (", L.chunks.size(), ")");
+  std::vector<const void*> src_ptrs(L.src_c.size());
+  for (size_t i = 0; i < L.src_c.size(); ++i) src_ptrs[i] = L.src_c[i].const_data_ptr();
+  std::vector<void*> dst_ptrs(out.size());
+  for (size_t i = 0; i < out.size(); ++i) dst_ptrs[i] = out[i].data_ptr();
+  L.layout = bk::table_layout(N, S, K, static_cast<int64_t>(L.chunks.size()));
+  L.host_table =
+      at::empty({L.layout.bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCPU).pinned_memory(pinned));
+  bk::fill_table(L.host_table.data_ptr<uint8_t>(), L.layout, N, S, K, coef.const_data_ptr<double>(), src_ptrs, dst_ptrs,
+                 numel, dtypes, L.chunks);
+  return L;
+}
+
+// samplewise_linear's S partial GEMMs ([S, rows, OUT], one per source) and what the blend kernel reads with them.
+struct LinearPartials {
+  at::Tensor out, partial, coefficients, bias;
+  int64_t rows = 0, per_sample = 0, num_sources = 0, out_features = 0;
+};
+
+inline LinearPartials samplewise_linear_partials(const at::Tensor& input, const at::Tensor& weights,
+                                                 const std::optional<at::Tensor>& biases,
+                                                 const at::Tensor& coefficients) {
+  LinearPartials P;
+  const int64_t B = input.size(0), K = input.size(-1), G = weights.size(0), N = weights.size(1);
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = N;
+  P.out = at::empty(shape, input.options());
+  P.num_sources = G;
+  P.out_features = N;
+  if (P.out.numel() == 0) return P;
+  P.rows = P.out.numel() / N;
+  P.per_sample = P.rows / B;
+  const at::Tensor x = input.reshape({P.rows, K});
+  P.partial = at::empty({G, P.rows, N}, input.options());
+  for (int64_t g = 0; g < G; ++g) {
+    at::Tensor slot = P.partial[g];
+    at::mm_out(slot, x, weights[g].t());
+  }
+  P.coefficients = coefficients.to(at::kFloat).contiguous();
+  P.bias = biases ? biases->contiguous() : at::Tensor();
+  return P;
+}
+
+}  // namespace kernels
+}  // namespace dawin_ext
