@@ -30,6 +30,7 @@ the merged value itself. A use that bypasses the mode cannot silently read wrong
 from __future__ import annotations
 
 import math
+import threading
 import traceback
 import types
 import warnings
@@ -252,6 +253,14 @@ class Stack:
     parts: Tensor  # [G, *shape]
     active: tuple[int, ...]
     placeholder: Tensor = field(repr=False)  # meta tensor standing for the merged value
+    _flat: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def flat(self) -> Tensor:
+        """``parts`` as a contiguous ``[G, numel]`` matrix (kept: a transposed linear layout would copy per call)."""
+        if self._flat is None:
+            self._flat = self.parts.reshape(self.parts.shape[0], -1).contiguous()
+        return self._flat
 
     @property
     def ref(self) -> Tensor:
@@ -332,6 +341,48 @@ def _same_for_every_sample(func, args, kwargs):
 
 
 _CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+
+def _may_hold_meta(args: tuple, kwargs: dict) -> bool:
+    """Whether a placeholder (a meta tensor) may be among the arguments: checks them and the members of list and
+    tuple arguments; any deeper nesting counts as "may" (the caller then flattens the arguments fully)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            if a.is_meta:
+                return True
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, Tensor):
+                    if b.is_meta:
+                        return True
+                elif isinstance(b, (list, tuple, dict)):
+                    return True
+        elif isinstance(a, dict):
+            return True
+    return False
+
+
+def _batch_norm_rows(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) -> Tensor:
+    """Eval-mode batch norm of a whole batch outside vmap: ``x`` is ``[B, *per-sample]`` with a per-sample
+    ``[N, C, *spatial]`` or ``[C]``; each statistic is ``[C]`` (shared) or ``[B, C]`` (per sample)."""
+    if all(t is None or t.dim() == 1 for t in (mean, var, weight, bias)):
+        # Shared statistics: the stock kernel on the batch folded into N, row by row the same computation.
+        folded = x.reshape(-1, *x.shape[2:]) if x.dim() >= 3 else x
+        return F.batch_norm(folded, mean, var, weight, bias, False, 0.0, eps).view(x.shape)
+    # Per-sample statistics: the affine map batch_norm applies, x * scale + shift, with per-sample scale/shift.
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    b, c = x.shape[0], scale.shape[-1]
+    shape = (b, 1, c, *([1] * (x.dim() - 3))) if x.dim() >= 3 else (b, c)
+    scale = scale.expand(b, c).to(x.dtype).reshape(shape)
+    shift = shift.expand(b, c).to(x.dtype).reshape(shape)
+    return torch.addcmul(shift, x, scale)
+
+
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
 
 
@@ -395,12 +446,15 @@ _MHA_BODY = _mha_body()
 class _Call:
     """State of one engine call: the batched coefficient row inside vmap and the per-call caches."""
 
-    def __init__(self, row: Tensor, batch: int, budget: int) -> None:
+    def __init__(self, row: Tensor, rows: Tensor, batch: int, budget: int) -> None:
         self.row = row  # inside vmap: [S] per sample
+        self.rows = rows  # the same coefficients outside vmap: [B, S]
+        self.level = torch._C._functorch.maybe_get_level(row)  # this call's vmap level
         self.batch = batch
         self.budget = budget
         self.spent = 0
         self.coef: dict[tuple[int, ...], Tensor] = {}
+        self.coef_rows: dict[tuple[tuple[int, ...], torch.dtype], Tensor] = {}
         self.materialized: dict[int, Tensor] = {}
         self.derived: dict[int, Stack] = {}
         self.keep: list[Tensor] = []  # derived placeholders stay alive so their ids stay unique
@@ -444,11 +498,65 @@ class ExactMode(TorchFunctionMode):
         if got is not None:
             return got
         self._account(st, op)
-        c = self.coef(st).to(st.parts.dtype)
-        g = st.parts.shape[0]
-        merged = st.parts[0] if g == 1 else st.parts[0] + torch.tensordot(c[1:], st.parts[1:], dims=1)
+        merged = self.wrap(self.merged_rows(st))
         self.call.materialized[id(st)] = merged
         return merged
+
+    def merged_rows(self, st: Stack) -> Tensor:
+        """Every sample's merged value, outside vmap: ``[B, *shape]`` (one addmm for the whole batch)."""
+        flat = st.flat
+        if flat.shape[0] == 1:
+            return flat[0].view(st.shape).unsqueeze(0).expand(self.call.batch, *st.shape)
+        c = self.coef_rows(st, flat.dtype)
+        return torch.addmm(flat[:1], c[:, 1:], flat[1:]).view(self.call.batch, *st.shape)
+
+    # -- the batch outside vmap: kernels take the whole batch in one call --------------------------------------
+    def coef_rows(self, st: Stack, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``[B, G]`` rows ``[1, c_a, ...]`` for this stack's active sources, outside vmap."""
+        key = (st.active, dtype)
+        c = self.call.coef_rows.get(key)
+        if c is None:
+            r = self.call.rows
+            c = torch.cat([torch.ones_like(r[:, :1]), r[:, list(st.active)]], 1) if st.active else r[:, :1] * 0 + 1
+            c = c.to(dtype).contiguous()
+            self.call.coef_rows[key] = c
+        return c
+
+    def physical(self, t) -> Tensor | None:
+        """``t`` outside vmap as ``[B, ...]`` (sample b's value at index b; an unbatched t is expanded), or None
+        when t is batched at another vmap level (a vmap inside the module: the custom ops' vmap rules take it)."""
+        level = torch._C._functorch.maybe_get_level(t)
+        if level == -1:
+            return t.unsqueeze(0).expand(self.call.batch, *t.shape)
+        if level != self.call.level:
+            return None
+        value, bdim = torch._C._functorch._unwrap_batched(t, level)
+        if torch._C._functorch.is_batchedtensor(value):
+            return None
+        return value.movedim(bdim, 0)
+
+    def wrap(self, t: Tensor) -> Tensor:
+        """A ``[B, ...]`` tensor back into this call's vmap level (dim 0 is the batch)."""
+        return torch._C._functorch._add_batch_dim(t, 0, self.call.level)
+
+    def rows_of(self, t) -> Tensor | None:
+        """A parameter-like argument outside vmap: a placeholder's merged ``[B, *shape]`` (budgeted), a plain
+        tensor as it is (shared by all samples), None if t is batched (then the caller takes the vmap path)."""
+        if t is None:
+            return None
+        st = self.stack_of(t)
+        if st is not None:
+            got = self.call.materialized.get(id(st))
+            if got is None:
+                self._account(st, "a norm layer")
+                rows = self.merged_rows(st)
+                self.call.materialized[id(st)] = self.wrap(rows)
+                return rows
+            t = got
+        if torch._C._functorch.is_batchedtensor(t):
+            phys = self.physical(t)
+            return phys
+        return t
 
     def _account(self, st: Stack, op: str) -> None:
         """Refuses a per-sample copy of a matrix above 1M entries or beyond the byte budget; logs the copy."""
@@ -485,9 +593,18 @@ class ExactMode(TorchFunctionMode):
     # -- dispatch --------------------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not _may_hold_meta(args, kwargs):  # the common case, without flattening the arguments
+            return self._no_placeholder(func, args, kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
         stacks = [self.stack_of(t) for t in flat]
         if not any(s is not None for s in stacks):
+            return self._no_placeholder(func, args, kwargs)
+        return self._with_placeholders(func, args, kwargs, flat, spec, stacks)
+
+    def _no_placeholder(self, func, args, kwargs):
+        """A call that touches no placeholder: run as it is, except for the checks and batch-folding ops below."""
+        if func in _DATA_DEPENDENT or func is F.scaled_dot_product_attention or _is_inplace(func):
+            flat = pytree.tree_leaves((args, kwargs))
             if func in _DATA_DEPENDENT and any(
                 isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t) for t in flat
             ):
@@ -504,8 +621,6 @@ class ExactMode(TorchFunctionMode):
                 isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t) for t in flat
             ):
                 return _sdpa(*args, **kwargs)
-            if func is F.multi_head_attention_forward:
-                return self.mha(*args, **kwargs)  # its SDPA call must come back here too
             if _is_inplace(func) and flat and isinstance(flat[0], Tensor):
                 name = self.engine.shared_names.get(id(flat[0]))
                 if name is not None:
@@ -513,7 +628,18 @@ class ExactMode(TorchFunctionMode):
                         f"{_func_name(func)} modifies {name!r} of the module in place during the forward pass; "
                         "the exact mode is inference only and needs parameters and buffers unchanged"
                     )
-            return func(*args, **kwargs)
+        elif func is F.multi_head_attention_forward:
+            return self.mha(*args, **kwargs)  # its SDPA call must come back here too
+        elif func is F.batch_norm or func is F.layer_norm:
+            # vmap's rules for these run the statistics per sample (batch_norm was ~50x slower than the stock
+            # kernel on resnet18's shapes); folding the batch gives the stock kernel the whole batch.
+            out = _HANDLERS[func](self, *args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return func(*args, **kwargs)
+
+    def _with_placeholders(self, func, args, kwargs, flat, spec, stacks):
+        """A call with at least one placeholder among its arguments (see the module docstring for the routes)."""
         op = _func_name(func)
         first = next(s for s in stacks if s is not None)
         attr = _getter_attr(func)
@@ -609,20 +735,28 @@ class ExactMode(TorchFunctionMode):
             return NotImplemented
         x = self._resolve(x, "F.linear")
         bst = self.stack_of(bias)
-        if bst is not None and bst.active == st.active and bst.parts.dtype == st.parts.dtype:
-            return _linear_op(x, st.parts, bst.parts, self.coef(st))
-        out = _linear_op(x, st.parts, None, self.coef(st))
-        if bias is not None:
+        fused = bst is not None and bst.active == st.active and bst.parts.dtype == st.parts.dtype
+        out = self._samplewise_linear(x, st, bst.parts if fused else None)
+        if bias is not None and not fused:
             out = out + self._resolve(bias, "F.linear")
         return out
+
+    def _samplewise_linear(self, x: Tensor, st: Stack, biases: Tensor | None, parts: Tensor | None = None):
+        """``F.linear(x, merged weight)`` per sample: the whole batch in one samplewise_linear call."""
+        parts = st.parts if parts is None else parts
+        xp = self.physical(x)
+        if xp is None:
+            return _linear_op(x, parts, biases, self.coef(st))
+        vector = xp.dim() == 2  # per-sample x is [IN]
+        out = _ops.samplewise_linear(xp.unsqueeze(1) if vector else xp, parts, biases, self.coef_rows(st))
+        return self.wrap(out.squeeze(1) if vector else out)
 
     def matmul(self, x, other, *, out=None):
         st = self.stack_of(other)
         if out is not None or st is None or st.parts.dim() != 3 or self.stack_of(x) is not None or x.dim() < 1:
             return NotImplemented
         # x @ P == F.linear(x, P^T): the transposed parts are a view.
-        derived = Stack(f"{st.name}.T", st.parts.transpose(1, 2), st.active, st.placeholder)
-        return _linear_op(x, derived.parts, None, self.coef(st))
+        return self._samplewise_linear(x, st, None, st.parts.transpose(1, 2))
 
     def conv(self, nd: int, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         st = self.stack_of(weight)
@@ -636,10 +770,16 @@ class ExactMode(TorchFunctionMode):
         pad_str = padding if isinstance(padding, str) else ""
         pad = [0] * nd if isinstance(padding, str) else lst(padding)
         bst = self.stack_of(bias)
-        if bst is not None and bst.active == st.active:
-            return _conv_op(x, st.parts, bst.parts, self.coef(st), lst(stride), pad, pad_str, lst(dilation), groups)
-        out = _conv_op(x, st.parts, None, self.coef(st), lst(stride), pad, pad_str, lst(dilation), groups)
-        if bias is not None:
+        fused = bst is not None and bst.active == st.active
+        biases = bst.parts if fused else None
+        xp = self.physical(x)
+        if xp is None:
+            out = _conv_op(x, st.parts, biases, self.coef(st), lst(stride), pad, pad_str, lst(dilation), groups)
+        else:
+            xb, rows, lead = _fold_batch(xp, 0, self.coef_rows(st), 0, self.call.batch, nd + 1)
+            y = samplewise_conv(xb, st.parts, rows, biases, lst(stride), pad_str or pad, lst(dilation), groups)
+            out = self.wrap(y.reshape(self.call.batch, *lead, *y.shape[1:]))
+        if bias is not None and not fused:
             b = self._resolve(bias, f"F.conv{nd}d")
             out = out + b.view(-1, *([1] * nd))
         return out
@@ -669,6 +809,18 @@ class ExactMode(TorchFunctionMode):
         ``scale = w / sqrt(var + eps)``, ``shift = b - mean * scale`` (the same affine map batch_norm applies)."""
         if training or running_mean is None or running_var is None:
             return NotImplemented  # training mode is refused by the engine before the call
+        given = (running_mean, running_var, weight, bias)
+        if self.stack_of(input) is None and torch._C._functorch.is_batchedtensor(input):
+            xp = self.physical(input)
+            stats = [self.rows_of(t) for t in given]
+            if (
+                xp is not None
+                and xp.dim() >= 2
+                and all(r is not None or t is None for r, t in zip(stats, given, strict=True))
+            ):
+                return self.wrap(_batch_norm_rows(xp, *stats, eps))
+        if not any(self.stack_of(t) is not None for t in given):
+            return NotImplemented  # an unbatched input with shared statistics: the stock call
         x = self._resolve(input, "F.batch_norm")
         mean = self._resolve(running_mean, "F.batch_norm")
         var = self._resolve(running_var, "F.batch_norm")
@@ -683,6 +835,33 @@ class ExactMode(TorchFunctionMode):
         shape = (-1,) + (1,) * (x.dim() - 2) if x.dim() >= 2 else (-1,)
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
+    def layer_norm(self, input, normalized_shape, weight=None, bias=None, eps=1e-5):
+        """Layer norm of the whole batch outside vmap: the stock kernel (with the affine when it is shared), then a
+        per-sample affine when the weight or bias differs between sources (vmap's rule took more passes)."""
+        if self.stack_of(input) is not None or not torch._C._functorch.is_batchedtensor(input):
+            return NotImplemented
+        xp = self.physical(input)
+        w, b = self.rows_of(weight), self.rows_of(bias)
+        if xp is None or (weight is not None and w is None) or (bias is not None and b is None):
+            return NotImplemented
+        ns = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        if all(t is None or t.dim() == len(ns) for t in (w, b)):
+            return self.wrap(F.layer_norm(xp, ns, w, b, eps))
+        y = F.layer_norm(xp, ns, None, None, eps)
+        lead = xp.dim() - 1 - len(ns)
+
+        def per_sample(t):
+            t = t.to(y.dtype)
+            return t if t.dim() == len(ns) else t.view(t.shape[0], *([1] * lead), *ns)
+
+        if w is not None and b is not None:
+            y = torch.addcmul(per_sample(b), y, per_sample(w))
+        elif w is not None:
+            y = y * per_sample(w)
+        elif b is not None:
+            y = y + per_sample(b)
+        return self.wrap(y)
+
     def mha(self, *args, **kwargs):
         with self:  # the body's own F.linear / split calls come back here
             return _MHA_BODY(*args, **kwargs)
@@ -693,6 +872,7 @@ _HANDLERS: dict[Callable, Callable] = {
     torch._C._nn.linear: ExactMode.linear,
     F.embedding: ExactMode.embedding,
     F.batch_norm: ExactMode.batch_norm,
+    F.layer_norm: ExactMode.layer_norm,
     F.multi_head_attention_forward: ExactMode.mha,
     **{f: (lambda self, *a, _n=n, **k: ExactMode.conv(self, _n, *a, **k)) for f, n in _CONV.items()},
     **dict.fromkeys(_MATMUL, ExactMode.matmul),
@@ -702,6 +882,7 @@ _HANDLERS: dict[Callable, Callable] = {
 # --------------------------------------------------------------------------------------------------------------
 # the engine
 # --------------------------------------------------------------------------------------------------------------
+_GLOBAL_STATE_LOCK = threading.RLock()  # re-entrant: a module may run another engine inside
 _FALLBACK_PREFIX = "There is a performance drop because we have not yet implemented the batching rule for "
 _WARNED_OPS: set[str] = set()
 
@@ -719,6 +900,9 @@ class Engine:
         self.shared_names.update({id(t): n for n, t in module.named_buffers(remove_duplicate=False) if t is not None})
         self.shared_names = {k: v for k, v in self.shared_names.items() if v not in stacks}
         self.last_materialized: list[tuple[str, tuple[int, ...]]] = []
+        # The engine's module is its own copy, so its submodules and tensors are fixed: list them once.
+        self.named_modules = list(module.named_modules())
+        self.shared_tensors = self._shared_tensors()
 
     def note_loop(self, op: str) -> None:
         if self.strict:
@@ -742,7 +926,7 @@ class Engine:
 
     def run(self, fn: Callable, rows: Tensor, args: tuple, kwargs: dict, in_dims, out_dims: int):
         """``fn(*args, **kwargs)`` for every sample ``b`` with the parameters ``sum_s rows[b, s] theta_s``."""
-        for name, m in self.module.named_modules():
+        for name, m in self.named_modules:
             if m.training:
                 raise RuntimeError(
                     f"module {name or type(m).__name__!r} is in training mode: the exact mode is inference only "
@@ -760,7 +944,7 @@ class Engine:
             for i, leaf in zip(batched_idx, leaves, strict=True):
                 new[i] = leaf
             a, k = pytree.tree_unflatten(new, spec)
-            call = _Call(row, batch, self.budget)
+            call = _Call(row, rows, batch, self.budget)
             with ExactMode(self, call):
                 out = fn(*a, **k)
             self.last_materialized = call.log
@@ -777,10 +961,43 @@ class Engine:
             return tuple(out_flat[i] for i in tensors)
 
         # Inference tensors have no version counter; in-place ops on them are still caught by the mode.
-        versions = [(n, t, t._version) for n, t in self._shared_tensors() if not t.is_inference()]
+        versions = [(n, t, t._version) for n, t in self.shared_tensors if not t.is_inference()]
+        # The engine switches process-wide state during the vmapped call: vmap's fallback warning (how ops without
+        # a batching rule are found), warnings.catch_warnings, and torch.backends.mha's fast path (off, so that
+        # nn.TransformerEncoder does not build nested tensors, which have no batching rule, before its own
+        # has_torch_function check). Engine calls therefore hold one lock: calls from several threads are
+        # serialised and give the answers of sequential calls. (A plain TransformerEncoder running in another
+        # thread meanwhile takes its slower unfused path: the same numbers.)
+        with _GLOBAL_STATE_LOCK:
+            outs, caught = self._vmapped(per_sample, rows, batched)
+        for w in caught:
+            msg = str(w.message)
+            if msg.startswith(_FALLBACK_PREFIX):
+                op = msg[len(_FALLBACK_PREFIX) :].split(".")[0]
+                if op not in _WARNED_OPS:
+                    _WARNED_OPS.add(op)
+                    warnings.warn(
+                        f"exact mode: op {op} has no vmap batching rule and runs as a per-sample loop (exact, but "
+                        "slow); strict=True raises instead",
+                        NoBatchingRuleWarning,
+                        stacklevel=3,
+                    )
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for name, t, v in versions:
+            if t._version != v:
+                raise InPlaceUpdateError(
+                    f"{name!r} of the module was modified in place during the forward pass (e.g. BatchNorm in "
+                    "training mode); the exact mode is inference only"
+                )
+        out_flat = list(out_info["flat"])
+        for pos, (i, was_batched) in enumerate(zip(out_info["tensors"], out_info["batched"], strict=True)):
+            out_flat[i] = _unbatch_output(outs[pos], was_batched, out_dims, i)
+        return pytree.tree_unflatten(out_flat, out_info["spec"])
+
+    def _vmapped(self, per_sample: Callable, rows: Tensor, batched: list[Tensor]):
+        """The vmapped call with vmap's fallback warning on (holding _GLOBAL_STATE_LOCK): (outputs, warnings)."""
         torch._C._functorch._set_vmap_fallback_warning_enabled(True)
-        # nn.MultiheadAttention / TransformerEncoder(Layer) fast paths call fused kernels that bypass F.linear;
-        # rule them out so that the module's Python code (and its F.linear calls) runs.
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
@@ -807,30 +1024,7 @@ class Engine:
         finally:
             torch._C._functorch._set_vmap_fallback_warning_enabled(False)  # torch's default
             torch.backends.mha.set_fastpath_enabled(fastpath)
-        for w in caught:
-            msg = str(w.message)
-            if msg.startswith(_FALLBACK_PREFIX):
-                op = msg[len(_FALLBACK_PREFIX) :].split(".")[0]
-                if op not in _WARNED_OPS:
-                    _WARNED_OPS.add(op)
-                    warnings.warn(
-                        f"exact mode: op {op} has no vmap batching rule and runs as a per-sample loop (exact, but "
-                        "slow); strict=True raises instead",
-                        NoBatchingRuleWarning,
-                        stacklevel=3,
-                    )
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        for name, t, v in versions:
-            if t._version != v:
-                raise InPlaceUpdateError(
-                    f"{name!r} of the module was modified in place during the forward pass (e.g. BatchNorm in "
-                    "training mode); the exact mode is inference only"
-                )
-        out_flat = list(out_info["flat"])
-        for pos, (i, was_batched) in enumerate(zip(out_info["tensors"], out_info["batched"], strict=True)):
-            out_flat[i] = _unbatch_output(outs[pos], was_batched, out_dims, i)
-        return pytree.tree_unflatten(out_flat, out_info["spec"])
+        return outs, list(caught)
 
 
 def _unbatch_output(t: Tensor, was_batched: bool, out_dims: int, index: int) -> Tensor:
