@@ -189,8 +189,9 @@ def test_wise_ft_through_fusion_bench_equals_dawin_ext(pool):
     assert any(not torch.equal(merged[k], pre[k]) for k in pre if pre[k].is_floating_point())
 
 
-@pytest.mark.parametrize("mode", ["cluster", "exact"])
-def test_dawin_through_fusion_bench_equals_dawin_ext(pool, mode):
+def test_dawin_through_fusion_bench_equals_dawin_ext(pool):
+    # The fit (what is saved) does not depend on the mode; the exact mode's outputs are checked in process below.
+    mode = "exact"
     out = pool["tmp"] / f"merged_dawin_{mode}"
     _run_fusion_bench(
         pool,
