@@ -323,19 +323,24 @@ class HFCLIPClassifier(nn.Module):
         return cls(copy.deepcopy(tower), copy.deepcopy(model.visual_projection), weight, bias, list(classnames))
 
 
-def _check_same_tower(ref: Mapping[str, Tensor], got: Mapping[str, Tensor]) -> None:
-    """Refuses a replacement vision tower whose keys or shapes differ from the CLIPModel's, naming the first."""
+def _check_same_tower(
+    ref: Mapping[str, Tensor],
+    got: Mapping[str, Tensor],
+    what: str = "from_clip: vision_model",
+    ref_name: str = "the CLIPModel's vision tower",
+) -> None:
+    """Refuses a vision tower ``got`` (named ``what``) whose keys or shapes differ from ``ref``, naming the first."""
     for k in ref:
         if k not in got:
-            raise ValueError(f"from_clip: vision_model lacks the CLIPModel's vision tower key {k!r}")
+            raise ValueError(f"{what} lacks {ref_name} key {k!r}")
         if got[k].shape != ref[k].shape:
             raise ValueError(
-                f"from_clip: vision_model key {k!r} has shape {tuple(got[k].shape)}, the CLIPModel's vision tower "
-                f"{tuple(ref[k].shape)} (a different architecture)"
+                f"{what} key {k!r} has shape {tuple(got[k].shape)}, {ref_name} {tuple(ref[k].shape)} "
+                "(a different architecture)"
             )
     extra = sorted(set(got) - set(ref))
     if extra:
-        raise ValueError(f"from_clip: vision_model has key {extra[0]!r}, which the CLIPModel's vision tower lacks")
+        raise ValueError(f"{what} has key {extra[0]!r}, which {ref_name} lacks")
 
 
 # Vision config fields that change the image tower's forward: two checkpoints are interpolated only if they agree.

@@ -325,6 +325,23 @@ def test_bad_pools_are_named(fb_pool, monkeypatch):
         fb.DaWinAlgorithm(mode="soft")
 
 
+def test_mismatched_architectures_are_named(pool):
+    from fusion_bench.modelpool import CLIPVisionModelPool
+    from omegaconf import OmegaConf
+
+    vision = transformers.CLIPVisionModel.from_pretrained(str(pool["fts"]["ft_a"]), local_files_only=True)
+    vision.config.hidden_act = "quick_gelu"  # same weights, another activation: shapes alone would not tell
+    quick = pool["tmp"] / "ft_quick"
+    vision.save_pretrained(quick)
+    cfg = OmegaConf.load(pool["conf"] / "modelpool" / "tiny_pair.yaml")
+    models = OmegaConf.create({"_pretrained_": str(pool["pre"]), "ft_quick": str(quick)})
+    bad = CLIPVisionModelPool(models, processor=cfg.processor, test_datasets=cfg.test_datasets)
+    kwargs = {"templates": "classname", "classnames": dict.fromkeys(TASKS, CLASSNAMES)}
+    for algo in (fb.DaWinAlgorithm(**kwargs), fb.DaWinMultiTaskAlgorithm(**kwargs)):
+        with pytest.raises(ValueError, match="vision config hidden_act is 'gelu' in the '_pretrained_'"):
+            algo.run(bad)
+
+
 def test_core_import_stays_free_of_fusion_bench_and_names_the_extra():
     code = (
         "import sys, dawin_ext; assert 'fusion_bench' not in sys.modules\n"

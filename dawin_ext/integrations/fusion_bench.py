@@ -279,6 +279,12 @@ class DaWinCLIPVisionModel(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda() (e.g. fusion_bench's fabric.to_device) leave the fitted models where DaWin fitted them
+        # (the method's `device`): the cluster models are shared with the fitted DaWin objects, whose experts and
+        # heads must stay on the same device. Outputs come back on the input's device.
+        return self
+
     @property
     def tasks(self) -> list[str]:
         return list(self._states)
@@ -478,9 +484,13 @@ class DaWinAlgorithm(_CLIPDaWinBase):
         name = _finetuned_names(modelpool, self.finetuned, self._name)
         clip = modelpool.load_clip_model(_PRETRAINED).to(self.device).eval()
         processor = modelpool.load_processor()
-        zs_tower = _tower(modelpool.load_pretrained_model()).to(self.device).eval()
-        ft_tower = _tower(modelpool.load_model(name)).to(self.device).eval()
-        hf_clip._check_same_tower(zs_tower.state_dict(), ft_tower.state_dict())
+        zs_model, ft_model = modelpool.load_pretrained_model(), modelpool.load_model(name)
+        hf_clip.check_same_vision_architecture(zs_model, ft_model, (f"'{_PRETRAINED}'", f"{name!r}"))
+        zs_tower = _tower(zs_model).to(self.device).eval()
+        ft_tower = _tower(ft_model).to(self.device).eval()
+        hf_clip._check_same_tower(
+            zs_tower.state_dict(), ft_tower.state_dict(), f"{self._name}: {name!r}", f"'{_PRETRAINED}'"
+        )
         states = {}
         for task in tasks:
             weight, bias, names = self._head(clip, processor, task)
@@ -542,12 +552,17 @@ class DaWinMultiTaskAlgorithm(_CLIPDaWinBase):
             raise ValueError(f"{self._name}: the model pool holds no fine-tuned models")
         clip = modelpool.load_clip_model(_PRETRAINED).to(self.device).eval()
         processor = modelpool.load_processor()
-        base = _Pooled(_tower(modelpool.load_pretrained_model()).to(self.device).eval())
+        base_model = modelpool.load_pretrained_model()
+        base = _Pooled(_tower(base_model).to(self.device).eval())
         theta_0 = _plain_state_dict(base)
         thetas = []
         for n in names:
-            tower = _tower(modelpool.load_model(n)).to(self.device).eval()
-            hf_clip._check_same_tower(base.vision_model.state_dict(), tower.state_dict())
+            model = modelpool.load_model(n)
+            hf_clip.check_same_vision_architecture(base_model, model, (f"'{_PRETRAINED}'", f"{n!r}"))
+            tower = _tower(model).to(self.device).eval()
+            hf_clip._check_same_tower(
+                base.vision_model.state_dict(), tower.state_dict(), f"{self._name}: {n!r}", f"'{_PRETRAINED}'"
+            )
             thetas.append(_plain_state_dict(_Pooled(tower)))
         states = {}
         for task in tasks:
