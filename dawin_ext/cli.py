@@ -11,7 +11,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "eval": ("dawin_ext.evaluate", "evaluate zero-shot/fine-tuned open_clip checkpoints with every method"),
+    "eval": (
+        "dawin_ext.evaluate",
+        "evaluate zero-shot/fine-tuned open_clip or Hugging Face CLIP checkpoints with every method",
+    ),
     "bench": ("dawin_ext.bench", "kernel and pipeline benchmarks against the plain-PyTorch reference"),
     "demo": ("dawin_ext.demo", "the embedded digits robust-adaptation benchmark (offline, ~2 minutes)"),
 }

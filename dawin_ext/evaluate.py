@@ -1,10 +1,19 @@
-"""``dawin-ext eval``: accuracy of every interpolation method on ImageFolder test sets, for open_clip checkpoints.
+"""``dawin-ext eval``: accuracy of every interpolation method on ImageFolder test sets, for open_clip or Hugging Face
+CLIP checkpoints.
 
 Example::
 
     dawin-ext eval --model ViT-B-32 --pretrained-config openai \\
         --zeroshot zs.safetensors --finetuned ft.safetensors \\
         --classnames classnames.txt --data /data/imagenet/val /data/imagenetv2 /data/imagenet-sketch
+
+    dawin-ext eval --family hf --zeroshot clip-vit-base-patch32/ --finetuned my-finetuned-clip/ \\
+        --classnames classnames.txt --data /data/imagenet/val
+
+With ``--family hf`` the checkpoints are local ``save_pretrained`` directories (safetensors; nothing is downloaded):
+the zero-shot one a ``CLIPModel``, the fine-tuned one a ``CLIPModel`` or a ``CLIPVisionModel`` (only the image tower
+fine-tuned, as in fusion_bench's pools); see :func:`dawin_ext.hf_clip.load_hf_classifier_pair`. The tokenizer comes
+from the zero-shot directory (or ``--tokenizer``), the image preprocessing from its ``preprocessor_config.json``.
 
 The two checkpoints are loaded safely (safetensors or ``torch.load(weights_only=True)``; see
 :mod:`dawin_ext.checkpoints`), turned into :class:`~dawin_ext.openclip.CLIPClassifier` state dicts (a checkpoint
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -66,7 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``dawin-ext eval`` options to ``parser``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "methods:\n" + "\n".join(f"  {k:<14} {v}" for k, v in METHODS.items())
-    parser.add_argument("--model", required=True, metavar="ARCH", help="open_clip architecture, e.g. ViT-B-32")
+    parser.add_argument(
+        "--family",
+        choices=("open_clip", "hf"),
+        default="open_clip",
+        help="checkpoint family: open_clip checkpoint files (default) or Hugging Face CLIP save_pretrained "
+        "directories ('hf', needs the hf extra: pip install 'dawin-ext[hf]')",
+    )
+    parser.add_argument(
+        "--model", metavar="ARCH", help="open_clip architecture, e.g. ViT-B-32 (required with --family open_clip)"
+    )
     parser.add_argument(
         "--model-config",
         action="append",
@@ -80,8 +99,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="open_clip pretrained tag whose metadata (QuickGELU, image mean/std, interpolation) matches the "
         "checkpoints, e.g. 'openai'; nothing is downloaded",
     )
-    parser.add_argument("--zeroshot", required=True, metavar="ZS", help="zero-shot checkpoint (.safetensors or torch)")
-    parser.add_argument("--finetuned", required=True, metavar="FT", help="fine-tuned checkpoint")
+    parser.add_argument(
+        "--zeroshot",
+        required=True,
+        metavar="ZS",
+        help="zero-shot checkpoint (.safetensors or torch); with --family hf a CLIPModel save_pretrained directory",
+    )
+    parser.add_argument(
+        "--finetuned",
+        required=True,
+        metavar="FT",
+        help="fine-tuned checkpoint; with --family hf a CLIPModel or CLIPVisionModel save_pretrained directory",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR|openai",
+        help="--family hf: a CLIP tokenizer save_pretrained directory (default: the zero-shot directory), or "
+        "'openai' for OpenAI CLIP's tokenizer built offline from the BPE file bundled with open_clip",
+    )
     parser.add_argument(
         "--classnames",
         required=True,
@@ -390,7 +425,7 @@ def _read_resume(args: argparse.Namespace, methods: list[str], test_sets: list[_
         raise EvalError(f"--resume: cannot read {args.json!r}: {e}") from e
     if not isinstance(previous, dict) or "accuracy" not in previous or "settings" not in previous:
         raise EvalError(f"--resume: {args.json!r} is not a results file of dawin-ext eval")
-    expected = {"model": args.model, "settings": _settings(args)}
+    expected = {"model": _model_label(args), "settings": _settings(args)}
     for key, value in expected.items():
         if previous.get(key) != value:
             raise EvalError(
@@ -431,9 +466,7 @@ def _run(args: argparse.Namespace) -> int:
             raise EvalError(f"--temperatures must be finite and > 0, got {tuple(args.temperatures)}")
     device = _check_device(args.device)
     methods, skipped = _select_methods(args.methods)
-    for flag, path in (("--zeroshot", args.zeroshot), ("--finetuned", args.finetuned)):
-        if not Path(path).is_file():
-            raise EvalError(f"{flag} {path!r} does not exist or is not a file")
+    _check_family_args(args)
     classnames = parse_classnames(args.classnames)
     test_sets = _open_test_sets(args.data, classnames)
     # Under torchrun: join the process group (gloo on the CPU, NCCL on cuda:LOCAL_RANK).
@@ -447,40 +480,23 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_sets(args, methods, skipped, classnames, test_sets, device, dist: _Dist) -> int:
     from . import distributed as dd
-    from . import openclip as oc
-    from .checkpoints import CheckpointFormatError
-    from .statedict import IncompatibleStateDictsError
 
-    try:
-        for cfg in args.model_config:
-            oc.register_model_config(cfg)
-        pair = oc.load_classifier_pair(
-            args.model,
-            args.zeroshot,
-            args.finetuned,
-            classnames,
-            args.templates,
-            pretrained_config=args.pretrained_config,
-            trust_pickle=args.trust_pickle,
-            dtype=torch.float32,
-            device=device,
-        )
-    except (TypeError, ValueError) as e:
-        if isinstance(e, (IncompatibleStateDictsError, CheckpointFormatError)):
-            raise
-        raise EvalError(str(e)) from e
-    base, theta_zs, theta_ft = pair.model, pair.theta_zs, pair.theta_ft
-    for ts in test_sets:
-        ts.dataset.transform = pair.preprocess
     enabled = not args.no_progress
 
     def log(msg: str) -> None:
         if dist.main:
             print(f"dawin-ext eval: {msg}", file=sys.stderr)
 
+    loader_fn = _load_hf if args.family == "hf" else _load_open_clip
+    base, theta_zs, theta_ft, preprocess, notes = loader_fn(args, classnames, device)
+    for ts in test_sets:
+        ts.dataset.transform = preprocess
+    for note in notes:
+        log(note)
+
     ranks = f", {dist.world} ranks ({torch.distributed.get_backend(dist.group)})" if dist.group is not None else ""
     log(
-        f"{args.model} ({sum(v.numel() for v in theta_zs.values()) / 1e6:.2f}M parameters), "
+        f"{_model_label(args)} ({sum(v.numel() for v in theta_zs.values()) / 1e6:.2f}M parameters), "
         f"{len(classnames)} classes, {len(test_sets)} test set(s), device {device}{ranks}"
     )
     for name, why in skipped.items():
@@ -503,7 +519,7 @@ def _run_sets(args, methods, skipped, classnames, test_sets, device, dist: _Dist
         if not (args.json and dist.main):
             return
         payload = {
-            "model": args.model,
+            "model": _model_label(args),
             "classes": len(classnames),
             "test_sets": entries,
             "accuracy": results,
@@ -555,6 +571,116 @@ def _run_sets(args, methods, skipped, classnames, test_sets, device, dist: _Dist
     if dist.main:
         _print_table(results, [ts.name for ts in test_sets], skipped)
     return 0
+
+
+def _model_label(args: argparse.Namespace) -> str:
+    """The model as results files name it: the open_clip architecture, or ``hf:<zero-shot directory>``."""
+    if args.family == "hf":
+        return f"hf:{Path(args.zeroshot).resolve()}"
+    return args.model
+
+
+# Options that only one family reads: given with the other, they are refused (they would be silently ignored).
+_OPEN_CLIP_ONLY = (
+    ("model", "--model"),
+    ("model_config", "--model-config"),
+    ("pretrained_config", "--pretrained-config"),
+)
+
+
+def _check_family_args(args: argparse.Namespace) -> None:
+    """Checks the checkpoint paths and the family-specific options before anything is loaded."""
+    if args.family == "hf":
+        for attr, flag in (*_OPEN_CLIP_ONLY, ("trust_pickle", "--trust-pickle")):
+            if getattr(args, attr):
+                raise EvalError(
+                    f"{flag} is for --family open_clip; a Hugging Face directory's config.json gives the architecture"
+                    + (" (and its weights are safetensors only)" if attr == "trust_pickle" else "")
+                )
+        if importlib.util.find_spec("transformers") is None:
+            raise EvalError(
+                "--family hf needs the 'transformers' package, which is not installed; install the extra: "
+                "pip install 'dawin-ext[hf]'"
+            )
+        for flag, path in (("--zeroshot", args.zeroshot), ("--finetuned", args.finetuned)):
+            if not Path(path).is_dir():
+                raise EvalError(
+                    f"{flag} {path!r} is not a directory; with --family hf pass a save_pretrained directory"
+                )
+        return
+    if not args.model:
+        raise EvalError("--model ARCH is required with --family open_clip (e.g. --model ViT-B-32)")
+    if args.tokenizer:
+        raise EvalError("--tokenizer is for --family hf; open_clip's tokenizer follows --model")
+    for flag, path in (("--zeroshot", args.zeroshot), ("--finetuned", args.finetuned)):
+        if not Path(path).is_file():
+            raise EvalError(f"{flag} {path!r} does not exist or is not a file")
+
+
+def _load_open_clip(args: argparse.Namespace, classnames: list[str], device: torch.device):
+    """(base module, theta_zs, theta_ft, image transform, notes) of two open_clip checkpoints."""
+    from . import openclip as oc
+    from .checkpoints import CheckpointFormatError
+    from .statedict import IncompatibleStateDictsError
+
+    try:
+        for cfg in args.model_config:
+            oc.register_model_config(cfg)
+        pair = oc.load_classifier_pair(
+            args.model,
+            args.zeroshot,
+            args.finetuned,
+            classnames,
+            args.templates,
+            pretrained_config=args.pretrained_config,
+            trust_pickle=args.trust_pickle,
+            dtype=torch.float32,
+            device=device,
+        )
+    except (TypeError, ValueError) as e:
+        if isinstance(e, (IncompatibleStateDictsError, CheckpointFormatError)):
+            raise
+        raise EvalError(str(e)) from e
+    return pair.model, pair.theta_zs, pair.theta_ft, pair.preprocess, []
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def _load_hf(args: argparse.Namespace, classnames: list[str], device: torch.device):
+    """(base module, theta_zs, theta_ft, image transform, notes) of two Hugging Face CLIP directories."""
+    import tempfile
+
+    from . import hf_clip
+    from .statedict import IncompatibleStateDictsError
+
+    notes = []
+    try:
+        if args.tokenizer == "openai":
+            with tempfile.TemporaryDirectory() as tmp:
+                tokenizer = hf_clip.clip_tokenizer_from_open_clip(tmp)
+        else:
+            tok_dir = Path(args.tokenizer or args.zeroshot)
+            if not any((tok_dir / f).is_file() for f in _TOKENIZER_FILES):
+                where = "--tokenizer" if args.tokenizer else "the zero-shot directory"
+                raise EvalError(
+                    f"{where} {str(tok_dir)!r} holds no CLIP tokenizer ({' or '.join(_TOKENIZER_FILES)}); save one "
+                    "there with tokenizer.save_pretrained(dir), pass --tokenizer DIR, or --tokenizer openai for "
+                    "OpenAI CLIP's tokenizer (the released ViT-B/32, B/16 and L/14 use it)"
+                )
+            tokenizer = hf_clip.load_hf_tokenizer(tok_dir)
+        pair = hf_clip.load_hf_classifier_pair(
+            args.zeroshot, args.finetuned, classnames, args.templates, tokenizer=tokenizer, device=device
+        )
+        image_size = int(pair.model.vision_model.config.image_size)
+        preprocess, note = hf_clip.hf_image_transform(args.zeroshot, image_size)
+    except (TypeError, ValueError, OSError) as e:
+        if isinstance(e, (IncompatibleStateDictsError, EvalError)):
+            raise
+        raise EvalError(str(e)) from e
+    if note:
+        notes.append(note)
+    return pair.model, pair.theta_zs, pair.theta_ft, preprocess, notes
 
 
 def _tracker(dist: _Dist, enabled: bool, n_batches: int, n_samples: int) -> Callable[[Iterable, str], Iterable]:

@@ -37,6 +37,8 @@ __all__ = [
     "HFCLIPClassifier",
     "HFClassifierPair",
     "build_hf_zero_shot_head",
+    "check_same_vision_architecture",
+    "hf_image_transform",
     "clip_tokenizer_from_open_clip",
     "hf_config_from_open_clip",
     "hf_to_open_clip",
@@ -171,6 +173,47 @@ def clip_tokenizer_from_open_clip(directory: str | os.PathLike[str]) -> Callable
     return tf.CLIPTokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"))
 
 
+class _ProcessorTransform:
+    """PIL image -> ``[3, H, W]`` tensor through a ``CLIPImageProcessor`` (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Any) -> Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def hf_image_transform(path: str | os.PathLike[str], image_size: int) -> tuple[Callable[[Any], Tensor], str | None]:
+    """The image transform of a ``save_pretrained`` directory: ``(transform, note)``.
+
+    With a ``preprocessor_config.json`` in ``path`` the transform is that ``CLIPImageProcessor`` (its crop must be
+    ``image_size``, the vision config's input size, else :class:`ValueError`). Without one it is CLIP's standard
+    preprocessing at ``image_size`` (bicubic resize of the short side, centre crop, OpenAI mean/std), and ``note``
+    says so, so that the caller can report it rather than apply it silently.
+    """
+    tf = _transformers()
+    d = Path(path)
+    if (d / "preprocessor_config.json").is_file():
+        proc = tf.CLIPImageProcessor.from_pretrained(str(d), local_files_only=True)
+        crop = proc.crop_size if getattr(proc, "do_center_crop", True) else proc.size
+        size = dict(crop) if isinstance(crop, Mapping) else {k: getattr(crop, k, None) for k in ("height", "width")}
+        hw = (size.get("height"), size.get("width"))
+        if hw != (image_size, image_size):
+            raise ValueError(
+                f"{str(d / 'preprocessor_config.json')!r} produces {hw[0]}x{hw[1]} images but the vision config's "
+                f"image_size is {image_size}"
+            )
+        return _ProcessorTransform(proc), None
+    proc = tf.CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    note = (
+        f"{str(d)!r} has no preprocessor_config.json: using CLIP's standard preprocessing at {image_size}x{image_size} "
+        "(bicubic resize, centre crop, OpenAI mean/std)"
+    )
+    return _ProcessorTransform(proc), note
+
+
 # ---------------------------------------------------------------------------------------------------- heads
 def _text_features(model: nn.Module, tokenizer: Callable, texts: list[str], device: torch.device) -> Tensor:
     max_len = int(model.config.text_config.max_position_embeddings)
@@ -275,11 +318,63 @@ class HFCLIPClassifier(nn.Module):
         """
         weight, bias = build_hf_zero_shot_head(model, tokenizer, classnames, templates)
         tower = model.vision_model if vision_model is None else getattr(vision_model, "vision_model", vision_model)
-        ref = model.vision_model.state_dict()
-        got = tower.state_dict()
-        if vision_model is not None and (got.keys() != ref.keys() or any(got[k].shape != ref[k].shape for k in ref)):
-            raise ValueError("from_clip: vision_model does not match the CLIPModel's vision tower (keys or shapes)")
+        if vision_model is not None:
+            _check_same_tower(model.vision_model.state_dict(), tower.state_dict())
         return cls(copy.deepcopy(tower), copy.deepcopy(model.visual_projection), weight, bias, list(classnames))
+
+
+def _check_same_tower(
+    ref: Mapping[str, Tensor],
+    got: Mapping[str, Tensor],
+    what: str = "from_clip: vision_model",
+    ref_name: str = "the CLIPModel's vision tower",
+) -> None:
+    """Refuses a vision tower ``got`` (named ``what``) whose keys or shapes differ from ``ref``, naming the first."""
+    for k in ref:
+        if k not in got:
+            raise ValueError(f"{what} lacks {ref_name} key {k!r}")
+        if got[k].shape != ref[k].shape:
+            raise ValueError(
+                f"{what} key {k!r} has shape {tuple(got[k].shape)}, {ref_name} {tuple(ref[k].shape)} "
+                "(a different architecture)"
+            )
+    extra = sorted(set(got) - set(ref))
+    if extra:
+        raise ValueError(f"{what} has key {extra[0]!r}, which {ref_name} lacks")
+
+
+# Vision config fields that change the image tower's forward: two checkpoints are interpolated only if they agree.
+# (Shapes alone miss e.g. QuickGELU against GELU, which leaves every weight the same shape.)
+_VISION_ARCH_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+)
+
+
+def _vision_config(model: nn.Module) -> Any:
+    cfg = model.config
+    return getattr(cfg, "vision_config", cfg)  # CLIPModel holds it; a CLIPVisionModel's config is it
+
+
+def check_same_vision_architecture(a: nn.Module, b: nn.Module, names: Sequence[str] = ("first", "second")) -> None:
+    """Raises :class:`ValueError` naming the first vision config field (:data:`_VISION_ARCH_FIELDS`) in which two
+    HF CLIP models (``CLIPModel`` or ``CLIPVisionModel``) differ; their image towers must be the same architecture
+    for their weights to be interpolated."""
+    ca, cb = _vision_config(a), _vision_config(b)
+    for field in _VISION_ARCH_FIELDS:
+        va, vb = getattr(ca, field, None), getattr(cb, field, None)
+        if va != vb:
+            raise ValueError(
+                f"the {names[0]} and {names[1]} image towers are different architectures: vision config "
+                f"{field} is {va!r} in the {names[0]} and {vb!r} in the {names[1]}"
+            )
 
 
 class HFClassifierPair(NamedTuple):
@@ -318,6 +413,7 @@ def load_hf_classifier_pair(
         raise ValueError(f"zero-shot directory {str(zeroshot)!r} holds a {type(base).__name__}; it must be a CLIPModel")
     zs = HFCLIPClassifier.from_clip(base, tokenizer, names, temps)
     ft_model = load_hf_clip(finetuned, dtype=dtype, device=device)
+    check_same_vision_architecture(base, ft_model, (f"zero-shot {str(zeroshot)!r}", f"fine-tuned {str(finetuned)!r}"))
     if isinstance(ft_model, tf.CLIPModel):
         ft = HFCLIPClassifier.from_clip(ft_model, tokenizer, names, temps)
     else:
