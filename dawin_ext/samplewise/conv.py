@@ -51,6 +51,7 @@ resnet18 at batch 16 (``benchmarks/test_bench_samplewise_conv.py``). With ``P`` 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -345,24 +346,34 @@ def _crop_to_reachable_taps(weights, spatial, pad, stride, dilation, out_spatial
     cropped 3x3 one (convnext_atto's last stage at 64x64). Only symmetric crops are made, so the padding stays
     symmetric; the output is unchanged, each dropped term being a zero of the padding times a weight.
     """
-    n = len(pad)
+    crops, new_pad = _reachable_crop(
+        tuple(weights.shape[3:]), tuple(spatial), tuple(pad), tuple(stride), tuple(dilation), tuple(out_spatial)
+    )
+    if crops is None:
+        return weights, pad
+    return weights[(slice(None), slice(None), slice(None), *(slice(lo, hi) for lo, hi in crops))], new_pad
+
+
+@functools.lru_cache(maxsize=1024)
+def _reachable_crop(kernel, spatial, pad, stride, dilation, out_spatial):
+    """The symmetric tap crop ((lo, hi) per dim, or None) and the padding after it: a function of shapes only,
+    cached because the scan over taps and output positions cost more than a small convolution."""
     crops, new_pad = [], []
-    for i in range(n):
-        k, p, s, d, o, size = weights.shape[3 + i], pad[i], stride[i], dilation[i], out_spatial[i], spatial[i]
+    for k, p, s, d, o, size in zip(kernel, pad, stride, dilation, out_spatial, spatial, strict=True):
         reach = [t for t in range(k) if any(0 <= j * s + t * d - p < size for j in range(o))]
         lo = reach[0] if reach else 0
         hi = reach[-1] if reach else k - 1
         cut = min(lo, k - 1 - hi)  # symmetric part of the crop
         p2 = p - cut * d
         if cut <= 0 or p2 < 0 or (size + 2 * p2 - d * (k - 2 * cut - 1) - 1) // s + 1 != o:
-            crops.append(slice(None))
+            crops.append((0, k))
             new_pad.append(p)
             continue
-        crops.append(slice(cut, k - cut))
+        crops.append((cut, k - cut))
         new_pad.append(p2)
-    if all(c == slice(None) for c in crops):
-        return weights, pad
-    return weights[(slice(None), slice(None), slice(None), *crops)], tuple(new_pad)
+    if all(c == (0, k) for c, k in zip(crops, kernel, strict=True)):
+        return None, pad
+    return tuple(crops), tuple(new_pad)
 
 
 def _mix_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -579,11 +579,14 @@ class ExactMode(TorchFunctionMode):
         self.call.spent += nbytes
         self.call.log.append((st.name, tuple(st.shape)))
 
-    def new_stack(self, st: Stack, parts: Tensor, what: str) -> Tensor:
+    def new_stack(self, st: Stack, parts: Tensor, what: str, lasting: bool = False) -> Tensor:
         ph = torch.empty(parts.shape[1:], dtype=parts.dtype, device="meta")
         derived = Stack(f"{st.name}{what}", parts, st.active, ph)
-        self.call.derived[id(ph)] = derived
-        self.call.keep.append(ph)
+        if lasting:  # kept by the engine (its view cache holds the placeholder, so the id stays unique)
+            self.engine.stacks_by_id[id(ph)] = derived
+        else:
+            self.call.derived[id(ph)] = derived
+            self.call.keep.append(ph)
         return ph
 
     def _resolve(self, x, op: str):
@@ -718,15 +721,31 @@ class ExactMode(TorchFunctionMode):
 
     def _view(self, func, st: Stack, args, kwargs, attr):
         rest = args[1:]
+        # A view of a lasting stack with hashable arguments (reshape(1, -1, 1, 1) of a layer-scale, a slice of a
+        # fused projection) is the same every call: keep it for the engine's lifetime instead of vmapping again.
+        key = None
+        if self.engine.is_lasting(st) and len(self.engine.views) < _MAX_CACHED_VIEWS:
+            key = (id(st.placeholder), func, attr, rest, tuple(sorted(kwargs.items())))
+            try:
+                hit = self.engine.views.get(key)
+            except TypeError:  # unhashable arguments
+                key, hit = None, None
+            if hit is not None:
+                return hit
 
         def one(p):
             return func(p, *rest, **kwargs) if attr is None else func(p)
 
         out = torch.vmap(one)(st.parts)
         label = f".{attr}" if attr else f".{getattr(func, '__name__', 'view')}(...)"
+        lasting = key is not None
         if isinstance(out, Tensor):
-            return self.new_stack(st, out, label)
-        return type(out)(self.new_stack(st, p, f"{label}[{i}]") for i, p in enumerate(out))
+            result = self.new_stack(st, out, label, lasting)
+        else:
+            result = type(out)(self.new_stack(st, p, f"{label}[{i}]", lasting) for i, p in enumerate(out))
+        if lasting:
+            self.engine.views[key] = result
+        return result
 
     # -- kernels ---------------------------------------------------------------------------------------------
     def linear(self, x, weight, bias=None):
@@ -882,6 +901,7 @@ _HANDLERS: dict[Callable, Callable] = {
 # --------------------------------------------------------------------------------------------------------------
 # the engine
 # --------------------------------------------------------------------------------------------------------------
+_MAX_CACHED_VIEWS = 4096  # views with call-dependent arguments must not grow the cache without bound
 _GLOBAL_STATE_LOCK = threading.RLock()  # re-entrant: a module may run another engine inside
 _FALLBACK_PREFIX = "There is a performance drop because we have not yet implemented the batching rule for "
 _WARNED_OPS: set[str] = set()
@@ -894,6 +914,7 @@ class Engine:
         self.module = module
         self.stacks = stacks
         self.stacks_by_id = {id(s.placeholder): s for s in stacks.values()}
+        self.views: dict[tuple, Tensor | tuple] = {}  # lasting views of lasting stacks (see ExactMode._view)
         self.budget = int(budget)
         self.strict = bool(strict)
         self.shared_names = {id(t): n for n, t in module.named_parameters(remove_duplicate=False)}
@@ -903,6 +924,10 @@ class Engine:
         # The engine's module is its own copy, so its submodules and tensors are fixed: list them once.
         self.named_modules = list(module.named_modules())
         self.shared_tensors = self._shared_tensors()
+
+    def is_lasting(self, st: Stack) -> bool:
+        """Whether ``st`` lives as long as the engine (a parameter's stack or a cached view of one)."""
+        return self.stacks_by_id.get(id(st.placeholder)) is st
 
     def note_loop(self, op: str) -> None:
         if self.strict:
