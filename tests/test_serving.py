@@ -152,6 +152,34 @@ def test_torch_compile_gives_the_same_answers(fitted, mode: str) -> None:
         _close(compiled(x[sl]), eager(x[sl]))
 
 
+def test_request_path_kernels_compile_without_graph_breaks() -> None:
+    """The compiled ops a request runs (entropy, the exact engine's linear kernel and combine) trace in one graph
+    (fullgraph=True: a graph break raises) and give the eager answers."""
+    import dawin_ext
+    from dawin_ext.ops import samplewise_linear_weights
+
+    def request_path(logits, x, w, c, stacked, sw):
+        h = dawin_ext.softmax_entropy(logits, 0.9)
+        y = dawin_ext.samplewise_linear(x, w, c)
+        z = dawin_ext.sample_combine(stacked, sw)
+        return h, y, z
+
+    g = torch.Generator().manual_seed(0)
+    args = (
+        torch.randn(4, 10, generator=g),
+        torch.randn(4, 3, 8, generator=g),
+        samplewise_linear_weights([torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)]),
+        torch.rand(4, 2, generator=g),
+        torch.randn(4, 3, 2, 6, generator=g),
+        torch.rand(4, 2, generator=g),
+    )
+    torch._dynamo.reset()
+    compiled = torch.compile(request_path, fullgraph=True, backend=_BACKEND)
+    with torch.inference_mode():
+        for got, want in zip(compiled(*args), request_path(*args), strict=True):
+            assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------------------------- the example server
 def test_example_server_under_load(tmp_path) -> None:
     """examples/serve at reduced size: 4 clients, 200 requests with bad ones mixed in, on 127.0.0.1, in-process."""
