@@ -180,6 +180,24 @@ def test_request_path_kernels_compile_without_graph_breaks() -> None:
             assert torch.equal(got, want)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_cuda_graphs_through_reduce_overhead() -> None:
+    """compile_options={"mode": "reduce-overhead"} records the plain models' forwards as CUDA graphs; replays must
+    give the eager answers (unverified until a GPU runs it: benchmarks/gpu_check.sh runs this file on CUDA)."""
+    _, clf, zs, ft, x = fit_tiny_dawin(TEMPS)
+    dev = torch.device("cuda")
+    on = {k: v.to(dev) for k, v in zs.items()}, {k: v.to(dev) for k, v in ft.items()}
+    dw = DaWin(clf.to(dev), *on, temperatures=TEMPS, offset_adjustment=True, n_clusters=3, seed=1)
+    dw.fit([x[:20].to(dev), x[20:].to(dev)])
+    eager = DaWinPredictor(dw, "cluster", fused_experts=False, input_shape=SHAPE)
+    opts = {"mode": "reduce-overhead", "dynamic": False}
+    graphs = DaWinPredictor(dw, "cluster", fused_experts=False, compile=True, compile_options=opts, input_shape=SHAPE)
+    xd = x.to(dev)
+    for _ in range(3):  # warm-up, recording, then replays
+        for sl in (slice(0, 8), slice(8, 16)):
+            _close(graphs(xd[sl]), eager(xd[sl]))
+
+
 # --------------------------------------------------------------------------------------------- the example server
 def test_example_server_under_load(tmp_path) -> None:
     """examples/serve at reduced size: 4 clients, 200 requests with bad ones mixed in, on 127.0.0.1, in-process."""
