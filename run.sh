@@ -11,7 +11,7 @@ setup() {
   python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
   python -m pip install --quiet setuptools wheel pybind11 ninja
   # CUDA sources are compiled whenever a toolkit and a CUDA torch are present (see setup.py).
-  MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --quiet --no-build-isolation -e ".[test]"
+  MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --quiet --no-build-isolation -e ".[test,plots]"
   python -c "import dawin_ext; print('dawin_ext build:', dawin_ext.build_info())"
 }
 

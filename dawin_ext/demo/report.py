@@ -221,7 +221,12 @@ def lambda_table(result: DemoResult) -> str:
 
 def write_report(result: DemoResult, out_dir: Path, bench_table: str | None = None) -> Path:
     """Writes ``report.md``, ``results.json`` and the three plots into ``out_dir``; returns the report path."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(
+            "dawin-ext demo draws its plots with matplotlib, which is not installed: pip install 'dawin-ext[plots]'"
+        ) from e
 
     matplotlib.use("Agg")
     out_dir = Path(out_dir)
