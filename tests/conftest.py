@@ -121,3 +121,22 @@ def fit_tiny_dawin(temperatures: tuple[float, float]):
     x = torch.randn(40, 3, 32, 32, generator=g) * torch.rand(40, 1, 1, 1, generator=g).mul(3)
     dw = DaWin(clf, zs, ft, temperatures=temperatures, offset_adjustment=True, n_clusters=3, seed=1)
     return dw.fit([x[:20], x[20:]]), clf, zs, ft, x
+
+
+def perturbed_sources(sd: dict, num: int, seed: int, rel: float = 0.2) -> list[dict]:
+    """sd plus num - 1 perturbed copies: noise scaled to each tensor, running variances kept positive."""
+    g = torch.Generator().manual_seed(seed)
+    out = [sd]
+    for _ in range(num - 1):
+        new = {}
+        for k, v in sd.items():
+            if not v.is_floating_point():
+                new[k] = v.clone()
+            elif k.endswith("running_var"):
+                new[k] = v * torch.exp(rel * torch.randn(v.shape, generator=g)).to(v)
+            else:
+                scale = v.float().std() if v.numel() > 1 else v.float().abs()
+                scale = scale if float(scale) > 0 else torch.tensor(0.02)
+                new[k] = v + (rel * scale * torch.randn(v.shape, generator=g)).to(v)
+        out.append(new)
+    return out

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturbed_sources
 from torch import nn
 
 from dawin_ext import SampleWiseInterpolator
@@ -23,25 +24,6 @@ transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 
 B = 3
-
-
-def perturbed_sources(sd: dict, num: int, seed: int, rel: float = 0.2) -> list[dict]:
-    """sd plus num - 1 perturbed copies (noise scaled to each tensor; variances kept positive)."""
-    g = torch.Generator().manual_seed(seed)
-    out = [sd]
-    for _ in range(num - 1):
-        new = {}
-        for k, v in sd.items():
-            if not v.is_floating_point():
-                new[k] = v.clone()
-            elif k.endswith("running_var"):
-                new[k] = v * torch.exp(rel * torch.randn(v.shape, generator=g)).to(v)
-            else:
-                scale = v.float().std() if v.numel() > 1 else v.float().abs()
-                scale = scale if float(scale) > 0 else torch.tensor(0.02)
-                new[k] = v + (rel * scale * torch.randn(v.shape, generator=g)).to(v)
-        out.append(new)
-    return out
 
 
 def rows_for(num_sources: int, seed: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturbed_sources
 from torch import nn
 
 from dawin_ext import SampleWiseInterpolator
@@ -20,25 +21,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
-def perturbed_sources(sd: dict, num: int, seed: int, rel: float = 0.2) -> list[dict]:
-    """sd plus num - 1 perturbed copies: noise scaled to each tensor, running variances kept positive."""
-    g = torch.Generator().manual_seed(seed)
-    out = [sd]
-    for _ in range(num - 1):
-        new = {}
-        for k, v in sd.items():
-            if not v.is_floating_point():
-                new[k] = v.clone()
-            elif k.endswith("running_var"):
-                new[k] = v * torch.exp(rel * torch.randn(v.shape, generator=g)).to(v)
-            else:
-                scale = v.float().std() if v.numel() > 1 else v.float().abs()
-                scale = scale if float(scale) > 0 else torch.tensor(0.02)
-                new[k] = v + (rel * scale * torch.randn(v.shape, generator=g)).to(v)
-        out.append(new)
-    return out
-
-
 def random_rows(batch: int, num: int, seed: int, device="cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     rows = torch.distributions.Dirichlet(torch.ones(num)).sample((batch,)) if num > 2 else None

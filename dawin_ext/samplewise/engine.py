@@ -362,6 +362,17 @@ def _may_hold_meta(args: tuple, kwargs: dict) -> bool:
     return False
 
 
+def _batch_norm_affine(mean: Tensor, var: Tensor, weight, bias, eps: float) -> tuple[Tensor, Tensor]:
+    """Eval-mode batch norm as the affine map it applies: ``scale = w / sqrt(var + eps)``, ``shift = b - mean * scale``."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
 def _batch_norm_rows(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) -> Tensor:
     """Eval-mode batch norm of a whole batch outside vmap: ``x`` is ``[B, *per-sample]`` with a per-sample
     ``[N, C, *spatial]`` or ``[C]``; each statistic is ``[C]`` (shared) or ``[B, C]`` (per sample)."""
@@ -370,12 +381,7 @@ def _batch_norm_rows(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: fl
         folded = x.reshape(-1, *x.shape[2:]) if x.dim() >= 3 else x
         return F.batch_norm(folded, mean, var, weight, bias, False, 0.0, eps).view(x.shape)
     # Per-sample statistics: the affine map batch_norm applies, x * scale + shift, with per-sample scale/shift.
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
+    scale, shift = _batch_norm_affine(mean, var, weight, bias, eps)
     b, c = x.shape[0], scale.shape[-1]
     shape = (b, 1, c, *([1] * (x.dim() - 3))) if x.dim() >= 3 else (b, c)
     scale = scale.expand(b, c).to(x.dtype).reshape(shape)
@@ -845,12 +851,7 @@ class ExactMode(TorchFunctionMode):
         var = self._resolve(running_var, "F.batch_norm")
         w = self._resolve(weight, "F.batch_norm") if weight is not None else None
         b = self._resolve(bias, "F.batch_norm") if bias is not None else None
-        scale = torch.rsqrt(var + eps)
-        if w is not None:
-            scale = scale * w
-        shift = -mean * scale
-        if b is not None:
-            shift = shift + b
+        scale, shift = _batch_norm_affine(mean, var, w, b, eps)
         shape = (-1,) + (1,) * (x.dim() - 2) if x.dim() >= 2 else (-1,)
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
