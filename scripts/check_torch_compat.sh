@@ -5,6 +5,7 @@
 #
 #   bash scripts/check_torch_compat.sh                     # parts "cpu cuda" against the floor torch
 #   KEEP_VENV=1 bash scripts/check_torch_compat.sh        # keep $WORK for a look afterwards
+#   COMPAT_WORK=DIR COMPAT_REUSE_VENV=1 bash ...           # rerun in a kept $WORK: same venv, finished objects kept
 #   COMPAT_PARTS=cpu (or cuda) bash ...                    # one part only
 #
 # The floor is pyproject's "torch>=X.Y" (today 2.11): 2.11.0 is the oldest PyPI torch built with CUDA 13,
@@ -65,16 +66,20 @@ RESULTS=()
 venv() {
   local name=$1
   shift
-  rm -rf "$WORK"/venv-*
-  step "venv $name: $*"
-  python3 -m venv "$WORK/venv-$name"
   PY=$WORK/venv-$name/bin/python
   PATH=$WORK/venv-$name/bin:$BASE_PATH
   export PATH
-  "$PY" -m pip install -q --no-cache-dir "$@" "${EXTRA[@]}" >"$LOG/pip-$name.log" 2>&1 || {
-    tail -n 30 "$LOG/pip-$name.log"
-    die "pip install failed (log above)"
-  }
+  if [[ -n ${COMPAT_REUSE_VENV:-} && -x $PY ]]; then
+    step "venv $name: reusing $WORK/venv-$name (COMPAT_REUSE_VENV)"
+  else
+    rm -rf "$WORK"/venv-*
+    step "venv $name: $*"
+    python3 -m venv "$WORK/venv-$name"
+    "$PY" -m pip install -q --no-cache-dir "$@" "${EXTRA[@]}" >"$LOG/pip-$name.log" 2>&1 || {
+      tail -n 30 "$LOG/pip-$name.log"
+      die "pip install failed (log above)"
+    }
+  fi
   read -r TV TCUDA SITE < <("$PY" -c 'import site, torch; print(torch.__version__, torch.version.cuda, site.getsitepackages()[0])')
   echo "   torch $TV (CUDA $TCUDA), $("$PY" -V)"
 }
@@ -139,13 +144,14 @@ if has_part cpu || has_part cuda; then
   venv floor "torch==$TORCH_VERSION"
   [[ $TV == "$TORCH_VERSION"* ]] || die "asked for torch $TORCH_VERSION, got $TV"
   if has_part cuda; then
-    # torch's own pin of the CUDA toolkit wheels, with the nvcc extra (nvcc, crt headers, nvvm).
+    # torch's own pin of the CUDA toolkit wheels, with the nvcc extra (nvcc, crt headers, nvvm) and the cccl
+    # extra (libcu++'s <nv/target>, which cuda_fp16.h includes; without it every .cu fails to compile).
     pin=$("$PY" -c 'import importlib.metadata as m, re; print(next(re.search(r"==([0-9.]+)", r).group(1) for r in m.requires("torch") if r.startswith("cuda-toolkit")))') ||
       die "torch $TV names no cuda-toolkit requirement (a CUDA 13 torch does)"
-    step "cuda-toolkit[nvcc]==$pin (torch $TV's own pin)"
-    "$PY" -m pip install -q --no-cache-dir "cuda-toolkit[nvcc]==$pin" >>"$LOG/pip-floor.log" 2>&1 || {
+    step "cuda-toolkit[nvcc,cccl]==$pin (torch $TV's own pin)"
+    "$PY" -m pip install -q --no-cache-dir "cuda-toolkit[nvcc,cccl]==$pin" >>"$LOG/pip-floor.log" 2>&1 || {
       tail -n 30 "$LOG/pip-floor.log"
-      die "pip install cuda-toolkit[nvcc] failed"
+      die "pip install cuda-toolkit[nvcc,cccl] failed"
     }
     nvcc=$(find "$SITE/nvidia" -path '*/bin/nvcc' -type f | head -n 1)
     [[ -n $nvcc ]] || die "no bin/nvcc under $SITE/nvidia after installing cuda-toolkit[nvcc]"
