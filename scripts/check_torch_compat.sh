@@ -144,14 +144,15 @@ if has_part cpu || has_part cuda; then
   venv floor "torch==$TORCH_VERSION"
   [[ $TV == "$TORCH_VERSION"* ]] || die "asked for torch $TORCH_VERSION, got $TV"
   if has_part cuda; then
-    # torch's own pin of the CUDA toolkit wheels, with the nvcc extra (nvcc, crt headers, nvvm) and the cccl
-    # extra (libcu++'s <nv/target>, which cuda_fp16.h includes; without it every .cu fails to compile).
+    # torch's own pin of the CUDA toolkit wheels: nvcc; cccl (libcu++'s <nv/target>, which cuda_fp16.h includes);
+    # and crt + nvvm pinned to nvcc's release -- nvidia-cuda-nvcc requires them unpinned, so pip takes the newest
+    # (13.5), whose cicc writes PTX 9.5 that the 13.0 ptxas refuses ("Unsupported .version 9.5").
     pin=$("$PY" -c 'import importlib.metadata as m, re; print(next(re.search(r"==([0-9.]+)", r).group(1) for r in m.requires("torch") if r.startswith("cuda-toolkit")))') ||
       die "torch $TV names no cuda-toolkit requirement (a CUDA 13 torch does)"
-    step "cuda-toolkit[nvcc,cccl]==$pin (torch $TV's own pin)"
-    "$PY" -m pip install -q --no-cache-dir "cuda-toolkit[nvcc,cccl]==$pin" >>"$LOG/pip-floor.log" 2>&1 || {
+    step "cuda-toolkit[nvcc,cccl,crt,nvvm]==$pin (torch $TV's own pin)"
+    "$PY" -m pip install -q --no-cache-dir "cuda-toolkit[nvcc,cccl,crt,nvvm]==$pin" >>"$LOG/pip-floor.log" 2>&1 || {
       tail -n 30 "$LOG/pip-floor.log"
-      die "pip install cuda-toolkit[nvcc,cccl] failed"
+      die "pip install cuda-toolkit[nvcc,cccl,crt,nvvm] failed"
     }
     nvcc=$(find "$SITE/nvidia" -path '*/bin/nvcc' -type f | head -n 1)
     [[ -n $nvcc ]] || die "no bin/nvcc under $SITE/nvidia after installing cuda-toolkit[nvcc]"
