@@ -9,7 +9,7 @@
 #   COMPAT_PARTS=cpu (or cuda) bash ...                    # one part only
 #
 # The floor is pyproject's "torch>=X.Y" (today 2.11): 2.11.0 is the oldest PyPI torch built with CUDA 13,
-# the first CUDA whose full nvcc is on PyPI (cuda-toolkit[nvcc], pinned by torch itself), so both the CPU
+# the first CUDA whose full nvcc is on PyPI (cuda-toolkit[nvcc,cccl,crt,nvvm] at the release torch pins), so both the CPU
 # and the CUDA build can be checked here; it is also the GPU machine's torch. One venv serves both parts:
 # Part "cpu":  DAWIN_EXT_BUILD=cpu build, import (build_info says no CUDA), kernel tests.
 # Part "cuda": DAWIN_EXT_BUILD=cuda build with the venv's own nvcc as CUDA_HOME (compiled, not run: no GPU
