@@ -2,7 +2,6 @@
 // Unsupported dtypes raise TypeError in Python (TORCH_CHECK_TYPE), every other bad argument ValueError
 // (TORCH_CHECK_VALUE), matching the Python-side checks; see docs/errors.md.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -234,37 +233,4 @@ void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& wei
   }
 }
 
-at::Tensor coefficients_from_entropies(const at::Tensor& entropies, bool offset_adjustment) {
-  // entropies: [M, B] fp32. Result [B, M].
-  if (!offset_adjustment) {
-    // exp(-H_m) / sum_j exp(-H_j) == softmax over models of -H (stable for any H).
-    return at::softmax(entropies.neg(), 0).t().contiguous();
-  }
-  // DaWin's per-domain offset (reference main_dawin.py): statistics over the whole batch, torch's
-  // unbiased std. lambda = (e^-H_ft + b / w) / (e^-H_zs + e^-H_ft + b).
-  const at::Tensor h_zs = entropies[0];
-  const at::Tensor h_ft = entropies[1];
-  const at::Tensor mean_zs = h_zs.mean();
-  const at::Tensor mean_ft = h_ft.mean();
-  const at::Tensor b = (h_zs.std() / mean_zs + h_ft.std() / mean_ft) / 2;
-  const at::Tensor w = (mean_zs + mean_ft) / mean_zs;
-  const at::Tensor e_zs = h_zs.neg().exp();
-  const at::Tensor e_ft = h_ft.neg().exp();
-  const at::Tensor lam = (e_ft + b / w) / (e_zs + e_ft + b);
-  return at::stack({1 - lam, lam}, 1).contiguous();
-}
-
 }  // namespace dawin_ext
-
-// Private op behind dawin_ext.blend's own aliasing analysis (which names state-dict keys): the pairs of
-// memory_overlaps as a flat list [first, second, exact, ...].
-TORCH_LIBRARY_FRAGMENT(dawin_ext, m) {
-  m.def("_memory_overlaps(Tensor[] tensors, int num_read_only) -> int[]",
-        [](at::TensorList tensors, int64_t num_read_only) {
-          std::vector<int64_t> flat;
-          for (const auto& o : dawin_ext::memory_overlaps(tensors, num_read_only)) {
-            flat.insert(flat.end(), {o.first, o.second, o.exact ? 1 : 0});
-          }
-          return flat;
-        });
-}

@@ -1,12 +1,13 @@
 // Declarations of the dawin_ext kernels. Each op has a CPU and (when built with CUDA) a CUDA
-// implementation with the same signature; registration lives in registration.cpp (CPU) and in the
-// .cu files (CUDA).
+// implementation with the same signature; registration lives in registration.cpp (every schema, the CPU
+// kernels and the private ops) and in the .cu files (CUDA kernels).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -23,8 +24,8 @@ std::tuple<at::Tensor, at::Tensor> entropy_coefficients_cpu(const at::Tensor& lo
 void blend_cpu(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out);
 // stacked [B, M, S, N], weights [B, S] -> [B, M, N] with out[b, m, n] = sum_s w[b, s] * x[b, m, s, n].
 at::Tensor sample_combine_cpu(const at::Tensor& stacked, const at::Tensor& weights);
-// input [B, ..., K], weights [G, N, K], biases [G, N] or none, coefficients [B, G] ->
-// out [B, ..., N] with out[b] = input[b] @ (sum_g c[b, g] W_g)^T + sum_g c[b, g] bias_g.
+// input [B, ..., IN], weights [S, OUT, IN], biases [S, OUT] or none, coefficients [B, S] ->
+// out [B, ..., OUT] with out[b] = input[b] @ (sum_s c[b, s] W_s)^T + sum_s c[b, s] bias_s.
 at::Tensor samplewise_linear_cpu(const at::Tensor& input, const at::Tensor& weights,
                                  const std::optional<at::Tensor>& biases, const at::Tensor& coefficients);
 // Whether torch's oneDNN brgemm micro-kernel (samplewise_linear's fp32 fast path) works in this process.
@@ -66,8 +67,21 @@ bool check_blend_aliasing(at::TensorList sources, const at::Tensor& coefficients
 void check_sample_combine_args(const at::Tensor& stacked, const at::Tensor& weights);
 void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& weights,
                                   const std::optional<at::Tensor>& biases, const at::Tensor& coefficients);
-// Coefficients from entropies [M, B] (any device): softmax over models of -H, or DaWin's offset
-// adjustment for M == 2. Composite of ATen ops, shared by the CPU and CUDA paths.
+// coefficients_from_entropies.cpp. Coefficients from entropies [M, B] (any device): softmax over models of -H, or
+// DaWin's offset adjustment for M == 2. Composite of ATen ops, shared by the CPU and CUDA paths.
 at::Tensor coefficients_from_entropies(const at::Tensor& entropies, bool offset_adjustment);
+
+// CPU grid emulation of the CUDA kernels (cpu/cuda_emulation.cpp), behind test-only private ops.
+namespace emulation {
+std::tuple<at::Tensor, std::string> emulate_softmax_entropy(const at::Tensor& logits, double temperature,
+                                                            int64_t num_sms);
+std::string emulate_blend(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out,
+                          bool outputs_overlap_sources, c10::string_view kernel);
+std::tuple<at::Tensor, std::string> emulate_sample_combine(const at::Tensor& stacked, const at::Tensor& weights,
+                                                           int64_t num_sms);
+at::Tensor emulate_samplewise_linear(const at::Tensor& input, const at::Tensor& weights,
+                                     const std::optional<at::Tensor>& biases, const at::Tensor& coefficients,
+                                     int64_t num_sms);
+}  // namespace emulation
 
 }  // namespace dawin_ext

@@ -1,9 +1,14 @@
-// Op schemas (namespace dawin_ext), the CPU kernels, and the pybind11 module that reports the build.
-// The CUDA kernels register themselves from csrc/cuda/*.cu under the same schemas.
+// Every op schema of namespace dawin_ext, public and private, is defined here, with the CPU kernels,
+// the private ops' implementations and the pybind11 module that reports the build. The CUDA kernels
+// register themselves from csrc/cuda/*.cu under these schemas (TORCH_LIBRARY_IMPL(dawin_ext, CUDA, ...)).
 #include <Python.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_kernels.h"
 #include "ops.h"
 
 // setup.py passes the versions as bare tokens; stringify them here.
@@ -24,6 +29,37 @@ TORCH_LIBRARY(dawin_ext, m) {
   m.def("blend_(Tensor[] sources, Tensor coefficients, Tensor(a!)[] out) -> ()");
   m.def("sample_combine(Tensor stacked, Tensor weights) -> Tensor");
   m.def("samplewise_linear(Tensor input, Tensor weights, Tensor? biases, Tensor coefficients) -> Tensor");
+
+  // Private ops (leading underscore): not public API.
+  // Behind dawin_ext.blend's own aliasing analysis (which names state-dict keys): the pairs of
+  // memory_overlaps as a flat list [first, second, exact, ...].
+  m.def("_memory_overlaps(Tensor[] tensors, int num_read_only) -> int[]",
+        [](at::TensorList tensors, int64_t num_read_only) {
+          std::vector<int64_t> flat;
+          for (const auto& o : dawin_ext::memory_overlaps(tensors, num_read_only)) {
+            flat.insert(flat.end(), {o.first, o.second, o.exact ? 1 : 0});
+          }
+          return flat;
+        });
+  // Introspection for tests and benchmark reports: the instruction set the CPU kernels run with in this
+  // process ("AVX512", "AVX2" or "DEFAULT"), and which CPU path samplewise_linear takes for float32 inputs
+  // with at least kMinRowsForMixing rows per sample ("brgemm" or "stacked").
+  m.def("_cpu_isa() -> str", [] { return std::string(dawin_ext::cpu::level_name(dawin_ext::cpu::level())); });
+  m.def("_samplewise_linear_cpu_path() -> str",
+        [] { return std::string(dawin_ext::samplewise_linear_has_brgemm() ? "brgemm" : "stacked"); });
+  // Test-only: the CUDA kernels' grids run thread by thread on the CPU (cpu/cuda_emulation.cpp).
+  m.def("_emulate_softmax_entropy_cuda(Tensor logits, float temperature, int num_sms) -> (Tensor, str)",
+        &dawin_ext::emulation::emulate_softmax_entropy);
+  m.def(
+      "_emulate_blend_cuda(Tensor[] sources, Tensor coefficients, Tensor(a!)[] out, bool outputs_overlap_sources, "
+      "str kernel='auto') -> str",
+      &dawin_ext::emulation::emulate_blend);
+  m.def("_emulate_sample_combine_cuda(Tensor stacked, Tensor weights, int num_sms) -> (Tensor, str)",
+        &dawin_ext::emulation::emulate_sample_combine);
+  m.def(
+      "_emulate_samplewise_linear_cuda(Tensor input, Tensor weights, Tensor? biases, Tensor coefficients, "
+      "int num_sms) -> Tensor",
+      &dawin_ext::emulation::emulate_samplewise_linear);
 }
 
 TORCH_LIBRARY_IMPL(dawin_ext, CPU, m) {

@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
-# Builds dawin_ext against the oldest supported torch in throwaway venvs, CPU and CUDA, and runs the
+# Builds dawin_ext against the oldest supported torch in a throwaway venv, CPU and CUDA, and runs the
 # kernel tests against each build. Nothing outside the venvs is touched: the builds go to their own
 # directories and are loaded through DAWIN_EXT_C (the in-place dawin_ext/_C*.so is left alone).
 #
-#   bash scripts/check_torch_compat.sh
+#   bash scripts/check_torch_compat.sh                     # parts "cpu cuda" against the floor torch
 #   KEEP_VENV=1 bash scripts/check_torch_compat.sh        # keep $WORK for a look afterwards
-#   COMPAT_CUDA12_HOME=/usr/local/cuda-12.4 bash ...      # also the CUDA build against the floor torch
-#   COMPAT_PARTS=floor (or cuda13) bash ...                # one part only
+#   COMPAT_WORK=DIR COMPAT_REUSE_VENV=1 bash ...           # rerun in a kept $WORK: same venv, finished objects kept
+#   COMPAT_PARTS=cpu (or cuda) bash ...                    # one part only
 #
-# Part "floor": torch = pyproject's floor (torch>=X.Y, today 2.6.0; PyPI's wheel is CUDA 12.4):
-#   CPU build, import, kernel tests. 2.6 is the floor because csrc/cpu/samplewise_linear_cpu.cpp calls the
-#   fp32 overload of at::native::cpublas::brgemm(..., bool is_vnni) and brgemm_release(bool), first shipped
-#   in 2.6.0 (2.5.1 has only the Half overload with alpha/beta); the Python side needs
-#   torch.library.register_fake / register_autograd / opcheck (2.4).
-#   Its CUDA build needs a CUDA 12 nvcc, which cannot be had here: PyPI's nvidia-cuda-nvcc-cu12 wheels
-#   (12.0 to 12.9) hold only ptxas and libnvvm, not the nvcc driver, cicc or cudafe++, and Debian bookworm
-#   has no CUDA 12 toolkit. It runs when COMPAT_CUDA12_HOME names one, and is reported SKIPPED otherwise.
-# Part "cuda13": torch = CUDA_TORCH_VERSION (2.11.0: the oldest PyPI torch built with CUDA 13, the first
-#   CUDA whose full nvcc is on PyPI -- cuda-toolkit[nvcc] -- and the GPU machine's torch): CUDA build
-#   (compiled, not run: no GPU here), import, CUDA kernels registered, kernel tests on the CPU.
-# The venvs are isolated (no --system-site-packages) so that this machine's CUDA 13 headers cannot leak
-# into another build. Needs PyPI and about 7 GB in $TMPDIR; one venv at a time.
+# The floor is pyproject's "torch>=X.Y" (today 2.11): 2.11.0 is the oldest PyPI torch built with CUDA 13,
+# the first CUDA whose full nvcc is on PyPI (cuda-toolkit[nvcc,cccl,crt,nvvm] at the release torch pins), so both the CPU
+# and the CUDA build can be checked here; it is also the GPU machine's torch. One venv serves both parts:
+# Part "cpu":  DAWIN_EXT_BUILD=cpu build, import (build_info says no CUDA), kernel tests.
+# Part "cuda": DAWIN_EXT_BUILD=cuda build with the venv's own nvcc as CUDA_HOME (compiled, not run: no GPU
+#   here), import, a CUDA kernel registered for every public op, kernel tests on the CPU.
+# Why not lower: the CPU sources alone need 2.6 (csrc/cpu/samplewise_linear_cpu.cpp calls the fp32
+#   overload of at::native::cpublas::brgemm(..., bool is_vnni), first shipped in 2.6.0), and a CPU build
+#   against 2.6.0 did pass here once (benchmarks/RESULTS.md, "Torch compatibility"). But torch 2.6 to 2.10
+#   are CUDA 12 wheels on PyPI and a CUDA 12 nvcc cannot be had here (PyPI's nvidia-cuda-nvcc-cu12 wheels
+#   hold only ptxas and libnvvm; Debian bookworm has no CUDA 12 toolkit), so their CUDA build cannot be
+#   checked, and the declared floor is the oldest torch whose CPU and CUDA builds both are. No part for
+#   2.6: import dawin_ext refuses a torch below the declared floor, so such a check would need a bypass.
+# The venvs are isolated (no --system-site-packages) so that this machine's CUDA 13 headers and torch
+# cannot leak into a build. Needs PyPI and about 7 GB in $TMPDIR; one venv at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -33,8 +35,13 @@ if [[ -z $floor ]]; then
 fi
 [[ $floor == *.*.* ]] || floor=$floor.0
 TORCH_VERSION=${TORCH_VERSION:-$floor}
-CUDA_TORCH_VERSION=${CUDA_TORCH_VERSION:-2.11.0}
-PARTS=${COMPAT_PARTS:-floor cuda13}
+PARTS=${COMPAT_PARTS:-cpu cuda}
+for part in $PARTS; do
+  [[ $part == cpu || $part == cuda ]] || {
+    echo "check_torch_compat: unknown part '$part' in COMPAT_PARTS (cpu, cuda)" >&2
+    exit 1
+  }
+done
 ARCHS=${TORCH_CUDA_ARCH_LIST:-9.0} # one architecture: the API is what is checked, not the code
 # What the builds and the kernel tests import; ninja so that the build runs in parallel, as in CI.
 EXTRA=(setuptools wheel ninja numpy scipy scikit-learn pytest hypothesis)
@@ -59,16 +66,20 @@ RESULTS=()
 venv() {
   local name=$1
   shift
-  rm -rf "$WORK"/venv-*
-  step "venv $name: $*"
-  python3 -m venv "$WORK/venv-$name"
   PY=$WORK/venv-$name/bin/python
   PATH=$WORK/venv-$name/bin:$BASE_PATH
   export PATH
-  "$PY" -m pip install -q --no-cache-dir "$@" "${EXTRA[@]}" >"$LOG/pip-$name.log" 2>&1 || {
-    tail -n 30 "$LOG/pip-$name.log"
-    die "pip install failed (log above)"
-  }
+  if [[ -n ${COMPAT_REUSE_VENV:-} && -x $PY ]]; then
+    step "venv $name: reusing $WORK/venv-$name (COMPAT_REUSE_VENV)"
+  else
+    rm -rf "$WORK"/venv-*
+    step "venv $name: $*"
+    python3 -m venv "$WORK/venv-$name"
+    "$PY" -m pip install -q --no-cache-dir "$@" "${EXTRA[@]}" >"$LOG/pip-$name.log" 2>&1 || {
+      tail -n 30 "$LOG/pip-$name.log"
+      die "pip install failed (log above)"
+    }
+  fi
   read -r TV TCUDA SITE < <("$PY" -c 'import site, torch; print(torch.__version__, torch.version.cuda, site.getsitepackages()[0])')
   echo "   torch $TV (CUDA $TCUDA), $("$PY" -V)"
 }
@@ -114,7 +125,8 @@ run_tests() {
     tail -n 40 "$LOG/pytest-$1.log"
     die "kernel tests against torch $TV FAILED"
   }
-  echo "   $(tail -n 1 "$LOG/pytest-$1.log")"
+  KERNEL_TESTS=$(tail -n 1 "$LOG/pytest-$1.log" | tr -d '=' | sed 's/^ *//; s/ *$//')
+  echo "   $KERNEL_TESTS"
 }
 
 # link_cudart CUDA_HOME: torch's extension build links -lcudart from CUDA_HOME/lib64; pip ships .so.N.
@@ -126,42 +138,41 @@ link_cudart() {
   [[ -e $1/lib64/libcudart.so ]] || ln -s "$lib" "$1/lib64/libcudart.so"
 }
 
-if [[ " $PARTS " == *" floor "* ]]; then
+has_part() { [[ " $PARTS " == *" $1 "* ]]; }
+
+if has_part cpu || has_part cuda; then
   venv floor "torch==$TORCH_VERSION"
   [[ $TV == "$TORCH_VERSION"* ]] || die "asked for torch $TORCH_VERSION, got $TV"
-  build floor-cpu cpu
-  check_import 0
-  run_tests floor
-  if [[ -n ${COMPAT_CUDA12_HOME:-} ]]; then
-    build floor-cuda cuda CUDA_HOME="$COMPAT_CUDA12_HOME" TORCH_CUDA_ARCH_LIST="$ARCHS"
-    check_import 1
-    RESULTS+=("torch $TV (CUDA $TCUDA): CPU build + kernel tests PASSED; CUDA build PASSED")
-  else
-    echo "   CUDA build against torch $TV: SKIPPED -- needs a CUDA ${TCUDA%%.*}.x nvcc: PyPI's nvidia-cuda-nvcc-cu12" \
-      "wheels hold only ptxas and libnvvm (no nvcc driver, cicc, cudafe++), Debian bookworm has no CUDA 12" \
-      "toolkit; set COMPAT_CUDA12_HOME=/path/to/cuda-12.x where one is installed"
-    RESULTS+=("torch $TV (CUDA $TCUDA): CPU build + kernel tests PASSED; CUDA build SKIPPED (no CUDA 12 nvcc here)")
+  if has_part cuda; then
+    # torch's own pin of the CUDA toolkit wheels: nvcc; cccl (libcu++'s <nv/target>, which cuda_fp16.h includes);
+    # and crt + nvvm pinned to nvcc's release -- nvidia-cuda-nvcc requires them unpinned, so pip takes the newest
+    # (13.5), whose cicc writes PTX 9.5 that the 13.0 ptxas refuses ("Unsupported .version 9.5").
+    pin=$("$PY" -c 'import importlib.metadata as m, re; print(next(re.search(r"==([0-9.]+)", r).group(1) for r in m.requires("torch") if r.startswith("cuda-toolkit")))') ||
+      die "torch $TV names no cuda-toolkit requirement (a CUDA 13 torch does)"
+    step "cuda-toolkit[nvcc,cccl,crt,nvvm]==$pin (torch $TV's own pin)"
+    "$PY" -m pip install -q --no-cache-dir "cuda-toolkit[nvcc,cccl,crt,nvvm]==$pin" >>"$LOG/pip-floor.log" 2>&1 || {
+      tail -n 30 "$LOG/pip-floor.log"
+      die "pip install cuda-toolkit[nvcc,cccl,crt,nvvm] failed"
+    }
+    nvcc=$(find "$SITE/nvidia" -path '*/bin/nvcc' -type f | head -n 1)
+    [[ -n $nvcc ]] || die "no bin/nvcc under $SITE/nvidia after installing cuda-toolkit[nvcc]"
+    cuda_home=$(dirname "$(dirname "$nvcc")")
+    link_cudart "$cuda_home"
+    nv=$("$nvcc" --version | grep -o 'release [0-9.]*' | cut -d' ' -f2)
+    echo "   CUDA_HOME=$cuda_home: nvcc $nv"
   fi
-fi
-
-if [[ " $PARTS " == *" cuda13 "* ]]; then
-  # torch's own pin of the CUDA 13 toolkit wheels, with the nvcc extra (nvcc, crt headers, nvvm).
-  venv cuda13 "torch==$CUDA_TORCH_VERSION"
-  pin=$("$PY" -c 'import importlib.metadata as m, re; print(next(re.search(r"==([0-9.]+)", r).group(1) for r in m.requires("torch") if r.startswith("cuda-toolkit")))')
-  step "cuda-toolkit[nvcc]==$pin (torch $TV's own pin)"
-  "$PY" -m pip install -q --no-cache-dir "cuda-toolkit[nvcc]==$pin" >>"$LOG/pip-cuda13.log" 2>&1 || {
-    tail -n 30 "$LOG/pip-cuda13.log"
-    die "pip install cuda-toolkit[nvcc] failed"
-  }
-  nvcc=$(find "$SITE/nvidia" -path '*/bin/nvcc' -type f | head -n 1)
-  [[ -n $nvcc ]] || die "no bin/nvcc under $SITE/nvidia after installing cuda-toolkit[nvcc]"
-  cuda_home=$(dirname "$(dirname "$nvcc")")
-  link_cudart "$cuda_home"
-  echo "   CUDA_HOME=$cuda_home: $("$nvcc" --version | grep -o 'release [0-9.]*')"
-  build cuda13 cuda CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="$ARCHS"
-  check_import 1
-  run_tests cuda13
-  RESULTS+=("torch $TV (CUDA $TCUDA, nvcc $("$nvcc" --version | grep -o 'release [0-9.]*' | cut -d' ' -f2)): CPU + CUDA build (sm ${ARCHS}) + kernel tests on the CPU PASSED")
+  if has_part cpu; then
+    build floor-cpu cpu
+    check_import 0
+    run_tests floor-cpu
+    RESULTS+=("torch $TV: CPU build, import, kernel tests ($KERNEL_TESTS) PASSED")
+  fi
+  if has_part cuda; then
+    build floor-cuda cuda CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="$ARCHS"
+    check_import 1
+    run_tests floor-cuda
+    RESULTS+=("torch $TV (CUDA $TCUDA, nvcc $nv): CUDA build (sm $ARCHS; compiled, not run), import, CUDA kernels registered, kernel tests on the CPU ($KERNEL_TESTS) PASSED")
+  fi
 fi
 
 step "check_torch_compat: PASSED in $(($(date +%s) - start)) s"

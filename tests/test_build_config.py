@@ -151,15 +151,15 @@ def test_setup_py_without_toolkit_succeeds_and_says_so() -> None:
     assert "dawin_ext build error: DAWIN_EXT_BUILD=cuda but" in res.stderr
 
 
-@pytest.mark.parametrize("version", ["2.6.0", "2.6.0+cu124", "2.14.1+cu130", "2.15.0a0+gitabc", "2.99.0"])
+@pytest.mark.parametrize("version", ["2.11.0", "2.11.0+cu130", "2.14.1+cu130", "2.15.0a0+gitabc", "2.99.0"])
 def test_supported_torch_versions_import(version) -> None:
     _loader._check_torch_version(version)
 
 
-@pytest.mark.parametrize("version", ["2.5.1+cu124", "2.4.0", "1.13.1", "3.0.0", "3.1.0+cpu"])
+@pytest.mark.parametrize("version", ["2.10.0+cu128", "2.6.0", "2.4.0", "1.13.1", "3.0.0", "3.1.0+cpu"])
 def test_unsupported_torch_versions_are_refused_clearly(version) -> None:
     with pytest.raises(
-        _loader.ExtensionNotBuiltError, match=rf"supports torch >=2\.6,<3\.0 but torch {re.escape(version)}"
+        _loader.ExtensionNotBuiltError, match=rf"supports torch >=2\.11,<3\.0 but torch {re.escape(version)}"
     ):
         _loader._check_torch_version(version)
 

@@ -62,20 +62,20 @@ inline LinearPartials samplewise_linear_partials(const at::Tensor& input, const 
                                                  const std::optional<at::Tensor>& biases,
                                                  const at::Tensor& coefficients) {
   LinearPartials P;
-  const int64_t B = input.size(0), K = input.size(-1), G = weights.size(0), N = weights.size(1);
+  const int64_t B = input.size(0), IN = input.size(-1), S = weights.size(0), OUT = weights.size(1);
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-  shape.back() = N;
+  shape.back() = OUT;
   P.out = at::empty(shape, input.options());
-  P.num_sources = G;
-  P.out_features = N;
+  P.num_sources = S;
+  P.out_features = OUT;
   if (P.out.numel() == 0) return P;
-  P.rows = P.out.numel() / N;
+  P.rows = P.out.numel() / OUT;
   P.per_sample = P.rows / B;
-  const at::Tensor x = input.reshape({P.rows, K});
-  P.partial = at::empty({G, P.rows, N}, input.options());
-  for (int64_t g = 0; g < G; ++g) {
-    at::Tensor slot = P.partial[g];
-    at::mm_out(slot, x, weights[g].t());
+  const at::Tensor x = input.reshape({P.rows, IN});
+  P.partial = at::empty({S, P.rows, OUT}, input.options());
+  for (int64_t s = 0; s < S; ++s) {
+    at::Tensor slot = P.partial[s];
+    at::mm_out(slot, x, weights[s].t());
   }
   P.coefficients = coefficients.to(at::kFloat).contiguous();
   P.bias = biases ? biases->contiguous() : at::Tensor();

@@ -1,5 +1,6 @@
-// Raw-pointer CPU kernels for softmax_entropy, entropy_coefficients and sample_combine, compiled once
-// per CPU capability and picked at run time.
+// Raw-pointer CPU kernels for softmax_entropy, entropy_coefficients, sample_combine and blend (and
+// blend's row kernel, which samplewise_linear uses), compiled once per CPU capability and picked at run
+// time. This is the only per-ISA scheme of the extension: one set of copies, one dispatch table here.
 //
 // Why: at::vec::Vectorized<float> only becomes AVX2/AVX512 code when the translation unit defines
 // CPU_CAPABILITY_AVX2/AVX512 and is compiled for those instruction sets; a plain extension build gets
@@ -17,6 +18,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace dawin_ext {
 namespace cpu {
@@ -42,16 +44,52 @@ struct SampleCombineArgs {
   int64_t B, M, S, N;
 };
 
+// blend: one work item is elements [begin, end) of tensor `tensor`, for all S sources and K clusters.
+struct BlendItem {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// The whole blend_ call, built once by blend_cpu.cpp: S * N source and K * N output pointers, each
+// tensor's dtype, the work items and the [K, S] coefficients in fp32 (for fp32/fp16/bf16) and fp64.
+struct BlendPlan {
+  int num_sources = 0;   // S
+  int num_clusters = 0;  // K
+  int64_t num_tensors = 0;
+  bool stream = false;           // outputs far larger than the caches: non-temporal stores where aligned
+  std::vector<const void*> src;  // [n * S + s]
+  std::vector<void*> dst;        // [n * K + k]
+  std::vector<at::ScalarType> dtypes;
+  std::vector<BlendItem> items;
+  std::vector<float> coef_f;   // [K * S]
+  std::vector<double> coef_d;  // [K * S]
+
+  const void* src_ptr(int64_t n, int s) const { return src[n * num_sources + s]; }
+  void* dst_ptr(int64_t n, int k) const { return dst[n * num_clusters + k]; }
+  template <typename acc_t>
+  const acc_t* coef() const {
+    if constexpr (sizeof(acc_t) == sizeof(double)) {
+      return coef_d.data();
+    } else {
+      return coef_f.data();
+    }
+  }
+};
+
 enum class Level { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // The instruction set the kernels run with in this process.
 Level level();
 const char* level_name(Level l);
 
-#define DAWIN_EXT_DECLARE_CPU_KERNELS(ns)             \
-  namespace ns {                                      \
-  void entropy_rows(const EntropyRowsArgs& args);     \
-  void sample_combine(const SampleCombineArgs& args); \
+#define DAWIN_EXT_DECLARE_CPU_KERNELS(ns)                                                                    \
+  namespace ns {                                                                                             \
+  void entropy_rows(const EntropyRowsArgs& args);                                                            \
+  void sample_combine(const SampleCombineArgs& args);                                                        \
+  void blend_items(const BlendPlan& plan, int64_t i0, int64_t i1);                                           \
+  void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride, const float* coef, int S, \
+                      int64_t rows, int64_t cols, float* dst);                                               \
   }
 
 DAWIN_EXT_DECLARE_CPU_KERNELS(isa_default)
@@ -62,6 +100,13 @@ DAWIN_EXT_DECLARE_CPU_KERNELS(isa_avx512)
 // Dispatch to level()'s implementation.
 void entropy_rows(const EntropyRowsArgs& args);
 void sample_combine(const SampleCombineArgs& args);
+// Blends items [i0, i1) of the plan (serial: blend_cpu runs it inside its parallel loop).
+void blend_items(const BlendPlan& plan, int64_t i0, int64_t i1);
+// dst[r * cols + j] = sum_s coef[s] * src[s * source_stride + r * row_stride + j] for r < rows, j < cols (fp32),
+// with blend's kernel and accumulation order. Serial: call it inside a parallel region. samplewise_linear
+// forms one sample's merged weight block with it.
+void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride, const float* coef, int S, int64_t rows,
+                    int64_t cols, float* dst);
 
 }  // namespace cpu
 }  // namespace dawin_ext

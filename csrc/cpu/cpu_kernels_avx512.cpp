@@ -4,43 +4,9 @@
 #if DAWIN_EXT_X86_ISA_COPIES
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
-// `#pragma GCC target` switches code generation but not the feature macros that sleef.h (the
-// vectorized exp) and the vec headers test, so they are set here for the rest of this file.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __BMI__
-#define __BMI__ 1
-#endif
-#ifndef __BMI2__
-#define __BMI2__ 1
-#endif
-#ifndef __POPCNT__
-#define __POPCNT__ 1
-#endif
-#ifndef __AVX512F__
-#define __AVX512F__ 1
-#endif
-#ifndef __AVX512BW__
-#define __AVX512BW__ 1
-#endif
-#ifndef __AVX512VL__
-#define __AVX512VL__ 1
-#endif
-#ifndef __AVX512DQ__
-#define __AVX512DQ__ 1
-#endif
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
+#include "cpu_kernels_isa_macros.h"
 #define DAWIN_EXT_ISA_NS isa_avx512
 #include "cpu_kernels_impl.h"
 #pragma GCC pop_options
@@ -49,5 +15,9 @@
 namespace dawin_ext::cpu::isa_avx512 {
 void entropy_rows(const EntropyRowsArgs&) { TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built"); }
 void sample_combine(const SampleCombineArgs&) { TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built"); }
+void blend_items(const BlendPlan&, int64_t, int64_t) { TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built"); }
+void blend_rows_f32(const float*, int64_t, int64_t, const float*, int, int64_t, int64_t, float*) {
+  TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built");
+}
 }  // namespace dawin_ext::cpu::isa_avx512
 #endif

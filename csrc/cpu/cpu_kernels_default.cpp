@@ -68,5 +68,28 @@ void sample_combine(const SampleCombineArgs& args) {
   }
 }
 
+void blend_items(const BlendPlan& plan, int64_t i0, int64_t i1) {
+  switch (level()) {
+    case Level::kAvx512:
+      return isa_avx512::blend_items(plan, i0, i1);
+    case Level::kAvx2:
+      return isa_avx2::blend_items(plan, i0, i1);
+    default:
+      return isa_default::blend_items(plan, i0, i1);
+  }
+}
+
+void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride, const float* coef, int S, int64_t rows,
+                    int64_t cols, float* dst) {
+  switch (level()) {
+    case Level::kAvx512:
+      return isa_avx512::blend_rows_f32(src, source_stride, row_stride, coef, S, rows, cols, dst);
+    case Level::kAvx2:
+      return isa_avx2::blend_rows_f32(src, source_stride, row_stride, coef, S, rows, cols, dst);
+    default:
+      return isa_default::blend_rows_f32(src, source_stride, row_stride, coef, S, rows, cols, dst);
+  }
+}
+
 }  // namespace cpu
 }  // namespace dawin_ext

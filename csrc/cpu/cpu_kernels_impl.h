@@ -1,8 +1,9 @@
-// The vectorized CPU kernels, written once and compiled once per capability (see cpu_kernels.h).
+// The vectorized CPU kernels (entropy rows, sample_combine, blend), written once on ATen's
+// at::vec::Vectorized and compiled once per capability (see cpu_kernels.h).
 // The includer defines DAWIN_EXT_ISA_NS (the namespace) and, for AVX builds, CPU_CAPABILITY,
 // CPU_CAPABILITY_AVX2/AVX512 and the matching `#pragma GCC target` before including this file.
 // No include guard on purpose. The per-element and per-block arithmetic follows
-// common/entropy_math.h (the CUDA kernels use the same header).
+// common/entropy_math.h and common/blend_math.h (the CUDA kernels use the same headers).
 #ifndef DAWIN_EXT_ISA_NS
 #error "define DAWIN_EXT_ISA_NS before including cpu_kernels_impl.h"
 #endif
@@ -189,6 +190,175 @@ void sample_combine_typed(const SampleCombineArgs& a) {
   });
 }
 
+// ---- blend ----
+// Elements [begin, end) of one tensor: dst[k][i] = sum_s coef[k * S + s] * src[s][i], accumulated in
+// math::BlendAcc (fp32 for fp32/fp16/bf16, fp64 for fp64), in the order of math::blend_dot.
+
+// Non-temporal store of one vector (outputs far larger than the caches: no read-for-ownership). Only the
+// AVX copies have them; the baseline copy never streams (blend_range checks kCanStream).
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kCanStream = true;
+template <typename scalar_t>
+void stream_store(scalar_t* p, const at::vec::Vectorized<scalar_t>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm512_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    _mm512_stream_pd(p, v);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  }
+#else
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    _mm256_stream_pd(p, v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+#endif
+}
+#else
+constexpr bool kCanStream = false;
+template <typename scalar_t>
+void stream_store(scalar_t* p, const at::vec::Vectorized<scalar_t>& v) {
+  v.store(p);
+}
+#endif
+
+// One step of blend's vector loop: Vectorized<scalar_t>::size() elements, held as kParts vectors of the
+// accumulation type (fp16/bf16 widen to two fp32 vectors; fp32 and fp64 are one vector).
+template <typename scalar_t>
+struct BlendIo {
+  using acc_t = typename math::BlendAcc<scalar_t>::type;
+  using AVec = at::vec::Vectorized<acc_t>;
+  using RVec = at::vec::Vectorized<scalar_t>;
+  static constexpr int kParts = RVec::size() / AVec::size();
+  static constexpr int64_t kStep = RVec::size();
+  static void load(const scalar_t* p, AVec* v) {
+    if constexpr (kParts == 1) {
+      v[0] = AVec::loadu(p);
+    } else {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(RVec::loadu(p));
+      v[0] = lo;
+      v[1] = hi;
+    }
+  }
+  // Narrowing rounds to nearest even, like c10::Half / c10::BFloat16's conversions.
+  static void store(scalar_t* p, const AVec* v, bool nt) {
+    RVec r;
+    if constexpr (kParts == 1) {
+      r = v[0];
+    } else {
+      r = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
+    }
+    if (nt) {
+      stream_store(p, r);
+    } else {
+      r.store(p);
+    }
+  }
+};
+
+// Scalar loop: heads and tails of the vector loop.
+template <typename scalar_t>
+void blend_scalar_range(const scalar_t* const* src, scalar_t* const* dst,
+                        const typename math::BlendAcc<scalar_t>::type* coef, int S, int K, int64_t begin, int64_t end) {
+  using acc_t = typename math::BlendAcc<scalar_t>::type;
+  acc_t x[math::kMaxSources];
+  for (int64_t i = begin; i < end; ++i) {
+    for (int s = 0; s < S; ++s) x[s] = static_cast<acc_t>(src[s][i]);
+    for (int k = 0; k < K; ++k) dst[k][i] = static_cast<scalar_t>(math::blend_dot<0, acc_t>(x, coef + k * S, S));
+  }
+}
+
+// S_/K_ > 0 fix the counts at compile time (the common S = 2 case); 0 means use S/K. `stream` asks for
+// non-temporal stores: they are used from the first index where every dst[k] is vector-aligned, if that
+// index is the same for all k.
+template <typename scalar_t, int S_, int K_>
+void blend_range(const scalar_t* const* src, scalar_t* const* dst, const typename BlendIo<scalar_t>::AVec* coef_v,
+                 const typename math::BlendAcc<scalar_t>::type* coef, int num_sources, int num_clusters, int64_t begin,
+                 int64_t end, bool stream) {
+  using Io = BlendIo<scalar_t>;
+  using AVec = typename Io::AVec;
+  constexpr int P = Io::kParts;
+  constexpr int64_t W = Io::kStep;
+  constexpr int kS = S_ > 0 ? S_ : math::kMaxSources;
+  constexpr int kK = K_ > 0 ? K_ : math::kMaxClusters;
+  const int S = S_ > 0 ? S_ : num_sources;
+  const int K = K_ > 0 ? K_ : num_clusters;
+  int64_t i = begin;
+  bool nt = false;
+  if (kCanStream && stream) {
+    // Elements to the first vector-aligned address of dst[0]; all outputs must agree.
+    constexpr uintptr_t mask = sizeof(typename Io::RVec) - 1;
+    const uintptr_t a0 = reinterpret_cast<uintptr_t>(dst[0] + begin);
+    const int64_t head = static_cast<int64_t>(((mask + 1 - (a0 & mask)) & mask) / sizeof(scalar_t));
+    nt = (a0 % sizeof(scalar_t)) == 0;
+    for (int k = 1; k < K && nt; ++k) nt = ((reinterpret_cast<uintptr_t>(dst[k] + begin) ^ a0) & mask) == 0;
+    if (nt) {
+      const int64_t stop = std::min(begin + head, end);
+      blend_scalar_range<scalar_t>(src, dst, coef, S, K, begin, stop);
+      i = stop;
+    }
+  }
+  AVec x[kS][P];
+  for (; i + W <= end; i += W) {
+#pragma GCC unroll 16
+    for (int s = 0; s < kS; ++s) {
+      if (S_ == 0 && s >= S) break;
+      Io::load(src[s] + i, x[s]);
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < kK; ++k) {
+      if (K_ == 0 && k >= K) break;
+      const AVec* c = coef_v + k * S;
+      AVec acc[P];
+      for (int p = 0; p < P; ++p) acc[p] = c[0] * x[0][p];
+#pragma GCC unroll 16
+      for (int s = 1; s < kS; ++s) {
+        if (S_ == 0 && s >= S) break;
+        for (int p = 0; p < P; ++p) acc[p] = at::vec::fmadd(c[s], x[s][p], acc[p]);
+      }
+      Io::store(dst[k] + i, acc, nt);
+    }
+  }
+  blend_scalar_range<scalar_t>(src, dst, coef, S, K, i, end);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (nt) _mm_sfence();  // order the weakly-ordered streaming stores before the join
+#endif
+}
+
+// One instantiation table per dtype: fixed S = 2 with K = 1..4 (WiSE-FT / DaWin clusters), S = 3
+// with K = 1..3, and the runtime-count loop for everything else.
+template <typename scalar_t>
+void blend_items_typed(const BlendPlan& plan, int64_t i0, int64_t i1) {
+  using AVec = typename BlendIo<scalar_t>::AVec;
+  using acc_t = typename math::BlendAcc<scalar_t>::type;
+  const int S = plan.num_sources, K = plan.num_clusters;
+  const acc_t* coef = plan.coef<acc_t>();
+  AVec coef_v[math::kMaxSources * math::kMaxClusters];
+  for (int j = 0; j < S * K; ++j) coef_v[j] = AVec(coef[j]);
+  using Fn =
+      void (*)(const scalar_t* const*, scalar_t* const*, const AVec*, const acc_t*, int, int, int64_t, int64_t, bool);
+  Fn fn = &blend_range<scalar_t, 0, 0>;
+  if (S == 2 && K == 1) fn = &blend_range<scalar_t, 2, 1>;
+  if (S == 2 && K == 2) fn = &blend_range<scalar_t, 2, 2>;
+  if (S == 2 && K == 3) fn = &blend_range<scalar_t, 2, 3>;
+  if (S == 2 && K == 4) fn = &blend_range<scalar_t, 2, 4>;
+  if (S == 3 && K == 1) fn = &blend_range<scalar_t, 3, 1>;
+  if (S == 3 && K == 2) fn = &blend_range<scalar_t, 3, 2>;
+  if (S == 3 && K == 3) fn = &blend_range<scalar_t, 3, 3>;
+  const scalar_t* src[math::kMaxSources];
+  scalar_t* dst[math::kMaxClusters];
+  for (int64_t it = i0; it < i1; ++it) {
+    const BlendItem& w = plan.items[it];
+    for (int s = 0; s < S; ++s) src[s] = static_cast<const scalar_t*>(plan.src_ptr(w.tensor, s));
+    for (int k = 0; k < K; ++k) dst[k] = static_cast<scalar_t*>(plan.dst_ptr(w.tensor, k));
+    fn(src, dst, coef_v, coef, S, K, w.begin, w.end, plan.stream);
+  }
+}
+
 }  // namespace
 
 void entropy_rows(const EntropyRowsArgs& a) {
@@ -214,6 +384,51 @@ void sample_combine(const SampleCombineArgs& a) {
       return sample_combine_typed<at::BFloat16>(a);
     default:
       TORCH_CHECK(false, "dawin_ext cpu kernels: unsupported dtype ", a.dtype);
+  }
+}
+
+// Consecutive items of the same dtype go to one blend_items_typed call.
+void blend_items(const BlendPlan& plan, int64_t i0, int64_t i1) {
+  int64_t a = i0;
+  while (a < i1) {
+    const at::ScalarType t = plan.dtypes[plan.items[a].tensor];
+    int64_t b = a + 1;
+    while (b < i1 && plan.dtypes[plan.items[b].tensor] == t) ++b;
+    switch (t) {
+      case at::kFloat:
+        blend_items_typed<float>(plan, a, b);
+        break;
+      case at::kDouble:
+        blend_items_typed<double>(plan, a, b);
+        break;
+      case at::kHalf:
+        blend_items_typed<at::Half>(plan, a, b);
+        break;
+      case at::kBFloat16:
+        blend_items_typed<at::BFloat16>(plan, a, b);
+        break;
+      default:
+        TORCH_CHECK(false, "dawin_ext cpu kernels: unsupported dtype ", t);
+    }
+    a = b;
+  }
+}
+
+// Each row is one K = 1 blend_range, in cache.
+void blend_rows_f32(const float* src0, int64_t source_stride, int64_t row_stride, const float* coef, int S,
+                    int64_t rows, int64_t cols, float* dst) {
+  using AVec = BlendIo<float>::AVec;
+  AVec coef_v[math::kMaxSources];
+  for (int s = 0; s < S; ++s) coef_v[s] = AVec(coef[s]);
+  using Fn = void (*)(const float* const*, float* const*, const AVec*, const float*, int, int, int64_t, int64_t, bool);
+  Fn fn = &blend_range<float, 0, 1>;
+  if (S == 2) fn = &blend_range<float, 2, 1>;
+  if (S == 3) fn = &blend_range<float, 3, 1>;
+  const float* src[math::kMaxSources];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int s = 0; s < S; ++s) src[s] = src0 + s * source_stride + r * row_stride;
+    float* out = dst + r * cols;
+    fn(src, &out, coef_v, coef, S, 1, 0, cols, /*stream=*/false);
   }
 }
 

@@ -22,6 +22,7 @@
 #include <array>
 #include <cmath>
 #include <complex>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -30,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/blend_math.h"
 #include "../common/entropy_math.h"
 #include "cpu_kernels.h"
 

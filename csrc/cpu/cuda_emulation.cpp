@@ -14,7 +14,8 @@
 // GEMMs run as CPU at::mm here), streams, graphs, pinned-memory copies, and the device's math
 // library (expf / logf differ from the host's by an ulp or two).
 //
-// The ops are private (leading underscore) and take CPU tensors:
+// The ops are private (leading underscore; declared in ops.h, registered in registration.cpp) and take
+// CPU tensors:
 //   _emulate_softmax_entropy_cuda(logits, temperature, num_sms) -> (entropies, kernel)
 //   _emulate_blend_cuda(sources, coefficients, out, outputs_overlap_sources, kernel) -> kernel
 //   _emulate_sample_combine_cuda(stacked, weights, num_sms) -> (out, kernel)
@@ -23,7 +24,6 @@
 // a small count makes every thread walk its grid-stride loop several times. `kernel` names the
 // specialisation that ran (or, for blend, may force one).
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -113,6 +113,8 @@ void entropy_block_rows(const scalar_t* x, int64_t R, int64_t C, int64_t rs, int
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, std::string> emulate_softmax_entropy(const at::Tensor& logits, double temperature,
                                                             int64_t num_sms) {
   const char* op = "_emulate_softmax_entropy_cuda";
@@ -142,6 +144,8 @@ std::tuple<at::Tensor, std::string> emulate_softmax_entropy(const at::Tensor& lo
   return {out, kernel};
 }
 
+namespace {
+
 // ---------------------------------------------------------------------------------------------
 // blend: blend_kernel<kReread, S_, K_>.
 // ---------------------------------------------------------------------------------------------
@@ -160,6 +164,8 @@ void blend_grid(const bk::BlendTable& t, int64_t blocks, int S, int K) {
     }
   }
 }
+
+}  // namespace
 
 std::string emulate_blend(at::TensorList sources, const at::Tensor& coefficients, at::TensorList out,
                           bool outputs_overlap_sources, c10::string_view kernel) {
@@ -200,6 +206,8 @@ std::string emulate_blend(at::TensorList sources, const at::Tensor& coefficients
   return name;
 }
 
+namespace {
+
 // ---------------------------------------------------------------------------------------------
 // sample_combine: sample_combine_kernel<scalar_t, V>.
 // ---------------------------------------------------------------------------------------------
@@ -217,6 +225,8 @@ void sample_combine_grid(const scalar_t* x, const float* w, scalar_t* out, int64
     }
   }
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, std::string> emulate_sample_combine(const at::Tensor& stacked, const at::Tensor& weights,
                                                            int64_t num_sms) {
@@ -252,9 +262,13 @@ std::tuple<at::Tensor, std::string> emulate_sample_combine(const at::Tensor& sta
   return {out, kernel};
 }
 
+namespace {
+
 // ---------------------------------------------------------------------------------------------
 // samplewise_linear: blend_partials_kernel (the GEMMs, cuBLAS on the GPU, are CPU at::mm here).
 // ---------------------------------------------------------------------------------------------
+
+}  // namespace
 
 at::Tensor emulate_samplewise_linear(const at::Tensor& input, const at::Tensor& weights,
                                      const std::optional<at::Tensor>& biases, const at::Tensor& coefficients,
@@ -267,20 +281,20 @@ at::Tensor emulate_samplewise_linear(const at::Tensor& input, const at::Tensor& 
   const kernels::LinearPartials p = kernels::samplewise_linear_partials(input, weights, biases, coefficients);
   at::Tensor out = p.out;
   if (out.numel() == 0) return out;
-  const int64_t rows = p.rows, M = p.per_sample, N = p.out_features, G = p.num_sources;
+  const int64_t rows = p.rows, M = p.per_sample, OUT = p.out_features, S = p.num_sources;
   const at::Tensor &partial = p.partial, &c = p.coefficients, &bias = p.bias;
   simt::dispatch_float_types(input.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
-    const int grid = simt::grid_size(rows * N, slk::kThreads, num_sms, 8);
+    const int grid = simt::grid_size(rows * OUT, slk::kThreads, num_sms, 8);
     const scalar_t* pp = partial.const_data_ptr<scalar_t>();
     const scalar_t* bp = biases ? bias.const_data_ptr<scalar_t>() : nullptr;
     const float* cp = c.const_data_ptr<float>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
     for (int64_t block = 0; block < grid; ++block) {
       for (int tid = 0; tid < slk::kThreads; ++tid) {
-        for (int64_t i = simt::grid_stride_first(block, slk::kThreads, tid); i < rows * N;
+        for (int64_t i = simt::grid_stride_first(block, slk::kThreads, tid); i < rows * OUT;
              i += simt::grid_stride_step(grid, slk::kThreads)) {
-          slk::blend_partials_element(pp, bp, cp, op_, rows, M, N, static_cast<int>(G), i);
+          slk::blend_partials_element(pp, bp, cp, op_, rows, M, OUT, static_cast<int>(S), i);
         }
       }
     }
@@ -288,22 +302,5 @@ at::Tensor emulate_samplewise_linear(const at::Tensor& input, const at::Tensor& 
   return out;
 }
 
-}  // namespace
 }  // namespace emulation
 }  // namespace dawin_ext
-
-// Test-only ops; not part of the public API (dawin_ext never calls them).
-TORCH_LIBRARY_FRAGMENT(dawin_ext, m) {
-  m.def("_emulate_softmax_entropy_cuda(Tensor logits, float temperature, int num_sms) -> (Tensor, str)",
-        &dawin_ext::emulation::emulate_softmax_entropy);
-  m.def(
-      "_emulate_blend_cuda(Tensor[] sources, Tensor coefficients, Tensor(a!)[] out, bool outputs_overlap_sources, "
-      "str kernel='auto') -> str",
-      &dawin_ext::emulation::emulate_blend);
-  m.def("_emulate_sample_combine_cuda(Tensor stacked, Tensor weights, int num_sms) -> (Tensor, str)",
-        &dawin_ext::emulation::emulate_sample_combine);
-  m.def(
-      "_emulate_samplewise_linear_cuda(Tensor input, Tensor weights, Tensor? biases, Tensor coefficients, "
-      "int num_sms) -> Tensor",
-      &dawin_ext::emulation::emulate_samplewise_linear);
-}

@@ -1,20 +1,19 @@
-// CPU samplewise_linear: out[b] = x[b] @ (sum_g c[b, g] W_g)^T + sum_g c[b, g] bias_g.
+// CPU samplewise_linear: out[b] = x[b] @ (sum_s c[b, s] W_s)^T + sum_s c[b, s] bias_s.
 //
-// Fast path (fp32, oneDNN's brgemm micro-kernel available): work items are (block of kBlockN output
+// Fast path (fp32, oneDNN's brgemm micro-kernel available): work items are (block of kBlockOut output
 // features, sample b), samples innermost so that the sources' weight block stays in L2 across samples.
 // For each item the sample's merged weights of that block are formed in a thread-local buffer
 // (cpu::blend_rows_f32, blend's row kernel) and multiplied by the sample's rows with brgemm straight from L2. Forming
-// costs G multiply-adds per weight per sample against M (rows per sample) for the GEMM, so for a ViT with M = 50 tokens
-// the whole layer costs about 1.2-1.5x one plain GEMM, where the stacked GEMM of AffineStack's "out" mode costs G x
+// costs S multiply-adds per weight per sample against M (rows per sample) for the GEMM, so for a ViT with M = 50 tokens
+// the whole layer costs about 1.2-1.5x one plain GEMM, where the stacked GEMM of AffineStack's "out" mode costs S x
 // (measured in benchmarks/RESULTS.md).
 //
 // Fewer than kMinRowsForMixing rows per sample, other dtypes, or a torch without the brgemm
-// micro-kernel take the stacked path: G plain GEMMs over all rows, blended per sample in fp32 (what
+// micro-kernel take the stacked path: S plain GEMMs over all rows, blended per sample in fp32 (what
 // AffineStack's "out" mode does). _samplewise_linear_cpu_path() reports whether brgemm is usable.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
@@ -22,7 +21,7 @@
 #include <vector>
 
 #include "../ops.h"
-#include "blend_cpu.h"
+#include "cpu_kernels.h"
 
 namespace dawin_ext {
 
@@ -30,11 +29,11 @@ namespace {
 // Output features per work item. 256 rather than 64: with few rows per sample (16 output positions of a
 // convolution) four times fewer, larger brgemm calls ran a [B=16, 16, 2304] x [2304, 256] layer 1.2-1.4x a
 // plain GEMM instead of 2.0x, and 64 rows or more per sample were unchanged (1 thread, 2-core AVX512 VM).
-constexpr int64_t kBlockN = 256;
-constexpr int64_t kBlockK = 384;  // input features per brgemm call: the [kBlockK, kBlockN] block is 384 KiB
-constexpr int64_t kBlockM = 256;  // rows per brgemm call
-// Below this many rows per sample, forming merged weights costs more than the G-fold GEMM of the
-// stacked path (measured on a 2-core AVX512 VM, K = N = 768, G = 2: crossover between 4 and 8 rows).
+constexpr int64_t kBlockOut = 256;
+constexpr int64_t kBlockIn = 384;  // input features per brgemm call: the [kBlockIn, kBlockOut] block is 384 KiB
+constexpr int64_t kBlockM = 256;   // rows per brgemm call
+// Below this many rows per sample, forming merged weights costs more than the S-fold GEMM of the
+// stacked path (measured on a 2-core AVX512 VM, IN = OUT = 768, S = 2: crossover between 4 and 8 rows).
 constexpr int64_t kMinRowsForMixing = 6;
 
 bool probe_brgemm() {
@@ -51,33 +50,33 @@ bool probe_brgemm() {
 
 void samplewise_linear_brgemm(const at::Tensor& x, const at::Tensor& wt, const at::Tensor* bias_rows,
                               const at::Tensor& c, at::Tensor& out) {
-  // x [B, M, K] contiguous, wt [G, K, N] with unit stride along N (fp32); c [B, G]; bias_rows [B, N] or
-  // null; out [B, M, N].
-  const int64_t B = x.size(0), M = x.size(1), K = x.size(2), G = wt.size(0), N = wt.size(2);
+  // x [B, M, IN] contiguous, wt [S, IN, OUT] with unit stride along OUT (fp32); c [B, S]; bias_rows [B, OUT] or
+  // null; out [B, M, OUT].
+  const int64_t B = x.size(0), M = x.size(1), IN = x.size(2), S = wt.size(0), OUT = wt.size(2);
   const float* xp = x.const_data_ptr<float>();
   const float* wp = wt.const_data_ptr<float>();
   const float* cp = c.const_data_ptr<float>();
   const float* bp = bias_rows ? bias_rows->const_data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t blocks = (N + kBlockN - 1) / kBlockN;
+  const int64_t blocks = (OUT + kBlockOut - 1) / kBlockOut;
   at::parallel_for(0, blocks * B, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> merged(static_cast<size_t>(std::min(kBlockK, K) * std::min(kBlockN, N)));
+    std::vector<float> merged(static_cast<size_t>(std::min(kBlockIn, IN) * std::min(kBlockOut, OUT)));
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t j = item / B, b = item % B;
-      const int64_t n0 = j * kBlockN, nn = std::min(kBlockN, N - n0);
-      float* ob = op + b * M * N + n0;
+      const int64_t out0 = j * kBlockOut, nout = std::min(kBlockOut, OUT - out0);
+      float* ob = op + b * M * OUT + out0;
       if (bp) {
-        for (int64_t m = 0; m < M; ++m) std::copy(bp + b * N + n0, bp + b * N + n0 + nn, ob + m * N);
+        for (int64_t m = 0; m < M; ++m) std::copy(bp + b * OUT + out0, bp + b * OUT + out0 + nout, ob + m * OUT);
       }
-      for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-        const int64_t kk = std::min(kBlockK, K - k0);
-        cpu::blend_rows_f32(wp + k0 * wt.stride(1) + n0, wt.stride(0), wt.stride(1), cp + b * G, static_cast<int>(G),
-                            kk, nn, merged.data());
-        const bool accumulate = bp != nullptr || k0 > 0;
+      for (int64_t in0 = 0; in0 < IN; in0 += kBlockIn) {
+        const int64_t nin = std::min(kBlockIn, IN - in0);
+        cpu::blend_rows_f32(wp + in0 * wt.stride(1) + out0, wt.stride(0), wt.stride(1), cp + b * S, static_cast<int>(S),
+                            nin, nout, merged.data());
+        const bool accumulate = bp != nullptr || in0 > 0;
         for (int64_t m0 = 0; m0 < M; m0 += kBlockM) {
           const int64_t mm = std::min(kBlockM, M - m0);
-          at::native::cpublas::brgemm(mm, nn, kk, /*ld_a=*/K, /*ld_b=*/nn, /*ld_c=*/N, accumulate,
-                                      xp + (b * M + m0) * K + k0, merged.data(), ob + m0 * N, /*is_vnni=*/false);
+          at::native::cpublas::brgemm(mm, nout, nin, /*ld_a=*/IN, /*ld_b=*/nout, /*ld_c=*/OUT, accumulate,
+                                      xp + (b * M + m0) * IN + in0, merged.data(), ob + m0 * OUT, /*is_vnni=*/false);
         }
       }
     }
@@ -85,19 +84,19 @@ void samplewise_linear_brgemm(const at::Tensor& x, const at::Tensor& wt, const a
   });
 }
 
-// The G partial outputs x @ W_g^T over all rows at once, blended per sample: G plain GEMMs, for any
+// The S partial outputs x @ W_s^T over all rows at once, blended per sample: S plain GEMMs, for any
 // dtype. Used where mixing does not pay: few rows per sample (the merge would cost more than the
 // GEMM), other dtypes (computed in fp32 and rounded once), or no brgemm.
 void samplewise_linear_stacked(const at::Tensor& x, const at::Tensor& weights, const at::Tensor* bias_rows,
                                const at::Tensor& c, at::Tensor& out) {
-  const int64_t B = x.size(0), M = x.size(1), K = x.size(2), G = weights.size(0), N = weights.size(1);
-  const at::Tensor x2 = x.reshape({B * M, K}).to(at::kFloat);
-  const at::Tensor c_rows = c.repeat_interleave(M, 0);  // [B * M, G]
-  at::Tensor acc = bias_rows ? bias_rows->repeat_interleave(M, 0) : at::zeros({B * M, N}, x2.options());
-  for (int64_t g = 0; g < G; ++g) {
-    acc.addcmul_(at::mm(x2, weights[g].t().to(at::kFloat)), c_rows.narrow(1, g, 1));
+  const int64_t B = x.size(0), M = x.size(1), IN = x.size(2), S = weights.size(0), OUT = weights.size(1);
+  const at::Tensor x2 = x.reshape({B * M, IN}).to(at::kFloat);
+  const at::Tensor c_rows = c.repeat_interleave(M, 0);  // [B * M, S]
+  at::Tensor acc = bias_rows ? bias_rows->repeat_interleave(M, 0) : at::zeros({B * M, OUT}, x2.options());
+  for (int64_t s = 0; s < S; ++s) {
+    acc.addcmul_(at::mm(x2, weights[s].t().to(at::kFloat)), c_rows.narrow(1, s, 1));
   }
-  out.copy_(acc.view({B, M, N}));
+  out.copy_(acc.view({B, M, OUT}));
 }
 }  // namespace
 
@@ -109,20 +108,20 @@ bool samplewise_linear_has_brgemm() {
 at::Tensor samplewise_linear_cpu(const at::Tensor& input, const at::Tensor& weights,
                                  const std::optional<at::Tensor>& biases, const at::Tensor& coefficients) {
   check_samplewise_linear_args(input, weights, biases, coefficients);
-  const int64_t B = input.size(0), K = input.size(-1), N = weights.size(1);
+  const int64_t B = input.size(0), IN = input.size(-1), OUT = weights.size(1);
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-  shape.back() = N;
+  shape.back() = OUT;
   at::Tensor out = at::empty(shape, input.options());
   if (out.numel() == 0) return out;
-  const int64_t M = out.numel() / (B * N);
-  const at::Tensor x = input.reshape({B, M, K}).contiguous();
+  const int64_t M = out.numel() / (B * OUT);
+  const at::Tensor x = input.reshape({B, M, IN}).contiguous();
   const at::Tensor c = coefficients.to(at::kFloat).contiguous();
-  at::Tensor out3 = out.view({B, M, N});
+  at::Tensor out3 = out.view({B, M, OUT});
   at::Tensor bias_rows;
-  if (biases) bias_rows = at::mm(c, biases->to(at::kFloat)).contiguous();  // [B, N] merged bias per sample
+  if (biases) bias_rows = at::mm(c, biases->to(at::kFloat)).contiguous();  // [B, OUT] merged bias per sample
   const at::Tensor* bias_ptr = biases ? &bias_rows : nullptr;
-  if (input.scalar_type() == at::kFloat && M >= kMinRowsForMixing && K > 0 && samplewise_linear_has_brgemm()) {
-    // The kernel reads rows of W_g^T: weights with unit stride along out_features (the layout
+  if (input.scalar_type() == at::kFloat && M >= kMinRowsForMixing && IN > 0 && samplewise_linear_has_brgemm()) {
+    // The kernel reads rows of W_s^T: weights with unit stride along out_features (the layout
     // samplewise_linear_weights builds, and slices of it) are used in place, others are copied per call.
     at::Tensor wt = weights.transpose(1, 2);
     if (wt.stride(2) != 1) wt = wt.contiguous();
@@ -134,10 +133,3 @@ at::Tensor samplewise_linear_cpu(const at::Tensor& input, const at::Tensor& weig
 }
 
 }  // namespace dawin_ext
-
-// Private introspection op: which CPU path samplewise_linear takes for float32 inputs with at least
-// kMinRowsForMixing rows per sample ("brgemm" or "stacked").
-TORCH_LIBRARY_FRAGMENT(dawin_ext, m) {
-  m.def("_samplewise_linear_cpu_path() -> str",
-        [] { return std::string(dawin_ext::samplewise_linear_has_brgemm() ? "brgemm" : "stacked"); });
-}

@@ -1,7 +1,6 @@
 // CPU softmax_entropy and entropy_coefficients: argument checks, output allocation and the strided
 // [rows, C] view; the vectorized, parallel row kernel is in cpu_kernels_impl.h.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <string>
 #include <vector>
@@ -63,9 +62,3 @@ std::tuple<at::Tensor, at::Tensor> entropy_coefficients_cpu(const at::Tensor& lo
 }
 
 }  // namespace dawin_ext
-
-// Private introspection op: the instruction set the CPU kernels run with in this process
-// ("AVX512", "AVX2" or "DEFAULT"), for tests and benchmark reports. Not part of the public API.
-TORCH_LIBRARY_FRAGMENT(dawin_ext, m) {
-  m.def("_cpu_isa() -> str", [] { return std::string(dawin_ext::cpu::level_name(dawin_ext::cpu::level())); });
-}
