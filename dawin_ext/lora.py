@@ -128,8 +128,8 @@ def load_lora_sources(base: nn.Module, adapter_dirs: Sequence[str | Path]) -> Lo
     mixed exactly (DoRA, conv / embedding LoRA, ``lora_bias``, trained full tensors, ...).
     """
     peft = _require_peft()
-    from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
     from peft.tuners.tuners_utils import BaseTunerLayer
 
