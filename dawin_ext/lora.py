@@ -162,14 +162,6 @@ def load_lora_sources(base: nn.Module, adapter_dirs: Sequence[str | Path]) -> Lo
             f"peft could not load the adapters {[str(d) for d in dirs]} onto base: {e}"
         ) from e
     base_params = dict(base.named_parameters(remove_duplicate=False))
-    for n, d in zip(names, dirs, strict=True):
-        sd = peft.get_peft_model_state_dict(model, adapter_name=n)
-        for k in sd:
-            if ".lora_A." not in k and ".lora_B." not in k:
-                raise UnsupportedAdapterError(
-                    f"adapter {d} trains the full tensor {k!r} (bias, modules_to_save or trainable tokens); only "
-                    "LoRA factors are mixed per sample"
-                )
     factors: dict[str, list[tuple[int, Tensor, Tensor, float]]] = {}
     modules: dict[str, str] = {}
     for mname, mod in model.named_modules():
@@ -221,6 +213,15 @@ def load_lora_sources(base: nn.Module, adapter_dirs: Sequence[str | Path]) -> Lo
                 (src, a.to(w.device).clone(), b.to(w.device).clone(), float(mod.scaling[n]))
             )
             modules[key] = path
+    # after the module walk, so that LoRA layouts (embedding LoRA, DoRA) are named as such first
+    for n, d in zip(names, dirs, strict=True):
+        sd = peft.get_peft_model_state_dict(model, adapter_name=n)
+        for k in sd:
+            if ".lora_A." not in k and ".lora_B." not in k:
+                raise UnsupportedAdapterError(
+                    f"adapter {d} trains the full tensor {k!r} (bias, modules_to_save or trainable tokens); only "
+                    "LoRA factors are mixed per sample"
+                )
     if not factors:
         raise UnsupportedAdapterError(f"the adapters {[str(d) for d in dirs]} adapt no module of base")
     return LoraSources(base, [str(d) for d in dirs], factors, modules)
