@@ -77,8 +77,12 @@ def test_op_matches_float64(device, dtype, shape, base):
     w = make((n_out, n_in), dtype, device, scale=n_in**-0.5) if "weight" in base else None
     bias = make((n_out,), dtype, device) if "bias" in base else None
     c = torch.randn(bsz, s, dtype=torch.float64).float().to(device)
+    inputs = [t for t in (x, a, b, c, w, bias) if t is not None]
+    before = [t.clone() for t in inputs]
     with torch.no_grad():
         got = samplewise_lora(x, a, b, c, w, bias)
+    for t, t0 in zip(inputs, before, strict=True):
+        assert torch.equal(t, t0), "samplewise_lora modified an input"
     assert got.dtype == dtype and got.shape == (bsz, *mid, n_out) and got.device == x.device
     torch.testing.assert_close(got.cpu().double(), reference64(x, a, b, c, w, bias), **TOL[dtype])
 

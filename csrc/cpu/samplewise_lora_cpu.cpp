@@ -80,7 +80,10 @@ at::Tensor samplewise_lora_base_and_shrink(const at::Tensor& input, const at::Te
   if (weight.has_value()) {
     out2d = bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
   } else if (bias.has_value()) {
-    out2d = bias->unsqueeze(0).expand({x2.size(0), OUT}).contiguous();
+    // A fresh tensor: expand(...).contiguous() can return a view of the caller's bias (one row), which the expand
+    // step would then modify in place.
+    out2d = at::empty({rows, OUT}, input.options());
+    out2d.copy_(bias->unsqueeze(0));
   } else {
     out2d = at::zeros({x2.size(0), OUT}, input.options());
   }
