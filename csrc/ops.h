@@ -36,7 +36,7 @@ at::Tensor samplewise_lora_cpu(const at::Tensor& input, const at::Tensor& lora_a
 // zeros) and the returned shrink h = x @ [A_0; ...]^T [rows, S * R]; then out2d += h @ [B_0, ...]^T.
 at::Tensor samplewise_lora_base_and_shrink(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                            const std::optional<at::Tensor>& weight,
-                                           const std::optional<at::Tensor>& bias, at::Tensor& out2d);
+                                           const std::optional<at::Tensor>& bias, at::Tensor& out2d, bool base = true);
 void samplewise_lora_expand(const at::Tensor& h, const at::Tensor& lora_b, at::Tensor& out2d);
 // Whether torch's oneDNN brgemm micro-kernel (samplewise_linear's fp32 fast path) works in this process.
 bool samplewise_linear_has_brgemm();

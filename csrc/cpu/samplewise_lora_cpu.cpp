@@ -19,6 +19,11 @@
 
 namespace dawin_ext {
 
+namespace {
+// samplewise_linear's brgemm path needs this many rows per sample (its kMinRowsForMixing).
+constexpr int64_t kMinRowsForBrgemm = 6;
+}  // namespace
+
 void check_samplewise_lora_args(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                 const at::Tensor& coefficients, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias) {
@@ -71,13 +76,16 @@ void check_samplewise_lora_args(const at::Tensor& input, const at::Tensor& lora_
 
 at::Tensor samplewise_lora_base_and_shrink(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                            const std::optional<at::Tensor>& weight,
-                                           const std::optional<at::Tensor>& bias, at::Tensor& out2d) {
-  // Shared by both devices: out2d = x @ W^T + bias (or bias, or zeros), and returns h = x @ [A_s]^T [rows, S*R].
+                                           const std::optional<at::Tensor>& bias, at::Tensor& out2d, bool base) {
+  // Shared by both devices: out2d = x @ W^T + bias (or bias, or zeros) unless base is false (the caller made it),
+  // and returns h = x @ [A_s]^T [rows, S*R].
   const int64_t IN = input.size(-1), OUT = lora_b.size(1);
   const int64_t S = lora_a.size(0), R = lora_a.size(1);
   const int64_t rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
   const at::Tensor x2 = input.reshape({rows, IN});
-  if (weight.has_value()) {
+  if (!base) {
+    // out2d already holds the base output
+  } else if (weight.has_value()) {
     out2d = bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
   } else if (bias.has_value()) {
     // A fresh tensor: expand(...).contiguous() can return a view of the caller's bias (one row), which the expand
@@ -109,9 +117,23 @@ at::Tensor samplewise_lora_cpu(const at::Tensor& input, const at::Tensor& lora_a
   out_shape.push_back(OUT);
   const int64_t rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
   if (rows == 0) return at::empty(out_shape, input.options());
-  at::Tensor out2d;
-  at::Tensor h = samplewise_lora_base_and_shrink(input, lora_a, lora_b, weight, bias, out2d);
   const int64_t M = rows / B, width = S * R;
+  const at::Tensor x = input.contiguous();  // read by the base GEMM and the shrink: copy a strided input once
+  at::Tensor out2d;
+  at::Tensor h;
+  if (weight.has_value() && input.scalar_type() == at::kFloat && M >= kMinRowsForBrgemm &&
+      samplewise_linear_has_brgemm()) {
+    // The base GEMM through samplewise_linear with one source: oneDNN's brgemm, which on CPUs where it beats
+    // at::mm's BLAS makes the base layer as fast as the dense exact engine's (a weight stored as [IN, OUT], as
+    // the engine keeps it, is read in place).
+    const at::Tensor ones = at::ones({B, 1}, input.options());
+    const std::optional<at::Tensor> biases =
+        bias.has_value() ? std::optional<at::Tensor>(bias->unsqueeze(0)) : std::nullopt;
+    out2d = samplewise_linear_cpu(x, weight->unsqueeze(0), biases, ones).view({rows, OUT});
+    h = samplewise_lora_base_and_shrink(x, lora_a, lora_b, std::nullopt, std::nullopt, out2d, /*base=*/false);
+  } else {
+    h = samplewise_lora_base_and_shrink(x, lora_a, lora_b, weight, bias, out2d);
+  }
   if (width > 0) {
     const at::Tensor c = coefficients.to(at::kFloat).contiguous();
     const float* cp = c.const_data_ptr<float>();

@@ -335,7 +335,9 @@ def make_low_rank_stack(
     lower rank are zero-padded to the largest rank (exact: the padding adds zero)."""
     if not factors:
         raise ValueError(f"make_low_rank_stack: {name!r} needs at least one adapter")
-    base = base.detach()
+    # Stored as [IN, OUT] (a transposed view keeps the [OUT, IN] shape): the layout samplewise_lora's fp32 CPU
+    # base GEMM (samplewise_linear's brgemm path) reads in place.
+    base = base.detach().t().contiguous().t()
     rank = max(int(a.shape[0]) for _, a, _, _ in factors)
     a_list, b_list = [], []
     for src, a, b, _ in factors:
