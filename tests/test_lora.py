@@ -108,6 +108,25 @@ def test_op_layouts_and_coefficient_dtypes(device):
         assert torch.equal(t, t0)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 6, 50])
+def test_op_base_weight_layouts(rows):
+    """A base weight stored [IN, OUT] (the engine's layout: the fp32 CPU brgemm base GEMM from 6 rows per sample)
+    and a plain [OUT, IN] one (at::mm) give the same numbers, with and without bias."""
+    x = make((3, rows, 70), torch.float32, "cpu")
+    a, b = samplewise_lora_factors([make((5, 70), torch.float32, "cpu")], [make((90, 5), torch.float32, "cpu")])
+    w = make((90, 70), torch.float32, "cpu", scale=0.1)
+    fast = w.t().contiguous().t()
+    bias = make((90,), torch.float32, "cpu")
+    c = torch.rand(3, 1)
+    for bs in (bias, None):
+        with torch.no_grad():
+            got_fast = samplewise_lora(x, a, b, c, fast, bs)
+            got_plain = samplewise_lora(x, a, b, c, w, bs)
+        ref = reference64(x, a, b, c, w, bs)
+        torch.testing.assert_close(got_fast.double(), ref, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(got_plain.double(), ref, rtol=2e-5, atol=2e-5)
+
+
 def test_op_argument_errors():
     x, a, b, c = torch.randn(2, 3, 8), torch.randn(1, 2, 8), torch.randn(1, 5, 2), torch.rand(2, 1)
     with torch.no_grad():
