@@ -559,7 +559,10 @@ def samplewise_lora(
 
     It runs as shrink (one GEMM against all S adapters' A), a per-sample scaling of each sample's rank blocks, and
     expand (one GEMM against all B): the cost over the base GEMM is ``2 S R (IN + OUT) / (IN OUT)`` of it. Keep
-    ``lora_b`` in the layout :func:`samplewise_lora_factors` builds to avoid a copy per call. Inference only.
+    ``lora_b`` in the layout :func:`samplewise_lora_factors` builds to avoid a copy per call. On the CPU in float32
+    with at least 6 rows per sample, a ``weight`` stored as ``[IN, OUT]`` (``W.t().contiguous().t()``) runs the base
+    GEMM through :func:`samplewise_linear`'s brgemm path; a plain ``[OUT, IN]`` weight goes through ``at::mm``.
+    Inference only.
     """
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, lora_a, lora_b, coefficients, weight, bias)

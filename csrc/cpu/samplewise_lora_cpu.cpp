@@ -1,8 +1,8 @@
 // CPU samplewise_lora: a linear layer plus S LoRA adapters mixed per sample,
 //   out[b] = x[b] @ W^T + bias + sum_s c[b, s] * (x[b] @ A_s^T) @ B_s^T,
 // without ever forming a merged [OUT, IN] weight (see common/samplewise_lora_kernel.h for the structure).
-// The shrink and expand are two GEMMs through ATen's BLAS; the per-sample scaling of the rank blocks between
-// them is ours (at::parallel_for over rows; the inner loop is a contiguous multiply the compiler vectorises).
+// The base GEMM goes through samplewise_linear's brgemm (fp32, weight in [IN, OUT] storage) or ATen; shrink,
+// per-sample scaling of the rank blocks and expand are one fused pass per row (lora_fused_rows).
 // The argument checks are here too and are shared with the CUDA kernel, so both devices raise the same messages.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,7 +22,61 @@ namespace dawin_ext {
 namespace {
 // samplewise_linear's brgemm path needs this many rows per sample (its kMinRowsForMixing).
 constexpr int64_t kMinRowsForBrgemm = 6;
+
+// x @ W^T + bias (or bias, or zeros) as a fresh [rows, OUT] tensor.
+at::Tensor base_output(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, int64_t OUT) {
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2 = x.reshape({rows, x.size(-1)});
+  if (weight.has_value()) return bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
+  // A fresh tensor even for the bias: expand(...).contiguous() can return a view of the caller's bias (one row),
+  // which the expand step would then modify in place.
+  at::Tensor out = bias.has_value() ? at::empty({rows, OUT}, x.options()) : at::zeros({rows, OUT}, x.options());
+  if (bias.has_value()) out.copy_(bias->unsqueeze(0));
+  return out;
+}
 }  // namespace
+
+// Shrink, scale and expand fused per row, in fp32: h = A x (S*R dot products), h *= c[sample] block-wise, then
+// out_row += sum_k h[k] Bt[k, :]. BLAS is slow on these skinny shapes (rows x IN by IN x S*R, with S*R ~ 16: measured
+// 20x below its large-GEMM rate on the 2-core dev VM), while here A and Bt stay in L2 across rows and every loop is a
+// contiguous, vectorisable one. Rows are split across threads; each thread keeps h and one fp32 output row.
+template <typename scalar_t>
+void lora_fused_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ a, const scalar_t* __restrict__ bt,
+                     const float* __restrict__ coef, scalar_t* __restrict__ out, int64_t rows, int64_t M, int64_t IN,
+                     int64_t OUT, int64_t S, int64_t R) {
+  constexpr int64_t kLanes = 16;  // independent partial sums, so the dot product vectorises without fast-math
+  const int64_t width = S * R;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, width * (IN + OUT)));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> h(width), orow(OUT), xf(IN);
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* xr = x + r * IN;
+      for (int64_t i = 0; i < IN; ++i) xf[i] = static_cast<float>(xr[i]);
+      for (int64_t k = 0; k < width; ++k) {
+        const scalar_t* ak = a + k * IN;
+        float acc[kLanes] = {};
+        int64_t i = 0;
+        for (; i + kLanes <= IN; i += kLanes) {
+          for (int64_t l = 0; l < kLanes; ++l) acc[l] += static_cast<float>(ak[i + l]) * xf[i + l];
+        }
+        float sum = 0.f;
+        for (; i < IN; ++i) sum += static_cast<float>(ak[i]) * xf[i];
+        for (int64_t l = 0; l < kLanes; ++l) sum += acc[l];
+        h[k] = sum;
+      }
+      kernels::samplewise_lora::scale_row(h.data(), coef + (r / M) * S, S, R);
+      scalar_t* outr = out + r * OUT;
+      for (int64_t j = 0; j < OUT; ++j) orow[j] = static_cast<float>(outr[j]);
+      for (int64_t k = 0; k < width; ++k) {
+        const float hk = h[k];
+        const scalar_t* bk = bt + k * OUT;
+        for (int64_t j = 0; j < OUT; ++j) orow[j] += hk * static_cast<float>(bk[j]);
+      }
+      for (int64_t j = 0; j < OUT; ++j) outr[j] = static_cast<scalar_t>(orow[j]);
+    }
+  });
+}
 
 void check_samplewise_lora_args(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                 const at::Tensor& coefficients, const std::optional<at::Tensor>& weight,
@@ -77,24 +131,14 @@ void check_samplewise_lora_args(const at::Tensor& input, const at::Tensor& lora_
 at::Tensor samplewise_lora_base_and_shrink(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                            const std::optional<at::Tensor>& weight,
                                            const std::optional<at::Tensor>& bias, at::Tensor& out2d, bool base) {
-  // Shared by both devices: out2d = x @ W^T + bias (or bias, or zeros) unless base is false (the caller made it),
-  // and returns h = x @ [A_s]^T [rows, S*R].
+  // out2d = x @ W^T + bias (or bias, or zeros) unless base is false (the caller made it), and returns the shrink
+  // h = x @ [A_s]^T [rows, S*R]. Used by the CUDA kernel (cuBLAS handles the skinny shrink well); the CPU kernel
+  // fuses shrink, scaling and expand instead.
   const int64_t IN = input.size(-1), OUT = lora_b.size(1);
   const int64_t S = lora_a.size(0), R = lora_a.size(1);
   const int64_t rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
   const at::Tensor x2 = input.reshape({rows, IN});
-  if (!base) {
-    // out2d already holds the base output
-  } else if (weight.has_value()) {
-    out2d = bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
-  } else if (bias.has_value()) {
-    // A fresh tensor: expand(...).contiguous() can return a view of the caller's bias (one row), which the expand
-    // step would then modify in place.
-    out2d = at::empty({rows, OUT}, input.options());
-    out2d.copy_(bias->unsqueeze(0));
-  } else {
-    out2d = at::zeros({x2.size(0), OUT}, input.options());
-  }
+  if (base) out2d = base_output(input, weight, bias, OUT);
   return at::mm(x2, lora_a.reshape({S * R, IN}).t());
 }
 
@@ -120,33 +164,28 @@ at::Tensor samplewise_lora_cpu(const at::Tensor& input, const at::Tensor& lora_a
   const int64_t M = rows / B, width = S * R;
   const at::Tensor x = input.contiguous();  // read by the base GEMM and the shrink: copy a strided input once
   at::Tensor out2d;
-  at::Tensor h;
-  if (weight.has_value() && input.scalar_type() == at::kFloat && M >= kMinRowsForBrgemm &&
+  if (weight.has_value() && weight->stride(0) == 1 && input.scalar_type() == at::kFloat && M >= kMinRowsForBrgemm &&
       samplewise_linear_has_brgemm()) {
     // The base GEMM through samplewise_linear with one source: oneDNN's brgemm, which on CPUs where it beats
     // at::mm's BLAS makes the base layer as fast as the dense exact engine's (a weight stored as [IN, OUT], as
-    // the engine keeps it, is read in place).
+    // the engine keeps it, is read in place; a plain [OUT, IN] weight takes at::mm rather than a copy per call).
     const at::Tensor ones = at::ones({B, 1}, input.options());
     const std::optional<at::Tensor> biases =
         bias.has_value() ? std::optional<at::Tensor>(bias->unsqueeze(0)) : std::nullopt;
     out2d = samplewise_linear_cpu(x, weight->unsqueeze(0), biases, ones).view({rows, OUT});
-    h = samplewise_lora_base_and_shrink(x, lora_a, lora_b, std::nullopt, std::nullopt, out2d, /*base=*/false);
   } else {
-    h = samplewise_lora_base_and_shrink(x, lora_a, lora_b, weight, bias, out2d);
+    out2d = base_output(x, weight, bias, OUT);
   }
-  if (width > 0) {
+  if (width > 0 && x.size(-1) > 0) {
     const at::Tensor c = coefficients.to(at::kFloat).contiguous();
-    const float* cp = c.const_data_ptr<float>();
-    simt::dispatch_float_types(h.scalar_type(), "samplewise_lora_cpu", [&](auto tag) {
+    const at::Tensor a = lora_a.reshape({width, x.size(-1)}).contiguous();
+    const at::Tensor bt = lora_b.transpose(1, 2).reshape({width, OUT}).contiguous();  // free in the factors' layout
+    simt::dispatch_float_types(x.scalar_type(), "samplewise_lora_cpu", [&](auto tag) {
       using scalar_t = decltype(tag);
-      scalar_t* hp = h.data_ptr<scalar_t>();
-      // A grain of rows worth ~32k entries keeps tiny problems on one thread.
-      const int64_t grain = std::max<int64_t>(1, 32768 / width);
-      at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) kernels::samplewise_lora::scale_row(hp + r * width, cp + (r / M) * S, S, R);
-      });
+      lora_fused_rows<scalar_t>(x.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
+                                bt.const_data_ptr<scalar_t>(), c.const_data_ptr<float>(), out2d.data_ptr<scalar_t>(),
+                                rows, M, x.size(-1), OUT, S, R);
     });
-    samplewise_lora_expand(h, lora_b, out2d);
   }
   return out2d.view(out_shape);
 }
