@@ -28,6 +28,17 @@ at::Tensor sample_combine_cpu(const at::Tensor& stacked, const at::Tensor& weigh
 // out [B, ..., OUT] with out[b] = input[b] @ (sum_s c[b, s] W_s)^T + sum_s c[b, s] bias_s.
 at::Tensor samplewise_linear_cpu(const at::Tensor& input, const at::Tensor& weights,
                                  const std::optional<at::Tensor>& biases, const at::Tensor& coefficients);
+// input [B, ..., IN], lora_a [S, R, IN], lora_b [S, OUT, R], coefficients [B, S], weight [OUT, IN] or none,
+// bias [OUT] or none -> [B, ..., OUT] = x @ W^T + bias + sum_s c[b, s] * (x @ A_s^T) @ B_s^T per sample b.
+at::Tensor samplewise_lora_cpu(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                               const at::Tensor& coefficients, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias);
+// Device-independent halves of samplewise_lora (cpu/samplewise_lora_cpu.cpp): out2d = x @ W^T + bias (or bias, or
+// zeros) and the returned shrink h = x @ [A_0; ...]^T [rows, S * R]; then out2d += h @ [B_0, ...]^T.
+at::Tensor samplewise_lora_base_and_shrink(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                           const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias, at::Tensor& out2d, bool base = true);
+void samplewise_lora_expand(const at::Tensor& h, const at::Tensor& lora_b, at::Tensor& out2d);
 // Whether torch's oneDNN brgemm micro-kernel (samplewise_linear's fp32 fast path) works in this process.
 bool samplewise_linear_has_brgemm();
 
@@ -40,6 +51,9 @@ void blend_cuda(at::TensorList sources, const at::Tensor& coefficients, at::Tens
 at::Tensor sample_combine_cuda(const at::Tensor& stacked, const at::Tensor& weights);
 at::Tensor samplewise_linear_cuda(const at::Tensor& input, const at::Tensor& weights,
                                   const std::optional<at::Tensor>& biases, const at::Tensor& coefficients);
+at::Tensor samplewise_lora_cuda(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                const at::Tensor& coefficients, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias);
 int cuda_runtime_version();
 #endif
 
@@ -67,6 +81,9 @@ bool check_blend_aliasing(at::TensorList sources, const at::Tensor& coefficients
 void check_sample_combine_args(const at::Tensor& stacked, const at::Tensor& weights);
 void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& weights,
                                   const std::optional<at::Tensor>& biases, const at::Tensor& coefficients);
+void check_samplewise_lora_args(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                const at::Tensor& coefficients, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias);
 // coefficients_from_entropies.cpp. Coefficients from entropies [M, B] (any device): softmax over models of -H, or
 // DaWin's offset adjustment for M == 2. Composite of ATen ops, shared by the CPU and CUDA paths.
 at::Tensor coefficients_from_entropies(const at::Tensor& entropies, bool offset_adjustment);

@@ -29,6 +29,9 @@ TORCH_LIBRARY(dawin_ext, m) {
   m.def("blend_(Tensor[] sources, Tensor coefficients, Tensor(a!)[] out) -> ()");
   m.def("sample_combine(Tensor stacked, Tensor weights) -> Tensor");
   m.def("samplewise_linear(Tensor input, Tensor weights, Tensor? biases, Tensor coefficients) -> Tensor");
+  m.def(
+      "samplewise_lora(Tensor input, Tensor lora_a, Tensor lora_b, Tensor coefficients, Tensor? weight=None,"
+      " Tensor? bias=None) -> Tensor");
 
   // Private ops (leading underscore): not public API.
   // Behind dawin_ext.blend's own aliasing analysis (which names state-dict keys): the pairs of
@@ -68,6 +71,7 @@ TORCH_LIBRARY_IMPL(dawin_ext, CPU, m) {
   m.impl("blend_", &dawin_ext::blend_cpu);
   m.impl("sample_combine", &dawin_ext::sample_combine_cpu);
   m.impl("samplewise_linear", &dawin_ext::samplewise_linear_cpu);
+  m.impl("samplewise_lora", &dawin_ext::samplewise_lora_cpu);
 }
 
 namespace {

@@ -28,6 +28,8 @@ __all__ = [
     "sample_combine",
     "samplewise_linear",
     "samplewise_linear_weights",
+    "samplewise_lora",
+    "samplewise_lora_factors",
     "BLENDABLE_DTYPES",
 ]
 
@@ -534,3 +536,84 @@ def _samplewise_linear_fake(input: Tensor, weights: Tensor, biases: Tensor | Non
                 lambda name=name, t=t: f"samplewise_linear: {name} are on {t.device} but input is on {input.device}",
             )
     return input.new_empty((*input.shape[:-1], weights.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# samplewise_lora
+# --------------------------------------------------------------------------------------------
+def samplewise_lora(
+    input: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    coefficients: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """A linear layer with S LoRA adapters mixed per sample, without a merged weight.
+
+    ``input`` is ``[B, ..., IN]``, ``lora_a`` ``[S, R, IN]``, ``lora_b`` ``[S, OUT, R]``, ``coefficients``
+    ``[B, S]`` (each adapter's scale already folded in: ``c[b, s] * lora_alpha_s / r``), ``weight`` ``[OUT, IN]``
+    and ``bias`` ``[OUT]`` the base layer (either may be None). Returns ``[B, ..., OUT]`` with
+    ``out[b] = input[b] @ weight^T + bias + sum_s c[b, s] * (input[b] @ A_s^T) @ B_s^T``, which is the base layer
+    with the weight ``W + sum_s c[b, s] B_s A_s`` merged for sample ``b``, up to rounding.
+
+    It runs as shrink (one GEMM against all S adapters' A), a per-sample scaling of each sample's rank blocks, and
+    expand (one GEMM against all B): the cost over the base GEMM is ``2 S R (IN + OUT) / (IN OUT)`` of it. Keep
+    ``lora_b`` in the layout :func:`samplewise_lora_factors` builds to avoid a copy per call. On the CPU in float32
+    with at least 6 rows per sample, a ``weight`` stored as ``[IN, OUT]`` (``W.t().contiguous().t()``) runs the base
+    GEMM through :func:`samplewise_linear`'s brgemm path; a plain ``[OUT, IN]`` weight goes through ``at::mm``.
+    Inference only.
+    """
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, lora_a, lora_b, coefficients, weight, bias)
+    ):
+        raise RuntimeError(
+            "samplewise_lora has no backward; call it under torch.no_grad() / torch.inference_mode() "
+            "or with inputs that do not require grad"
+        )
+    return _ops.samplewise_lora(input, lora_a, lora_b, coefficients, weight, bias)
+
+
+def samplewise_lora_factors(lora_a: Sequence[Tensor], lora_b: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Stacks S adapters' ``A_s [R, IN]`` and ``B_s [OUT, R]`` into ``([S, R, IN], [S, OUT, R])``.
+
+    ``lora_b`` is stored as ``[S, R, OUT]`` (each ``B_s`` transposed) and returned as its ``transpose(1, 2)``
+    view, the layout :func:`samplewise_lora`'s expand GEMM reads without a copy. All adapters need one rank;
+    pad a lower-rank adapter with zero rows of A and zero columns of B (exact: they add nothing).
+    """
+    if len(lora_a) == 0 or len(lora_a) != len(lora_b):
+        raise ValueError(f"samplewise_lora_factors: need S >= 1 A and B factors, got {len(lora_a)} and {len(lora_b)}")
+    a_shapes = {tuple(a.shape) for a in lora_a}
+    b_shapes = {tuple(b.shape) for b in lora_b}
+    if len(a_shapes) != 1 or len(b_shapes) != 1 or len(next(iter(a_shapes))) != 2 or len(next(iter(b_shapes))) != 2:
+        raise ValueError(
+            f"samplewise_lora_factors: need S A factors of one [R, IN] shape and S B factors of one [OUT, R] "
+            f"shape, got {sorted(a_shapes)} and {sorted(b_shapes)}"
+        )
+    a = torch.stack([t.detach() for t in lora_a], 0).contiguous()
+    b = torch.stack([t.detach().t() for t in lora_b], 0).contiguous().transpose(1, 2)
+    if a.shape[1] != b.shape[2]:
+        raise ValueError(f"samplewise_lora_factors: A has rank {a.shape[1]} but B has rank {b.shape[2]}")
+    return a, b
+
+
+@torch.library.register_fake("dawin_ext::samplewise_lora")
+def _samplewise_lora_fake(
+    input: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    coefficients: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    torch._check(input.dim() >= 2, lambda: "samplewise_lora: input must be [B, ..., in_features]")
+    torch._check(lora_a.dim() == 3, lambda: "samplewise_lora: lora_a must be [S, rank, in_features]")
+    torch._check(lora_b.dim() == 3, lambda: "samplewise_lora: lora_b must be [S, out_features, rank]")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("coefficients", coefficients), ("weight", weight),
+                    ("bias", bias)):  # fmt: skip
+        if t is not None:
+            torch._check_value(
+                t.device == input.device,
+                lambda name=name, t=t: f"samplewise_lora: {name} are on {t.device} but input is on {input.device}",
+            )
+    return input.new_empty((*input.shape[:-1], lora_b.shape[1]))

@@ -28,6 +28,7 @@ from dawin_ext import (
     samplewise_linear_weights,
     softmax_entropy,
 )
+from dawin_ext.ops import samplewise_lora, samplewise_lora_factors
 from dawin_ext.wise_ft import diagonal_fisher, output_ensemble, wise_ft
 
 
@@ -268,6 +269,16 @@ def test_samplewise_interpolator():
     call_and_check(interp.forward_candidates, torch.randn(5, 6), torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
 
 
+def test_samplewise_lora():
+    torch.manual_seed(0)
+    x, w, bias, c = torch.randn(3, 7, 10), torch.randn(6, 10), torch.randn(6), torch.rand(3, 2)
+    a_list, b_list = [torch.randn(2, 10), torch.randn(2, 10)], [torch.randn(6, 2), torch.randn(6, 2)]
+    a, b = call_and_check(samplewise_lora_factors, a_list, b_list)
+    call_and_check(samplewise_lora, x, a, b, c, w, bias)
+    call_and_check(samplewise_lora, x, a, b, c, w.t().contiguous().t(), bias)  # the brgemm base path
+    call_and_check(samplewise_lora, x, a, b, c, None, bias)  # bias only: the output must not alias it
+
+
 def test_fingerprint_catches_in_place_writes():
     # The checker itself must be able to fail.
     x = torch.randn(3)
@@ -291,6 +302,8 @@ def test_public_ops_are_covered():
         "sample_combine",
         "samplewise_linear",
         "samplewise_linear_weights",
+        "samplewise_lora",
+        "samplewise_lora_factors",
     }
     ops = {n for n in dawin_ext.ops.__all__ if callable(getattr(dawin_ext.ops, n)) and n[0].islower()}
     assert ops <= covered, f"add no-mutation tests for {ops - covered}"

@@ -14,6 +14,10 @@ How one call runs (``Engine.run``):
      vmap rule: the whole batch in one call, merged weights formed block by block, never a ``[B, out, in]`` copy);
    * ``F.conv1d/2d/3d`` -> :func:`dawin_ext.samplewise.conv.samplewise_conv` (likewise);
    * ``F.embedding`` -> the G source tables gathered and blended per sample;
+   * a :class:`LowRankStack` (a weight whose sources differ from one shared base by LoRA factors,
+     ``theta_s = W0 + scale_s B_s A_s``) under ``F.linear`` / ``matmul`` -> :func:`dawin_ext.ops.samplewise_lora`
+     (base GEMM + shrink, per-sample scaling of the rank blocks, expand); row/column slices and transposes of it
+     stay low-rank; any other use builds the merged matrix per sample (refused above 1M entries, naming it);
    * view ops (slicing, split, chunk, transpose, reshape, ...) -> a new placeholder whose stack is the view of each
      part (views are linear, so the view of the merged tensor is the merge of the views);
    * metadata (shape, dtype, device) -> answered from source 0's tensor;
@@ -43,11 +47,12 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ..ops import _ops, samplewise_linear_weights
+from ..ops import _ops, samplewise_linear_weights, samplewise_lora_factors
 from .conv import samplewise_conv
 
 __all__ = [
     "Stack",
+    "LowRankStack",
     "Engine",
     "UnsupportedParameterError",
     "MaterializationBudgetError",
@@ -130,6 +135,34 @@ def _linear_vmap(info, in_dims, x, weights, biases, coef):
     if x.dim() == 1:
         x = x.unsqueeze(1)
     out = _ops.samplewise_linear(x, weights, biases, coef.to(torch.float32).contiguous())
+    return out, 0
+
+
+@torch.library.custom_op("dawin_ext_exact::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, coef: Tensor
+) -> Tensor:
+    """One sample: ``F.linear(x, weight + sum_s coef[s] B_s A_s, bias)`` (coef has the adapters' scales folded in)."""
+    xb = x.reshape(1, 1, -1) if x.dim() == 1 else x.unsqueeze(0)
+    out = _ops.samplewise_lora(xb, lora_a, lora_b, coef.to(torch.float32).unsqueeze(0), weight, bias)
+    return out.reshape(*x.shape[:-1], lora_b.shape[1])
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, coef):
+    return x.new_empty((*x.shape[:-1], lora_b.shape[1]))
+
+
+@torch.library.register_vmap("dawin_ext_exact::lora_linear")
+def _lora_linear_vmap(info, in_dims, x, weight, bias, lora_a, lora_b, coef):
+    x_bdim, w_bdim, b_bdim, a_bdim, bb_bdim, c_bdim = in_dims
+    if any(d is not None for d in (w_bdim, b_bdim, a_bdim, bb_bdim)):
+        raise RuntimeError("dawin_ext_exact::lora_linear: the base weight, bias and LoRA factors must be shared")
+    x = x.movedim(x_bdim, 0) if x_bdim is not None else x.unsqueeze(0).expand(info.batch_size, *x.shape)
+    coef = coef.movedim(c_bdim, 0) if c_bdim is not None else coef.unsqueeze(0).expand(info.batch_size, -1)
+    if x.dim() == 1:
+        x = x.unsqueeze(1)
+    out = _ops.samplewise_lora(x, lora_a, lora_b, coef.to(torch.float32).contiguous(), weight, bias)
     return out, 0
 
 
@@ -270,6 +303,69 @@ class Stack:
     @property
     def shape(self) -> torch.Size:
         return self.parts.shape[1:]
+
+
+@dataclass(eq=False)
+class LowRankStack:
+    """A varying matrix whose sources share one base and differ by low-rank factors (LoRA adapters):
+    ``theta_s = base + scales[i] * lora_b[i] @ lora_a[i]`` for ``s = sources[i]``, ``theta_s = base`` otherwise.
+
+    Sample ``b``'s merged value is ``base + sum_i c[b, sources[i]] scales[i] B_i A_i`` (rows sum to 1), so
+    ``F.linear`` on it is the base layer plus :func:`dawin_ext.ops.samplewise_lora`: no merged weight exists.
+    """
+
+    name: str
+    base: Tensor  # [OUT, IN], shared by every source
+    lora_a: Tensor  # [S', R, IN]
+    lora_b: Tensor  # [S', OUT, R] (stored [S', R, OUT], see samplewise_lora_factors)
+    scales: Tensor  # [S'] float32
+    sources: tuple[int, ...]  # the source index of each factor pair
+    placeholder: Tensor = field(repr=False)
+    module: str = ""  # the module that owns the weight, for error messages
+
+    @property
+    def ref(self) -> Tensor:
+        """The base value (for metadata questions only)."""
+        return self.base
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.base.shape
+
+
+def make_low_rank_stack(
+    name: str,
+    base: Tensor,
+    factors: Sequence[tuple[int, Tensor, Tensor, float]],
+    placeholder: Tensor | None = None,
+    module: str = "",
+) -> LowRankStack:
+    """A :class:`LowRankStack` from ``(source index, A [R_i, IN], B [OUT, R_i], scale)`` per adapter; adapters of
+    lower rank are zero-padded to the largest rank (exact: the padding adds zero)."""
+    if not factors:
+        raise ValueError(f"make_low_rank_stack: {name!r} needs at least one adapter")
+    # Stored as [IN, OUT] (a transposed view keeps the [OUT, IN] shape): the layout samplewise_lora's fp32 CPU
+    # base GEMM (samplewise_linear's brgemm path) reads in place.
+    base = base.detach().t().contiguous().t()
+    rank = max(int(a.shape[0]) for _, a, _, _ in factors)
+    a_list, b_list = [], []
+    for src, a, b, _ in factors:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.shape[1] or b.shape[0] != base.shape[0]:
+            raise ValueError(
+                f"LoRA factors of {name!r} for source {src}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
+                f"the base weight {tuple(base.shape)} (expected A [R, {base.shape[1]}], B [{base.shape[0]}, R])"
+            )
+        pad = rank - a.shape[0]
+        a_list.append(F.pad(a.detach().to(base.dtype), (0, 0, 0, pad)))
+        b_list.append(F.pad(b.detach().to(base.dtype), (0, pad)))
+    lora_a, lora_b = samplewise_lora_factors(a_list, b_list)
+    scales = torch.tensor([float(sc) for *_, sc in factors], dtype=torch.float32, device=base.device)
+    if placeholder is None:
+        placeholder = torch.empty(base.shape, dtype=base.dtype, device="meta")
+    sources = tuple(int(src) for src, *_ in factors)
+    return LowRankStack(
+        name, base, lora_a.to(base.device), lora_b.to(base.device), scales, sources, placeholder, module
+    )
 
 
 def make_stack(name: str, tensors: Sequence[Tensor], placeholder: Tensor | None = None) -> Stack:
@@ -669,6 +765,8 @@ class ExactMode(TorchFunctionMode):
                 f"{op} modifies parameter {first.name!r} in place during the forward pass; the exact mode is "
                 "inference only and needs parameters and buffers unchanged"
             )
+        if func is not F.multi_head_attention_forward and any(isinstance(s, LowRankStack) for s in stacks):
+            return self._low_rank(func, op, attr, stacks, flat, spec, args, kwargs)
         handler = _HANDLERS.get(func)
         if handler is not None:
             out = handler(self, *args, **kwargs)
@@ -752,6 +850,141 @@ class ExactMode(TorchFunctionMode):
         if lasting:
             self.engine.views[key] = result
         return result
+
+    # -- low-rank (LoRA) stacks -----------------------------------------------------------------------------
+    def lora_coef(self, st: LowRankStack) -> Tensor:
+        """``c[sources[i]] * scales[i]`` for this sample (batched inside vmap); source 0's coefficient is
+        ``1 - sum_{s>0} c_s`` as for dense stacks."""
+        key = ("lora", st.sources, id(st.scales))
+        c = self.call.coef.get(key)
+        if c is None:
+            row = self.call.row
+            full = torch.cat([1 - row[1:].sum(0, keepdim=True), row[1:]])
+            idx = torch.tensor(st.sources, device=row.device)
+            c = full.index_select(0, idx) * st.scales.to(full.dtype)
+            self.call.coef[key] = c
+            self.call.keep.append(st.scales)  # the id in the key stays unique while the call runs
+        return c
+
+    def _low_rank_name(self, st: LowRankStack) -> str:
+        return f"{st.name!r} (LoRA-adapted, module {st.module!r})" if st.module else f"{st.name!r} (LoRA-adapted)"
+
+    def materialize_low_rank(self, st: LowRankStack, op: str) -> Tensor:
+        """The merged matrix of this sample, ``base + sum_i c_i B_i A_i`` (refused above 1M entries by _account)."""
+        got = self.call.materialized.get(id(st))
+        if got is not None:
+            return got
+        self._account(st, op)
+        c = self.lora_coef(st).to(st.base.dtype)
+        merged = st.base + torch.einsum("s,sor,sri->oi", c, st.lora_b, st.lora_a)
+        self.call.materialized[id(st)] = merged
+        return merged
+
+    def _low_rank(self, func, op: str, attr, stacks, flat, spec, args, kwargs):
+        first = next(s for s in stacks if isinstance(s, LowRankStack))
+        only_one = stacks[0] is first and sum(s is not None for s in stacks) == 1
+        if func in _IDENTITY_IF_SAME and only_one and func(first.ref, *args[1:], **kwargs) is first.ref:
+            return first.placeholder
+        if func in (F.linear, torch._C._nn.linear):
+            a, k = list(args), dict(kwargs)
+            x = a[0] if a else k.get("input")
+            weight = a[1] if len(a) > 1 else k.get("weight")
+            bias = a[2] if len(a) > 2 else k.get("bias")
+            st = self.stack_of(weight)
+            if isinstance(st, LowRankStack) and self.stack_of(x) is None:
+                return self._lora_linear(x, st, bias)
+        if func in _MATMUL and len(args) == 2 and not kwargs:
+            x, other = args
+            st = self.stack_of(other)
+            if isinstance(st, LowRankStack) and self.stack_of(x) is None and x.dim() >= 1:
+                # x @ P == F.linear(x, P^T), and P^T is low-rank too.
+                return self._lora_linear(x, self._low_rank_transpose(st), None)
+        only_first = stacks[0] is first and all(s is None for s in stacks[1:])
+        unbatched_rest = not any(isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t) for t in flat[1:])
+        if only_first and unbatched_rest and (func in _VIEW_FUNCS or attr in _VIEW_ATTRS):
+            out = self._low_rank_view(func, first, args, kwargs, attr)
+            if out is not None:
+                return out
+        # Any other use: the merged matrix itself, per sample (exact; refused above 1M entries).
+        new = []
+        for s, t in zip(stacks, flat, strict=True):
+            if isinstance(s, LowRankStack):
+                new.append(self.materialize_low_rank(s, op))
+            elif s is not None:
+                new.append(self.materialize(s, op))
+            else:
+                new.append(t)
+        a, k = pytree.tree_unflatten(new, spec)
+        try:
+            return func(*a, **k)
+        except RuntimeError as e:
+            if "Batching rule not implemented" not in str(e):
+                raise
+            raise UnsupportedParameterError(
+                f"{op} on {self._low_rank_name(first)} has no vmap batching rule, so it cannot run per sample; "
+                "only F.linear / matmul, slices and transposes of a LoRA-adapted weight run batched"
+            ) from e
+
+    def _lora_linear(self, x, st: LowRankStack, bias):
+        bst = self.stack_of(bias)
+        if isinstance(bst, LowRankStack):
+            raise UnsupportedParameterError(f"F.linear bias {self._low_rank_name(bst)} is a matrix")
+        b = self.materialize(bst, "F.linear") if bst is not None else bias
+        batched_bias = isinstance(b, Tensor) and torch._C._functorch.is_batchedtensor(b)
+        if isinstance(b, Tensor) and (b.dtype != st.base.dtype or b.dim() != 1):
+            batched_bias = True  # an odd bias (another dtype, broadcast shape): added after the op, like F.linear
+        out = _lora_linear_op(x, st.base, None if batched_bias else b, st.lora_a, st.lora_b, self.lora_coef(st))
+        return out + b if batched_bias else out
+
+    def _derived_low_rank(self, st: LowRankStack, base, lora_a, lora_b, what: str) -> Tensor:
+        ph = torch.empty(base.shape, dtype=base.dtype, device="meta")
+        derived = LowRankStack(f"{st.name}{what}", base, lora_a, lora_b, st.scales, st.sources, ph, st.module)
+        self.call.derived[id(ph)] = derived
+        self.call.keep.append(ph)
+        return ph
+
+    def _low_rank_transpose(self, st: LowRankStack) -> LowRankStack:
+        ph = self._derived_low_rank(
+            st, st.base.t(), st.lora_b.transpose(1, 2), st.lora_a.transpose(1, 2), ".T"
+        )  # (B A)^T = A^T B^T
+        return self.call.derived[id(ph)]
+
+    def _low_rank_view(self, func, st: LowRankStack, args, kwargs, attr):
+        """A view of a low-rank matrix that selects rows and columns (slices, chunk, split, narrow) or also
+        transposes them is low-rank again: ``W[rows][:, cols] = W0[rows][:, cols] + B[rows] A[:, cols]``. Found by
+        applying the view to row- and column-index maps; other views return None (the caller materialises)."""
+        n_out, n_in = st.base.shape
+        dev = st.base.device
+        rows = torch.arange(n_out, device=dev).view(-1, 1).expand(n_out, n_in).contiguous()
+        cols = torch.arange(n_in, device=dev).view(1, -1).expand(n_out, n_in).contiguous()
+
+        def one(p):
+            return func(p, *args[1:], **kwargs) if attr is None else func(p)
+
+        try:
+            r_out, c_out, base_out = one(rows), one(cols), one(st.base)
+        except (RuntimeError, TypeError, IndexError, ValueError):
+            return None
+        single = isinstance(r_out, Tensor)
+        r_list, c_list, b_list = ([r_out], [c_out], [base_out]) if single else (r_out, c_out, base_out)
+        label = f".{attr}" if attr else f".{getattr(func, '__name__', 'view')}(...)"
+        outs = []
+        for i, (r, c, base) in enumerate(zip(r_list, c_list, b_list, strict=True)):
+            what = label if single else f"{label}[{i}]"
+            if r.dim() != 2 or r.numel() == 0:
+                return None
+            if bool((r == r[:, :1]).all()) and bool((c == c[:1, :]).all()):
+                ri, ci = r[:, 0], c[0, :]
+                la = st.lora_a.index_select(2, ci)
+                lb = st.lora_b.transpose(1, 2).index_select(2, ri).contiguous().transpose(1, 2)
+            elif bool((r == r[:1, :]).all()) and bool((c == c[:, :1]).all()):
+                ri, ci = r[0, :], c[:, 0]  # transposed: result[i, j] = W[ri[j], ci[i]]
+                la = st.lora_b.index_select(1, ri).transpose(1, 2)
+                lb = st.lora_a.index_select(2, ci).transpose(1, 2)
+            else:
+                return None
+            outs.append(self._derived_low_rank(st, base, la, lb, what))
+        return outs[0] if single else type(r_out)(outs)
 
     # -- kernels ---------------------------------------------------------------------------------------------
     def linear(self, x, weight, bias=None):
@@ -929,6 +1162,13 @@ class Engine:
     def is_lasting(self, st: Stack) -> bool:
         """Whether ``st`` lives as long as the engine (a parameter's stack or a cached view of one)."""
         return self.stacks_by_id.get(id(st.placeholder)) is st
+
+    def add_low_rank_stacks(self, stacks: dict[str, LowRankStack]) -> None:
+        """Registers :class:`LowRankStack` s whose placeholders the caller has installed in ``self.module``."""
+        for name, st in stacks.items():
+            self.stacks[name] = st
+            self.stacks_by_id[id(st.placeholder)] = st
+        self.shared_names = {k: v for k, v in self.shared_names.items() if v not in stacks}
 
     def note_loop(self, op: str) -> None:
         if self.strict:
