@@ -14,6 +14,7 @@ also a correctness check. The paths:
   element-by-element path), several chunks per tensor, fp32 / fp64 / fp16 / bf16;
 - sample_combine: the 16-byte vector path and the scalar path (N not a multiple of the vector width);
 - samplewise_linear: with and without biases, fp32 and bf16 (cuBLAS GEMMs + the blend_partials kernel).
+- samplewise_lora: with and without a base weight, fp32 and bf16 (cuBLAS GEMMs + the per-sample scaling kernel).
 
     python benchmarks/gpu_sanitize_cases.py --device cuda             # what the sanitizer runs
     python benchmarks/gpu_sanitize_cases.py --device cuda --coverage  # + which kernels ran (torch.profiler)
@@ -49,6 +50,7 @@ KERNEL_PATHS = [
     ("sample_combine vector", r"sample_combine_kernel<[^,]+, (2|4|8)>"),
     ("sample_combine scalar", r"sample_combine_kernel<[^,]+, 1>"),
     ("samplewise_linear blend of partials", r"blend_partials_kernel"),
+    ("samplewise_lora per-sample scaling", r"samplewise_lora_scale_kernel"),
 ]
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -172,6 +174,23 @@ def samplewise_linear_cases(device: str, gen: torch.Generator) -> None:
             check(f"samplewise_linear bias={with_bias} {dtype}", got, want, dtype)
 
 
+def samplewise_lora_cases(device: str, gen: torch.Generator) -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        for with_base in (True, False):
+            x = torch.randn(4, 9, 40, generator=gen).to(dtype=dtype, device=device)
+            a = torch.randn(2, 5, 40, generator=gen).to(dtype=dtype, device=device)
+            bm = torch.randn(2, 24, 5, generator=gen).to(dtype=dtype, device=device)
+            c = torch.rand(4, 2, generator=gen).to(device)
+            w = torch.randn(24, 40, generator=gen).to(dtype=dtype, device=device) if with_base else None
+            xd, ad, bd, cd = x.double().cpu(), a.double().cpu(), bm.double().cpu(), c.double().cpu()
+            want = torch.einsum("bs,sor,sri,bmi->bmo", cd, bd, ad, xd)
+            if w is not None:
+                want = want + xd @ w.double().cpu().t()
+            with torch.no_grad():
+                got = ops.samplewise_lora(x, a, bm, c, w)
+            check(f"samplewise_lora base={with_base} {dtype}", got, want, dtype)
+
+
 def run_all(device: str) -> None:
     gen = torch.Generator().manual_seed(0)
     entropy_cases(device, gen)
@@ -179,6 +198,7 @@ def run_all(device: str) -> None:
     blend_cases(device, gen)
     sample_combine_cases(device, gen)
     samplewise_linear_cases(device, gen)
+    samplewise_lora_cases(device, gen)
     if device == "cuda":
         torch.cuda.synchronize()
 
