@@ -482,6 +482,15 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------------------------
 # samplewise_linear
 # --------------------------------------------------------------------------------------------
+def _refuse_autograd(op: str, *tensors: Tensor | None) -> None:
+    """The inference-only ops have no backward: refuse a call that autograd would record."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{op} has no backward; call it under torch.no_grad() / torch.inference_mode() "
+            "or with inputs that do not require grad"
+        )
+
+
 def samplewise_linear(input: Tensor, weights: Tensor, coefficients: Tensor, biases: Tensor | None = None) -> Tensor:
     """A linear layer whose weights are interpolated per sample: ``F.linear`` with ``W(c_b)`` for sample ``b``.
 
@@ -496,13 +505,7 @@ def samplewise_linear(input: Tensor, weights: Tensor, coefficients: Tensor, bias
     to avoid a copy per call. Fewer rows, float16/bfloat16, and CUDA compute the G partial outputs
     with G plain GEMMs and blend them per sample (fp32 accumulation). Inference only: no backward.
     """
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weights, coefficients, biases)
-    ):
-        raise RuntimeError(
-            "samplewise_linear has no backward; call it under torch.no_grad() / torch.inference_mode() "
-            "or with inputs that do not require grad"
-        )
+    _refuse_autograd("samplewise_linear", input, weights, coefficients, biases)
     return _ops.samplewise_linear(input, weights, biases, coefficients)
 
 
@@ -564,13 +567,7 @@ def samplewise_lora(
     GEMM through :func:`samplewise_linear`'s brgemm path; a plain ``[OUT, IN]`` weight goes through ``at::mm``.
     Inference only.
     """
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, lora_a, lora_b, coefficients, weight, bias)
-    ):
-        raise RuntimeError(
-            "samplewise_lora has no backward; call it under torch.no_grad() / torch.inference_mode() "
-            "or with inputs that do not require grad"
-        )
+    _refuse_autograd("samplewise_lora", input, lora_a, lora_b, coefficients, weight, bias)
     return _ops.samplewise_lora(input, lora_a, lora_b, coefficients, weight, bias)
 
 

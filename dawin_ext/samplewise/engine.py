@@ -641,24 +641,16 @@ class ExactMode(TorchFunctionMode):
         """A ``[B, ...]`` tensor back into this call's vmap level (dim 0 is the batch)."""
         return torch._C._functorch._add_batch_dim(t, 0, self.call.level)
 
-    def rows_of(self, t) -> Tensor | None:
-        """A parameter-like argument outside vmap: a placeholder's merged ``[B, *shape]`` (budgeted), a plain
-        tensor as it is (shared by all samples), None if t is batched (then the caller takes the vmap path)."""
+    def rows_of(self, t, op: str) -> Tensor | None:
+        """A parameter-like argument of ``op`` outside vmap: a placeholder's merged ``[B, *shape]`` (materialised
+        and budgeted as for any other op), a batched tensor's ``[B, ...]``, a plain tensor as it is (shared by all
+        samples); None when t is None or batched at another vmap level (then the caller takes the vmap path)."""
         if t is None:
             return None
         st = self.stack_of(t)
         if st is not None:
-            got = self.call.materialized.get(id(st))
-            if got is None:
-                self._account(st, "a norm layer")
-                rows = self.merged_rows(st)
-                self.call.materialized[id(st)] = self.wrap(rows)
-                return rows
-            t = got
-        if torch._C._functorch.is_batchedtensor(t):
-            phys = self.physical(t)
-            return phys
-        return t
+            t = self.materialize(st, op)
+        return self.physical(t) if torch._C._functorch.is_batchedtensor(t) else t
 
     def _account(self, st: Stack, op: str) -> None:
         """Refuses a per-sample copy of a matrix above 1M entries or beyond the byte budget; logs the copy."""
@@ -1070,7 +1062,7 @@ class ExactMode(TorchFunctionMode):
         given = (running_mean, running_var, weight, bias)
         if self.stack_of(input) is None and torch._C._functorch.is_batchedtensor(input):
             xp = self.physical(input)
-            stats = [self.rows_of(t) for t in given]
+            stats = [self.rows_of(t, "F.batch_norm") for t in given]
             if (
                 xp is not None
                 and xp.dim() >= 2
@@ -1094,7 +1086,7 @@ class ExactMode(TorchFunctionMode):
         if self.stack_of(input) is not None or not torch._C._functorch.is_batchedtensor(input):
             return NotImplemented
         xp = self.physical(input)
-        w, b = self.rows_of(weight), self.rows_of(bias)
+        w, b = self.rows_of(weight, "F.layer_norm"), self.rows_of(bias, "F.layer_norm")
         if xp is None or (weight is not None and w is None) or (bias is not None and b is None):
             return NotImplemented
         ns = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
