@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..ops import _ops, samplewise_linear_weights, samplewise_lora_factors
-from .conv import samplewise_conv
+from .conv import samplewise_conv, samplewise_conv_weights
 
 __all__ = [
     "Stack",
@@ -374,6 +374,10 @@ def make_stack(name: str, tensors: Sequence[Tensor], placeholder: Tensor | None 
     deltas = [tensors[s].detach() - t0 for s in active]
     if t0.dim() == 2 and t0.is_floating_point():
         parts = samplewise_linear_weights([t0, *deltas])  # [G, N, K] in the layout samplewise_linear reads fastest
+    elif 3 <= t0.dim() <= 5 and t0.is_floating_point() and all(k == 1 for k in t0.shape[2:]):
+        # A 1x1 convolution's weight: stored [G, C_in, C_out] (samplewise_conv_weights), which the CPU's "linear"
+        # route reads in place; the plain stack made it copy the weights on every call.
+        parts = samplewise_conv_weights([t0, *deltas])
     else:
         parts = torch.stack([t0, *deltas], 0)
     if placeholder is None:
