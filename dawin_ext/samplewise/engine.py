@@ -33,6 +33,7 @@ the merged value itself. A use that bypasses the mode cannot silently read wrong
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import traceback
@@ -295,6 +296,16 @@ class Stack:
             self._flat = self.parts.reshape(self.parts.shape[0], -1).contiguous()
         return self._flat
 
+    @functools.cached_property
+    def flat_base(self) -> Tensor:
+        """``flat[:1]``, kept (slicing per call costs more than the small merges it feeds)."""
+        return self.flat[:1]
+
+    @functools.cached_property
+    def flat_deltas(self) -> Tensor:
+        """``flat[1:]``, kept."""
+        return self.flat[1:]
+
     @property
     def ref(self) -> Tensor:
         """Source 0's value (for metadata questions only)."""
@@ -462,6 +473,35 @@ def _may_hold_meta(args: tuple, kwargs: dict) -> bool:
     return False
 
 
+class _ShallowSpec:
+    """How :func:`_flatten_args` split ``(args, kwargs)`` when no container among them holds a tensor."""
+
+    __slots__ = ("n_args", "keys")
+
+    def __init__(self, n_args: int, keys: tuple) -> None:
+        self.n_args, self.keys = n_args, keys
+
+
+def _flatten_args(args: tuple, kwargs: dict) -> tuple[list, object]:
+    """``(args, kwargs)`` as leaves and a spec for :func:`_unflatten_args`. Arguments are leaves themselves unless
+    a list, tuple or dict among them holds a tensor or a container (then pytree flattens everything): a tuple of
+    ints such as a stride stays one leaf, which is all the dispatch needs, and pytree's full walk cost ~0.1 ms per
+    call."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, dict) or (
+            isinstance(a, (list, tuple)) and any(isinstance(b, (Tensor, list, tuple, dict)) for b in a)
+        ):
+            return pytree.tree_flatten((args, kwargs))
+    return [*args, *kwargs.values()], _ShallowSpec(len(args), tuple(kwargs))
+
+
+def _unflatten_args(leaves: Sequence, spec) -> tuple[tuple, dict]:
+    """The inverse of :func:`_flatten_args`."""
+    if isinstance(spec, _ShallowSpec):
+        return tuple(leaves[: spec.n_args]), dict(zip(spec.keys, leaves[spec.n_args :], strict=True))
+    return pytree.tree_unflatten(leaves, spec)
+
+
 def _batch_norm_affine(mean: Tensor, var: Tensor, weight, bias, eps: float) -> tuple[Tensor, Tensor]:
     """Eval-mode batch norm as the affine map it applies: ``scale = w / sqrt(var + eps)``, ``shift = b - mean * scale``."""
     scale = torch.rsqrt(var + eps)
@@ -614,7 +654,7 @@ class ExactMode(TorchFunctionMode):
         if flat.shape[0] == 1:
             return flat[0].view(st.shape).unsqueeze(0).expand(self.call.batch, *st.shape)
         c = self.coef_rows(st, flat.dtype)
-        return torch.addmm(flat[:1], c[:, 1:], flat[1:]).view(self.call.batch, *st.shape)
+        return torch.addmm(st.flat_base, c[:, 1:], st.flat_deltas).view(self.call.batch, *st.shape)
 
     # -- the batch outside vmap: kernels take the whole batch in one call --------------------------------------
     def coef_rows(self, st: Stack, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -658,15 +698,16 @@ class ExactMode(TorchFunctionMode):
 
     def _account(self, st: Stack, op: str) -> None:
         """Refuses a per-sample copy of a matrix above 1M entries or beyond the byte budget; logs the copy."""
-        numel = st.ref.numel()
-        if st.ref.dim() >= 2 and numel > MAX_MATERIALIZED_MATRIX_NUMEL:
+        shape = st.shape  # metadata only: st.ref would build a tensor view per question
+        numel = math.prod(shape)
+        if len(shape) >= 2 and numel > MAX_MATERIALIZED_MATRIX_NUMEL:
             raise UnsupportedParameterError(
                 f"parameter {st.name!r} {tuple(st.shape)} ({numel} entries) differs between sources and reaches "
                 f"{op}, which would need a per-sample copy of it; matrices above {MAX_MATERIALIZED_MATRIX_NUMEL} "
                 "entries are never copied per sample. Route it through F.linear / F.conv*d / F.embedding / matmul, "
                 "or make it identical in all sources."
             )
-        nbytes = self.call.batch * numel * st.ref.element_size()
+        nbytes = self.call.batch * numel * st.placeholder.element_size()
         if self.call.spent + nbytes > self.call.budget:
             raise MaterializationBudgetError(
                 f"materialising parameter {st.name!r} {tuple(st.shape)} per sample for {op} needs {nbytes} bytes "
@@ -675,7 +716,7 @@ class ExactMode(TorchFunctionMode):
                 "materialize_budget_bytes=N), or use a smaller batch."
             )
         self.call.spent += nbytes
-        self.call.log.append((st.name, tuple(st.shape)))
+        self.call.log.append((st.name, tuple(shape)))
 
     def new_stack(self, st: Stack, parts: Tensor, what: str, lasting: bool = False) -> Tensor:
         ph = torch.empty(parts.shape[1:], dtype=parts.dtype, device="meta")
@@ -696,7 +737,7 @@ class ExactMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if not _may_hold_meta(args, kwargs):  # the common case, without flattening the arguments
             return self._no_placeholder(func, args, kwargs)
-        flat, spec = pytree.tree_flatten((args, kwargs))
+        flat, spec = _flatten_args(args, kwargs)
         stacks = [self.stack_of(t) for t in flat]
         if not any(s is not None for s in stacks):
             return self._no_placeholder(func, args, kwargs)
@@ -745,11 +786,8 @@ class ExactMode(TorchFunctionMode):
         first = next(s for s in stacks if s is not None)
         attr = _getter_attr(func)
         if attr in _METADATA_ATTRS or func in _METADATA_FUNCS:
-            return func(
-                *pytree.tree_unflatten(
-                    [s.ref if s is not None else t for s, t in zip(stacks, flat, strict=False)], spec
-                )[0]
-            )
+            a, k = _unflatten_args([s.ref if s is not None else t for s, t in zip(stacks, flat, strict=False)], spec)
+            return func(*a, **k)
         if func in _DATA_DEPENDENT:
             raise DataDependentControlFlowError(
                 f"{op} on parameter {first.name!r}, which differs between sources, at {_user_frame()}: Python control "
@@ -778,7 +816,7 @@ class ExactMode(TorchFunctionMode):
             return self._view(func, first, args, kwargs, attr)
         # Any other op: the merged value itself, per sample.
         new = [self.materialize(s, op) if s is not None else t for s, t in zip(stacks, flat, strict=False)]
-        a, k = pytree.tree_unflatten(new, spec)
+        a, k = _unflatten_args(new, spec)
         try:
             return func(*a, **k)
         except RuntimeError as e:
@@ -807,7 +845,7 @@ class ExactMode(TorchFunctionMode):
                 leaves.append(("s", t))
         outs = []
         for b in range(batch):
-            a, k = pytree.tree_unflatten([v[b] if kind == "b" else v for kind, v in leaves], spec)
+            a, k = _unflatten_args([v[b] if kind == "b" else v for kind, v in leaves], spec)
             outs.append(func(*a, **k))
         out_flat, out_spec = pytree.tree_flatten(outs[0])
         per = [pytree.tree_flatten(o)[0] for o in outs]
@@ -910,7 +948,7 @@ class ExactMode(TorchFunctionMode):
                 new.append(self.materialize(s, op))
             else:
                 new.append(t)
-        a, k = pytree.tree_unflatten(new, spec)
+        a, k = _unflatten_args(new, spec)
         try:
             return func(*a, **k)
         except RuntimeError as e:
