@@ -143,3 +143,35 @@ def test_concurrent_engine_calls_equal_sequential_calls():
     for i, w in enumerate(want):
         assert torch.equal(got[i], w), f"thread {i} differs from its sequential call"
     assert torch.backends.mha.get_fastpath_enabled() == fastpath, "the engine left the MHA fast path switched"
+
+
+class _TwoScales(nn.Module):
+    """One convolution applied at two input sizes and, under no_grad, once more: the engine keeps one plan per
+    layer and input shape, so each call must get its own route, padding and tap crop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 7, padding=3, padding_mode="reflect")
+        self.dw = nn.Conv2d(6, 6, 7, padding=3, groups=6)
+
+    def forward(self, x):
+        small = nn.functional.avg_pool2d(x, 4)
+        a = self.dw(self.conv(x)).mean((2, 3))
+        b = self.dw(self.conv(small)).mean((2, 3))
+        return a + b
+
+
+def test_conv_plans_are_per_input_shape():
+    torch.manual_seed(0)
+    model = _TwoScales().eval()
+    keys = {"conv.weight", "conv.bias", "dw.weight", "dw.bias"}
+    sources = sources_varying(model, keys)
+    rows = torch.stack([torch.linspace(1.2, -0.2, B), torch.linspace(-0.2, 1.2, B)], 1)
+    sw = SampleWiseInterpolator(model, sources)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for x in (torch.randn(B, 4, 16, 16), torch.randn(B, 4, 20, 16), torch.randn(B, 4, 16, 16)):
+            got = sw(x, rows)  # one engine: the plans made by earlier calls are reused or extended
+            for b in range(B):
+                ref.load_state_dict({k: rows[b, 0] * sources[0][k] + rows[b, 1] * sources[1][k] for k in sources[0]})
+                assert (got[b] - ref(x[b : b + 1])[0]).abs().max().item() <= 1e-4

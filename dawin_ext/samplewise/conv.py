@@ -55,7 +55,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,8 @@ __all__ = [
     "samplewise_conv",
     "samplewise_conv_route",
     "samplewise_conv_weights",
+    "samplewise_conv_plan",
+    "ConvPlan",
     "ROUTES",
     "MAX_PER_SAMPLE_WEIGHT_NUMEL",
 ]
@@ -137,8 +140,23 @@ def _pads(
     return [(v, v) for v in p]
 
 
-def _check_args(x: Tensor, weights: Tensor, coefficients: Tensor, biases: Tensor | None, groups: int) -> int:
-    """Validates shapes, dtypes and devices; returns the number of spatial dims."""
+def _check_coefficients(x: Tensor, s: int, coefficients: Tensor) -> None:
+    if coefficients.dim() != 2 or coefficients.shape[1] != s:
+        raise ValueError(
+            f"samplewise_conv: coefficients must be [B, S] with S = {s} (weights' first dim), "
+            f"got shape {tuple(coefficients.shape)}"
+        )
+    if coefficients.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"samplewise_conv: x has batch {x.shape[0]} but coefficients have {coefficients.shape[0]} rows; "
+            "one coefficient row per sample"
+        )
+    if not coefficients.is_floating_point():
+        raise TypeError(f"samplewise_conv: coefficients must be floating point, got {coefficients.dtype}")
+
+
+def _check_args(x: Tensor, weights: Tensor, coefficients: Tensor | None, biases: Tensor | None, groups: int) -> int:
+    """Validates shapes, dtypes and devices (the coefficients' too unless None); returns the number of spatial dims."""
     for name, t in (("x", x), ("weights", weights), ("coefficients", coefficients), ("biases", biases)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"samplewise_conv: {name} must be a Tensor, got {type(t).__name__}")
@@ -156,18 +174,8 @@ def _check_args(x: Tensor, weights: Tensor, coefficients: Tensor, biases: Tensor
     s, c_out, c_in_g = weights.shape[0], weights.shape[1], weights.shape[2]
     if s < 1:
         raise ValueError(f"samplewise_conv: weights have S = 0 sources (shape {tuple(weights.shape)})")
-    if coefficients.dim() != 2 or coefficients.shape[1] != s:
-        raise ValueError(
-            f"samplewise_conv: coefficients must be [B, S] with S = {s} (weights' first dim), "
-            f"got shape {tuple(coefficients.shape)}"
-        )
-    if coefficients.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"samplewise_conv: x has batch {x.shape[0]} but coefficients have {coefficients.shape[0]} rows; "
-            "one coefficient row per sample"
-        )
-    if not coefficients.is_floating_point():
-        raise TypeError(f"samplewise_conv: coefficients must be floating point, got {coefficients.dtype}")
+    if coefficients is not None:
+        _check_coefficients(x, s, coefficients)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"samplewise_conv: groups must be a positive int, got {groups!r}")
     c_in = x.shape[1]
@@ -279,7 +287,75 @@ def samplewise_conv(
     Returns:
         ``[B, C_out, *spatial_out]`` in x's dtype. The ``"linear"`` route returns a channels-last strided tensor.
     """
-    n = _check_args(x, weights, coefficients, biases, groups)
+    if not isinstance(coefficients, Tensor):
+        raise TypeError(f"samplewise_conv: coefficients must be a Tensor, got {type(coefficients).__name__}")
+    plan = samplewise_conv_plan(
+        x,
+        weights,
+        biases,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        route,
+        _needs_grad(x, weights, coefficients, biases),
+    )
+    _check_coefficients(x, weights.shape[0], coefficients)
+    if coefficients.device != x.device:
+        raise ValueError(f"samplewise_conv: coefficients are on {coefficients.device} but x is on {x.device}")
+    return plan(x, coefficients)
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """Everything :func:`samplewise_conv` decides from shapes alone (route, padding, tap crop, the weights in the
+    layout the route reads), so that a caller that repeats a call (the exact engine, once per layer and input shape)
+    pays for the decisions once. Call it as ``plan(x, coefficients)`` with an ``x`` of the shape, dtype and device
+    it was made for."""
+
+    route: str
+    conv: Callable
+    weights: Tensor  # cropped to the reachable taps; for "linear": the [S, C_out, prod(k) * C_in] view it reads
+    biases: Tensor | None
+    stride: tuple[int, ...]
+    pad: tuple[int, ...]  # the convolution's own symmetric padding
+    explicit_pad: tuple[int, ...] | None  # F.pad's argument when padding is applied first, else None
+    pad_mode: str
+    dilation: tuple[int, ...]
+    groups: int
+    c_out: int
+    out_spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+
+    def __call__(self, x: Tensor, coefficients: Tensor) -> Tensor:
+        if self.explicit_pad is not None:
+            x = F.pad(x, self.explicit_pad, mode=self.pad_mode)
+        if x.shape[0] == 0:
+            return x.new_empty((0, self.c_out, *self.out_spatial))
+        args = (x, self.weights, coefficients, self.biases, self.stride, self.pad, self.dilation)
+        if self.route == "linear":
+            return _linear(*args, self.out_spatial, self.kernel)
+        if self.route == "fold":
+            return _fold(self.conv, *args, self.groups)
+        return _stacked(self.conv, *args, self.groups)
+
+
+def samplewise_conv_plan(
+    x: Tensor,
+    weights: Tensor,
+    biases: Tensor | None,
+    stride: int | Sequence[int],
+    padding: str | int | Sequence[int],
+    dilation: int | Sequence[int],
+    groups: int,
+    padding_mode: str = "zeros",
+    route: str = "auto",
+    needs_grad: bool = False,
+) -> ConvPlan:
+    """The :class:`ConvPlan` of :func:`samplewise_conv` for inputs of ``x``'s shape, dtype and device (arguments as
+    there; ``x``'s values are not read). Validates the arguments that do not involve the coefficients."""
+    n = _check_args(x, weights, None, biases, groups)
     if padding_mode not in _PADDING_MODES:
         raise ValueError(f"samplewise_conv: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
     if route != "auto" and route not in ROUTES:
@@ -290,34 +366,33 @@ def samplewise_conv(
     if any(v < 1 for v in stride_t) or any(v < 1 for v in dilation_t):
         raise ValueError(f"samplewise_conv: stride and dilation must be positive, got {stride!r}, {dilation!r}")
     pads = _pads(padding, kernel, stride_t, dilation_t)
-    conv = _CONV[n]
-    b = x.shape[0]
     c_out = weights.shape[1]
+    spatial = tuple(x.shape[2:])
 
     # Explicit padding first (nn.Conv's order for non-zero modes, and torch's for asymmetric 'same'), then the
     # convolution itself has none. Symmetric zero padding stays inside the convolution.
+    explicit = None
+    mode = "constant" if padding_mode == "zeros" else padding_mode
     if padding_mode != "zeros" or any(p0 != p1 for p0, p1 in pads):
-        flat = [v for p in reversed(pads) for v in p]
+        flat = tuple(v for p in reversed(pads) for v in p)
         if any(flat):
-            mode = "constant" if padding_mode == "zeros" else padding_mode
-            x = F.pad(x, flat, mode=mode)
+            explicit = flat
+            spatial = tuple(size + p0 + p1 for size, (p0, p1) in zip(spatial, pads, strict=True))
         conv_pad = (0,) * n
     else:
         conv_pad = tuple(p0 for p0, _ in pads)
     out_spatial = tuple(
-        _out_size(x.shape[2 + i], (conv_pad[i], conv_pad[i]), kernel[i], stride_t[i], dilation_t[i]) for i in range(n)
+        _out_size(spatial[i], (conv_pad[i], conv_pad[i]), kernel[i], stride_t[i], dilation_t[i]) for i in range(n)
     )
     if any(o < 1 for o in out_spatial):
         raise ValueError(
             f"samplewise_conv: the kernel {kernel} (dilation {dilation_t}) does not fit the padded input "
-            f"{tuple(x.shape[2:])} with padding {conv_pad}: output size {out_spatial}"
+            f"{spatial} with padding {conv_pad}: output size {out_spatial}"
         )
-    if b == 0:
-        return x.new_empty((0, c_out, *out_spatial))
     if any(conv_pad):
-        weights, conv_pad = _crop_to_reachable_taps(weights, x.shape[2:], conv_pad, stride_t, dilation_t, out_spatial)
+        weights, conv_pad = _crop_to_reachable_taps(weights, spatial, conv_pad, stride_t, dilation_t, out_spatial)
+    kernel = tuple(weights.shape[3:])
 
-    needs_grad = _needs_grad(x, weights, coefficients, biases)
     if route == "auto":
         route = samplewise_conv_route(weights.shape, math.prod(out_spatial), groups, x.dtype, x.device, needs_grad)
     if route == "linear":
@@ -332,7 +407,11 @@ def samplewise_conv(
                 f"samplewise_conv: route 'linear' computes in float32 (samplewise_linear); x has {x.dtype}, "
                 "use 'fold' or 'stacked'"
             )
-        return _linear(x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, out_spatial)
+        # [S, prod(k) * C_in, C_out] in (*k, C_in) order: a view for 1x1 weights in samplewise_conv_weights'
+        # layout, else one copy, made once per plan rather than once per call.
+        k = len(kernel)
+        wt = weights.permute(0, *range(3, 3 + k), 2, 1).reshape(weights.shape[0], -1, c_out)
+        weights = wt.transpose(1, 2)
     if route == "fold":
         numel = math.prod(weights.shape[1:])
         if numel > MAX_PER_SAMPLE_WEIGHT_NUMEL:
@@ -341,8 +420,21 @@ def samplewise_conv(
                 f"{tuple(weights.shape[1:])} has {numel} entries, over the {MAX_PER_SAMPLE_WEIGHT_NUMEL} budget; "
                 "use 'stacked' or 'linear' (route='auto' never folds above it)"
             )
-        return _fold(conv, x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, groups)
-    return _stacked(conv, x, weights, coefficients, biases, stride_t, conv_pad, dilation_t, groups)
+    return ConvPlan(
+        route,
+        _CONV[n],
+        weights,
+        biases,
+        stride_t,
+        conv_pad,
+        explicit,
+        mode,
+        dilation_t,
+        groups,
+        c_out,
+        out_spatial,
+        kernel,
+    )
 
 
 def _crop_to_reachable_taps(weights, spatial, pad, stride, dilation, out_spatial) -> tuple[Tensor, tuple[int, ...]]:
@@ -454,17 +546,15 @@ def _stacked(conv, x, weights, coefficients, biases, stride, pad, dilation, grou
     return out.view(b, c_out, *out_spatial)
 
 
-def _linear(x, weights, coefficients, biases, stride, pad, dilation, out_spatial) -> Tensor:
+def _linear(x, weights, coefficients, biases, stride, pad, dilation, out_spatial, kernel) -> Tensor:
     """The convolution as a per-sample linear map of its patches (groups == 1) through samplewise_linear.
 
     Works channels-last throughout: the patches ``[B, L, prod(k) * C_in]`` are gathered from an NHWC view (runs of
-    C_in contiguous entries, so the copy streams), the weights are read as ``[S, prod(k) * C_in, C_out]`` (a view when
-    the caller keeps them in the layout :func:`samplewise_conv_weights` builds, else one copy of the S sources), and
+    C_in contiguous entries, so the copy streams), ``weights`` is the plan's ``[S, C_out, prod(k) * C_in]`` view, and
     the ``[B, L, C_out]`` result is returned as a channels-last view ``[B, C_out, *out]``.
     """
     b, c_in = x.shape[0], x.shape[1]
-    s, c_out = weights.shape[0], weights.shape[1]
-    kernel = tuple(weights.shape[3:])
+    c_out = weights.shape[1]
     n = len(kernel)
     xl = x.permute(0, *range(2, 2 + n), 1)  # [B, *spatial, C_in], a view
     if any(pad):
@@ -485,8 +575,7 @@ def _linear(x, weights, coefficients, biases, stride, pad, dilation, out_spatial
         # p: [B, *out, C_in, *k] -> [B, *out, *k, C_in]
         p = p.permute(0, *range(1, 1 + n), *range(2 + n, 2 + 2 * n), 1 + n)
         patches = p.reshape(b, -1, math.prod(kernel) * c_in)
-    wt = weights.permute(0, *range(3, 3 + n), 2, 1).reshape(s, -1, c_out)  # [S, prod(k) * C_in, C_out]
-    y = samplewise_linear(patches, wt.transpose(1, 2), coefficients, biases)  # [B, L, C_out]
+    y = samplewise_linear(patches, weights, coefficients, biases)  # [B, L, C_out]
     return y.view(b, *out_spatial, c_out).movedim(-1, 1)
 
 

@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..ops import _ops, samplewise_linear_weights, samplewise_lora_factors
-from .conv import samplewise_conv, samplewise_conv_weights
+from .conv import ConvPlan, samplewise_conv, samplewise_conv_plan, samplewise_conv_weights
 
 __all__ = [
     "Stack",
@@ -1069,12 +1069,29 @@ class ExactMode(TorchFunctionMode):
             out = _conv_op(x, st.parts, biases, self.coef(st), lst(stride), pad, pad_str, lst(dilation), groups)
         else:
             xb, rows, lead = _fold_batch(xp, 0, self.coef_rows(st), 0, self.call.batch, nd + 1)
-            y = samplewise_conv(xb, st.parts, rows, biases, lst(stride), pad_str or pad, lst(dilation), groups)
+            y = self._conv_plan(st, fused, xb, biases, lst(stride), pad_str or pad, lst(dilation), groups)(xb, rows)
             out = self.wrap(y.reshape(self.call.batch, *lead, *y.shape[1:]))
         if bias is not None and not fused:
             b = self._resolve(bias, f"F.conv{nd}d")
             out = out + b.view(-1, *([1] * nd))
         return out
+
+    def _conv_plan(self, st: Stack, fused: bool, xb: Tensor, biases, stride, padding, dilation, groups) -> ConvPlan:
+        """samplewise_conv's plan for this layer and input shape: kept for the engine's lifetime when the weights are
+        (a layer's route, padding, tap crop and weight layout are the same every call)."""
+        grad = torch.is_grad_enabled()
+        key = None
+        if self.engine.is_lasting(st) and len(self.engine.conv_plans) < _MAX_CACHED_VIEWS:
+            key = (id(st.placeholder), fused, tuple(xb.shape), xb.dtype, xb.device, str(padding), tuple(stride))
+            key = (*key, tuple(dilation), groups, grad)
+            plan = self.engine.conv_plans.get(key)
+            if plan is not None:
+                return plan
+        needs_grad = grad and (xb.requires_grad or st.parts.requires_grad)
+        plan = samplewise_conv_plan(xb, st.parts, biases, stride, padding, dilation, groups, needs_grad=needs_grad)
+        if key is not None:
+            self.engine.conv_plans[key] = plan
+        return plan
 
     def embedding(
         self, input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False
@@ -1183,6 +1200,7 @@ class Engine:
         self.stacks = stacks
         self.stacks_by_id = {id(s.placeholder): s for s in stacks.values()}
         self.views: dict[tuple, Tensor | tuple] = {}  # lasting views of lasting stacks (see ExactMode._view)
+        self.conv_plans: dict[tuple, ConvPlan] = {}  # samplewise_conv's plans per layer and input shape
         self.budget = int(budget)
         self.strict = bool(strict)
         self.shared_names = {id(t): n for n, t in module.named_parameters(remove_duplicate=False)}
