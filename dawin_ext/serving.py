@@ -4,11 +4,12 @@ Everything that does not depend on the request is built once, in the constructor
 (blended by ``fit``/``load``), the exact per-sample engine and, with ``compile=True``, the compiled modules. A request
 then costs:
 
-* **the expert pass.** With ``fused_experts=True`` (the default) the zero-shot and the fine-tuned logits come from
-  ONE pass of the exact engine over the batch repeated twice, with coefficient rows ``[1, 0]`` and ``[0, 1]``: each
-  layer's weights are read once for both models, which is what dominates at batch 1. (A third block with
-  ``[1 - a, a]`` is added when the cross-entropy ratio needs the merged model's pseudo labels.) With
-  ``fused_experts=False`` the experts run as two plain forwards.
+* **the expert pass.** Fused, the zero-shot and the fine-tuned logits come from ONE pass of the exact engine over
+  the batch repeated twice, with coefficient rows ``[1, 0]`` and ``[0, 1]``: each layer's weights are read once for
+  both models, which pays where a forward is bound by reading weights (small batches). (A third block with
+  ``[1 - a, a]`` is added when the cross-entropy ratio needs the merged model's pseudo labels.) Unfused, the experts
+  run as two plain forwards, which is faster once the forward is compute-bound. ``fused_experts="auto"`` (the
+  default) fuses batches of up to :data:`AUTO_FUSE_MAX_BATCH` samples.
 * **the coefficients**: the fused entropy kernel, then the Beta mixture's assignment (a few scalars, NumPy);
 * **the answer pass**: each sample through its cluster's model (``mode="cluster"``) or through the exact engine with
   its own ``[1 - lambda, lambda]`` row (``mode="exact"``).
@@ -18,8 +19,8 @@ Two sequential passes per request, against three for ``DaWin.predict``. Every ca
 
 **Threads.** A pass through the exact engine switches process-global torch settings for its duration (the
 nn.MultiheadAttention fast path, vmap's fallback warning), which would change the numerics of a plain forward
-running in another thread at the same time. So a predictor that holds an engine (exact mode, or fused experts)
-serialises whole requests with a lock; without an engine (cluster mode, ``fused_experts=False``) requests run
+running in another thread at the same time. So a predictor that holds an engine (exact mode, or fused experts,
+including ``"auto"``) serialises whole requests with a lock; without one (cluster mode, ``fused_experts=False``) requests run
 concurrently. Either way any number of threads may call one predictor, and each gets the answer a sequential call
 would give.
 
@@ -66,6 +67,12 @@ class _BoundForward:
         return self.fn(self.params, x)
 
 
+#: ``fused_experts="auto"`` fuses the expert pass up to this batch size. Measured on the 2-core CPU (ViT-B-32,
+#: benchmarks/RESULTS.md): fusing was 3-5% faster at batch 1 and 12-20% slower at batch 8 and 32, where the
+#: forward is compute-bound; on GPUs, where small batches are bound by reading weights, not yet measured.
+AUTO_FUSE_MAX_BATCH = 2
+
+
 class BadRequestError(ValueError):
     """The request itself is wrong (shape, dtype, empty or non-finite batch): a client error, not a server one."""
 
@@ -76,7 +83,8 @@ class DaWinPredictor:
     Args:
         dawin: a fitted (or loaded) DaWin. Its models are shared, not copied; do not re-``fit`` it while serving.
         mode: ``"cluster"`` (each sample through its cluster's model) or ``"exact"`` (per-sample weights).
-        fused_experts: compute both experts' logits in one pass of the exact engine (see the module docstring).
+        fused_experts: compute both experts' logits in one pass of the exact engine: True, False, or ``"auto"``
+            (fuse batches of at most :data:`AUTO_FUSE_MAX_BATCH`; see the module docstring).
         compile: wrap the models of the request path with ``torch.compile`` (compiled on the first call of each
             batch shape; call :meth:`warmup` to pay that before serving).
         compile_options: keyword arguments for ``torch.compile`` (e.g. ``{"dynamic": False}``).
@@ -94,7 +102,7 @@ class DaWinPredictor:
         dawin: DaWin,
         mode: str = "cluster",
         *,
-        fused_experts: bool = True,
+        fused_experts: bool | str = "auto",
         compile: bool = False,
         compile_options: dict | None = None,
         input_shape: Sequence[int] | None = None,
@@ -108,7 +116,9 @@ class DaWinPredictor:
             raise ValueError("DaWinPredictor: pseudo_label='true' needs labels, which requests do not carry")
         self.dawin = dawin
         self.mode = mode
-        self.fused_experts = bool(fused_experts)
+        if fused_experts not in (True, False, "auto"):
+            raise ValueError(f"DaWinPredictor: fused_experts must be True, False or 'auto', got {fused_experts!r}")
+        self.fused_experts = fused_experts
         self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
         self.device = dawin.device
         self._lock = threading.Lock()  # serialises requests that pass through the exact engine (see above)
@@ -117,7 +127,7 @@ class DaWinPredictor:
         if dawin._needs_merged:
             rows.append([1.0 - dawin.merged_alpha, dawin.merged_alpha])
         self._expert_rows = torch.tensor(rows, dtype=torch.float32, device=self.device)
-        needs_engine = dawin.weight_space and mode == "exact" or self.fused_experts
+        needs_engine = dawin.weight_space and mode == "exact" or self.fused_experts is not False
         self.engine: SampleWiseInterpolator | None = None
         if needs_engine:
             self.engine = SampleWiseInterpolator(dawin.model, [dawin.theta_zs, dawin.theta_ft])
@@ -165,9 +175,10 @@ class DaWinPredictor:
     def expert_logits(self, x: Tensor) -> list[Tensor]:
         """The experts' logits of a (checked) batch: zero-shot, fine-tuned (and merged where needed)."""
         n = self._expert_rows.shape[0]
-        if not self.fused_experts:
-            return [m(x) for m in self.experts[:n]]
         b = x.shape[0]
+        fuse = b <= AUTO_FUSE_MAX_BATCH if self.fused_experts == "auto" else self.fused_experts
+        if not fuse:
+            return [m(x) for m in self.experts[:n]]
         xr = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
         out = self._engine(xr, self._expert_rows.repeat_interleave(b, dim=0))
         return list(out.view(n, b, *out.shape[1:]).unbind(0))

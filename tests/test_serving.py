@@ -12,7 +12,7 @@ import torch
 from conftest import fit_tiny_dawin
 
 from dawin_ext.dawin import DaWin
-from dawin_ext.serving import BadRequestError, DaWinPredictor
+from dawin_ext.serving import AUTO_FUSE_MAX_BATCH, BadRequestError, DaWinPredictor
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 TEMPS = (0.9576, 0.9733)
@@ -30,14 +30,15 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("mode", ["cluster", "exact"])
-@pytest.mark.parametrize("fused", [False, True])
-def test_predictor_matches_dawin_predict(fitted, mode: str, fused: bool) -> None:
+@pytest.mark.parametrize("fused", [False, True, "auto"])
+def test_predictor_matches_dawin_predict(fitted, mode: str, fused) -> None:
     dw, x = fitted
     p = DaWinPredictor(dw, mode, fused_experts=fused, input_shape=SHAPE)
     for sl in (slice(0, 1), slice(1, 9), slice(9, 40)):
         out = p(x[sl])
         ref = dw.predict(x[sl], mode=mode)
-        if not fused:  # the same kernels in the same order
+        unfused = fused is False or (fused == "auto" and sl.stop - sl.start > AUTO_FUSE_MAX_BATCH)
+        if unfused:  # the same kernels in the same order
             assert torch.equal(out, ref)
         _close(out, ref)
         assert not out.is_inference() or out.shape == ref.shape
@@ -69,7 +70,8 @@ def test_no_parameter_buffers_per_request(fitted, mode: str) -> None:
             (n, t.data_ptr()) for m in p.modules() for n, t in [*m.named_parameters(), *m.named_buffers()]
         ]  # every tensor a module owns
 
-    p(x[:4])
+    for b in (1, 4):  # a fused and an unfused expert pass (fused_experts="auto") fill the engine's lasting caches
+        p(x[:b])
     before, count = storage(), _tensor_count()
     for b in (1, 4, 7, 4):
         p(x[:b])
@@ -247,3 +249,9 @@ def test_latency_bench_rows() -> None:
     assert len(rows) == 10 and all(r["n"] == 2 and 0 < r["p50_s"] <= r["p99_s"] for r in rows)
     assert all(r["p50_vs_plain"] == 1.0 for r in rows if r["config"] == "plain forward")
     assert "predictor exact, fused experts" in format_latency_table(rows)
+
+
+def test_fused_experts_setting_is_checked(fitted) -> None:
+    dw, _ = fitted
+    with pytest.raises(ValueError, match="fused_experts must be True, False or 'auto'"):
+        DaWinPredictor(dw, "cluster", fused_experts="yes")

@@ -1082,7 +1082,8 @@ class ExactMode(TorchFunctionMode):
         grad = torch.is_grad_enabled()
         key = None
         if self.engine.is_lasting(st) and len(self.engine.conv_plans) < _MAX_CACHED_VIEWS:
-            key = (id(st.placeholder), fused, tuple(xb.shape), xb.dtype, xb.device, str(padding), tuple(stride))
+            # Not the batch size: a plan serves any batch, and a server sees many.
+            key = (id(st.placeholder), fused, tuple(xb.shape[1:]), xb.dtype, xb.device, str(padding), tuple(stride))
             key = (*key, tuple(dilation), groups, grad)
             plan = self.engine.conv_plans.get(key)
             if plan is not None:
