@@ -8,7 +8,7 @@
 #
 # Python itself is not instrumented, so libasan (and libstdc++) is LD_PRELOADed; leak detection is off because the
 # interpreter's own allocations would drown the report. The loader picks the sanitized build through
-# DAWIN_EXT_C (see dawin_ext/_loader.py).
+# DAWIN_EXT_C (see dawin_ext/ops/_loader.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,7 +68,7 @@ export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1"
 export DAWIN_EXT_PROPERTY_EXAMPLES="${DAWIN_EXT_PROPERTY_EXAMPLES:-50}"
 # Check that the sanitized library is the one that gets loaded.
 python -c "
-import os, dawin_ext._loader as L
+import os, dawin_ext.ops._loader as L
 assert os.path.samefile(L._C.__file__, os.environ['DAWIN_EXT_C']), L._C.__file__
 print('asan_check: loaded', L._C.__file__)
 "

@@ -104,7 +104,7 @@ build() {
 # check_import WITH_CUDA: the build in $SO is the one loaded, and says what it should.
 check_import() {
   DAWIN_EXT_C=$SO PYTHONPATH=$ROOT "$PY" - "$1" <<'PYEOF'
-import os, sys, torch, dawin_ext, dawin_ext._loader as L
+import os, sys, torch, dawin_ext, dawin_ext.ops._loader as L
 assert os.path.samefile(L._C.__file__, os.environ["DAWIN_EXT_C"]), L._C.__file__
 info = dawin_ext.build_info()
 print("   build_info:", info)

@@ -62,7 +62,7 @@ def tiny_clip() -> Callable[..., tuple]:
     """
 
     def make(arch: str, seed: int, noise: float):
-        from dawin_ext import openclip
+        from dawin_ext.integrations import openclip
 
         openclip.register_tiny_configs()
         torch.manual_seed(seed)
@@ -106,7 +106,8 @@ def one_thread_per_module() -> Iterator[None]:
 def fit_tiny_dawin(temperatures: tuple[float, float]):
     """A DaWin (offset adjustment, K=3) fitted on the tiny open_clip ViT and a noisy fine-tuned copy, over 40 images
     of varied scale. Returns (dawin, classifier, theta_zs, theta_ft, images)."""
-    from dawin_ext import DaWin, openclip
+    from dawin_ext import DaWin
+    from dawin_ext.integrations import openclip
 
     openclip.register_tiny_configs()
     torch.manual_seed(3)

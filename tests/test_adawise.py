@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from dawin_ext import openclip
-from dawin_ext.adawise import AdaWiSE, expected_improvement
-from dawin_ext.reference import entropy_reference, interpolation_reference
-from dawin_ext.reference_algorithms import adawise_reference
-from dawin_ext.statedict import IncompatibleStateDictsError
+from dawin_ext.integrations import openclip
+from dawin_ext.methods.adawise import AdaWiSE, expected_improvement
+from dawin_ext.ops.statedict import IncompatibleStateDictsError
+from dawin_ext.testing.reference_methods import adawise_reference
+from dawin_ext.testing.reference_ops import entropy_reference, interpolation_reference
 
 
 def _mlp(seed: int) -> nn.Module:

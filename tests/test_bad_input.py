@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from dawin_ext import blend, entropy_coefficients, interpolation, sample_combine, softmax_entropy
-from dawin_ext.reference import entropy_reference
-from dawin_ext.statedict import IncompatibleStateDictsError, as_state_dict, check_compatible
+from dawin_ext.ops.statedict import IncompatibleStateDictsError, as_state_dict, check_compatible
+from dawin_ext.testing.reference_ops import entropy_reference
 
 INF = float("inf")
 NAN = float("nan")
@@ -349,7 +349,7 @@ def test_state_dicts_on_two_devices(method, other):
     sd_other = {k: v.to(other) for k, v in _tiny_sd(2).items()}
     with pytest.raises(ValueError, match=rf"'0\.weight'.*cpu.*{other}"):
         if method == "wise_ft":
-            dawin_ext.wise_ft(sd_cpu, sd_other, 0.5)
+            dawin_ext.methods.wise_ft(sd_cpu, sd_other, 0.5)
         elif method == "DaWinMultiTask":
             dawin_ext.DaWinMultiTask(model, sd_cpu, task_vectors=[sd_other])
         else:
@@ -1018,7 +1018,7 @@ def test_samplewise_refuses_nan_weights_naming_the_key() -> None:
 
 
 def test_dawin_oracle_labels_out_of_range_name_the_sample() -> None:
-    from dawin_ext.dawin import dawin_coefficients
+    from dawin_ext.methods.dawin import dawin_coefficients
 
     zs, ft = torch.randn(5, 3), torch.randn(5, 3)
     labels = torch.tensor([0, 1, 2, 3, 0])

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dawin_ext.bench as bench
+import dawin_ext.cli.bench as bench
 from dawin_ext import cli
-from dawin_ext.bench import TARGETS, check_targets, format_check
+from dawin_ext.cli.bench import TARGETS, check_targets, format_check
 
 VIT = "ViT-B-32 151M params fp32, K=3"
 PIPE = "ViT-B-32, batch 64"

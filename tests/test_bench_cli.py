@@ -10,7 +10,7 @@ import math
 import torch
 
 from dawin_ext import cli
-from dawin_ext.bench import format_table, pipeline_rows
+from dawin_ext.cli.bench import format_table, pipeline_rows
 
 
 def test_pipeline_rows_on_the_tiny_vit() -> None:
@@ -27,7 +27,7 @@ def test_pipeline_rows_on_the_tiny_vit() -> None:
 
 
 def test_bench_cli_writes_json(tmp_path, monkeypatch) -> None:
-    import dawin_ext.bench as bench
+    import dawin_ext.cli.bench as bench
 
     # The CLI path with the heavy kernel rows swapped for one cheap real row.
     def few_rows(device, quick=False, repeats=None):

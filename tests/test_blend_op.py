@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import dawin_ext
-from dawin_ext.reference import blend_reference, interpolation_reference
+from dawin_ext.testing.reference_ops import blend_reference, interpolation_reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Odd sizes: empty, single element, shorter than any vector, a vector tail, and one past a chunk.

@@ -1,4 +1,4 @@
-"""How the build chooses CPU or CUDA kernels (setup.py), and the import-time checks of dawin_ext._loader.
+"""How the build chooses CPU or CUDA kernels (setup.py), and the import-time checks of dawin_ext.ops._loader.
 
 The three installs that matter: a CUDA torch with a toolkit (CUDA kernels), a CUDA torch without one (the
 usual `pip install torch` workstation: CPU kernels and a loud warning, or a hard error with
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dawin_ext import _loader
+from dawin_ext.ops import _loader
 
 ROOT = Path(__file__).resolve().parents[1]
 

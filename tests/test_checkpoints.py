@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from dawin_ext.checkpoints import CheckpointFormatError, UnsafeCheckpointError, load_state_dict, save_state_dict
+from dawin_ext.integrations.checkpoints import (
+    CheckpointFormatError,
+    UnsafeCheckpointError,
+    load_state_dict,
+    save_state_dict,
+)
 
 
 class _TouchOnLoad:

@@ -3,7 +3,7 @@
 Every method's per-sample output, as the command attributes it to that method's name, is recomputed here
 without the package's accelerated code: the stock open_clip model and its own zero-shot helper, weights merged by
 dict comprehension per sample / per cluster / per alpha, lambda from plain torch entropies; only the Beta-mixture
-EM and AdaWiSE's Bayesian optimisation come from the plain mirrors in ``dawin_ext.reference_algorithms`` (NumPy,
+EM and AdaWiSE's Bayesian optimisation come from the plain mirrors in ``dawin_ext.testing.reference_methods`` (NumPy,
 SciPy, scikit-learn; they import nothing from the methods they check). The fine-tuned checkpoint is the zero-shot
 one trained for a few steps, so the methods' outputs differ from each other (checked), and a swapped method, a
 wrong lambda or a wrong cluster routing changes what the command reports.
@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from dawin_ext import cli, evaluate
-from dawin_ext.checkpoints import save_state_dict
-from dawin_ext.openclip import TINY_MODEL_CONFIGS, CLIPClassifier
+from dawin_ext import cli
+from dawin_ext.cli import eval as evaluate
+from dawin_ext.integrations.checkpoints import save_state_dict
+from dawin_ext.integrations.openclip import TINY_MODEL_CONFIGS, CLIPClassifier
 
 ARCH = "dawin-evaltest-vit"
 ARCH_RN = "dawin-evaltest-rn"  # ModifiedResNet image tower (BatchNorm, attention pooling)
@@ -209,7 +210,7 @@ def _entropy(z: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _expected(setup, root: Path) -> dict[str, torch.Tensor]:
     """Per-sample outputs of every method (logits; probabilities for the ensemble) and the labels ("y")."""
-    from dawin_ext.reference_algorithms import adawise_reference, beta_mixture_reference
+    from dawin_ext.testing.reference_methods import adawise_reference, beta_mixture_reference
 
     if root in _expected_cache:
         return _expected_cache[root]
@@ -470,7 +471,7 @@ def test_corrupt_image_is_named(setup, capsys):
 
 
 def test_unavailable_methods_are_skipped_or_refused(setup, capsys, monkeypatch):
-    from dawin_ext import evaluate
+    from dawin_ext.cli import eval as evaluate
 
     monkeypatch.setattr(
         evaluate, "_method_available", lambda m: None if m == "zeroshot" else "not available in this test"

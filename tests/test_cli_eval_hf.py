@@ -42,7 +42,8 @@ from test_cli_eval import (  # noqa: E402  (tests/ is on sys.path under pytest; 
     per_sample,  # noqa: F401  (fixture)
 )
 
-from dawin_ext import cli, hf_clip, openclip  # noqa: E402
+from dawin_ext import cli  # noqa: E402
+from dawin_ext.integrations import hf_clip, openclip  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 IMAGE_SIZE = 32  # the tiny config's

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dawin_ext.dawin import DaWin, dawin_coefficients
-from dawin_ext.models import collect_logits
-from dawin_ext.reference import interpolation_reference
-from dawin_ext.reference_algorithms import (
+from dawin_ext.methods.dawin import DaWin, dawin_coefficients
+from dawin_ext.methods.inference import collect_logits
+from dawin_ext.ops.statedict import IncompatibleStateDictsError
+from dawin_ext.testing.reference_methods import (
     beta_mixture_reference,
     dawin_cluster_loop_reference,
     dawin_coefficients_reference,
 )
-from dawin_ext.statedict import IncompatibleStateDictsError
+from dawin_ext.testing.reference_ops import interpolation_reference
 
 TEMPS = (0.9576, 0.9733)
 
@@ -270,10 +270,10 @@ def test_collect_logits_rejects_differing_class_counts() -> None:
 
 
 def test_dawin_exact_mode_matches_per_sample_merges() -> None:
-    from dawin_ext import samplewise
+    from dawin_ext import exact as samplewise
 
     if not hasattr(samplewise, "SampleWiseInterpolator"):
-        pytest.skip("dawin_ext.samplewise has no SampleWiseInterpolator yet")
+        pytest.skip("dawin_ext.exact has no SampleWiseInterpolator yet")
     model, zs, ft, x, y = _mlp_setup(8)
     dw = DaWin(model, zs, ft).fit(_batches(x, None, 60))
     out = dw.predict(x[:20], mode="exact")

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from dawin_ext.demo.data import SHIFTS, TEST_SHIFTS, apply_shift, load_digits_splits, make_test_sets, normalize
-from dawin_ext.demo.model import build_model
-from dawin_ext.demo.report import (
+from dawin_ext.cli.demo.data import SHIFTS, TEST_SHIFTS, apply_shift, load_digits_splits, make_test_sets, normalize
+from dawin_ext.cli.demo.model import build_model
+from dawin_ext.cli.demo.report import (
     PLOT_FILES,
     SECTION_BEGIN,
     SECTION_END,
@@ -21,8 +21,8 @@ from dawin_ext.demo.report import (
     update_results_section,
     write_report,
 )
-from dawin_ext.demo.runner import DemoConfig, run_benchmark
-from dawin_ext.demo.train import TrainConfig, train_pair
+from dawin_ext.cli.demo.runner import DemoConfig, run_benchmark
+from dawin_ext.cli.demo.train import TrainConfig, train_pair
 
 # Tiny CNN, one sample at a time in the per-sample recomputation: a second thread only adds spinning (measured
 # 0.2 s per single-sample forward on a loaded 2-core machine with two threads).
@@ -98,8 +98,8 @@ def _merge(alpha: float, a: dict, b: dict) -> dict:
 def test_reported_numbers_come_from_the_checkpoints(run):
     """Every row of results.json recomputed from the cached checkpoints without the package's methods: plain
     PyTorch merges by dict comprehension (per alpha, per cluster, per sample), lambda from plain entropies; the
-    Beta-mixture EM and AdaWiSE's search come from the plain mirrors in ``dawin_ext.reference_algorithms``."""
-    from dawin_ext.reference_algorithms import adawise_reference, beta_mixture_reference
+    Beta-mixture EM and AdaWiSE's search come from the plain mirrors in ``dawin_ext.testing.reference_methods``."""
+    from dawin_ext.testing.reference_methods import adawise_reference, beta_mixture_reference
 
     result, report, _ = run
     reported = _reported(report)

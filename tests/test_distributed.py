@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dawin_ext import distributed as dd
+from dawin_ext.methods import distributed as dd
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SAMPLES = 25  # not a multiple of the batch size nor of 2 or 3 ranks
@@ -77,7 +77,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 # ------------------------------------------------------------------------------------------------ API workers
 def _tiny_problem():
     """The tiny open_clip classifier, a fine-tuned copy and N_SAMPLES inputs: identical in every process."""
-    from dawin_ext import openclip
+    from dawin_ext.integrations import openclip
 
     openclip.register_tiny_configs()
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def _loader(x, y, sampler=None):
 def _run_methods(clf, zs, ft, loader_fn, group) -> dict:
     """Everything the equality test compares, from one process or one rank."""
     from dawin_ext import AdaWiSE, DaWin
-    from dawin_ext.multitask import DaWinMultiTask
+    from dawin_ext.methods.multitask import DaWinMultiTask
 
     out = {}
     for name, kwargs in {
@@ -134,7 +134,7 @@ def _api_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=_td(60)
     )
     from dawin_ext import DaWin
-    from dawin_ext.multitask import DaWinMultiTask
+    from dawin_ext.methods.multitask import DaWinMultiTask
 
     try:
         clf, zs, ft, x, y = _tiny_problem()

@@ -17,7 +17,7 @@ from conftest import perturbed_sources
 from torch import nn
 
 from dawin_ext import SampleWiseInterpolator
-from dawin_ext.samplewise import task_vector_coefficients
+from dawin_ext.exact import task_vector_coefficients
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -166,7 +166,7 @@ def test_transformers_clip_model_image_and_text_features(num_sources):
 
 
 def test_control_flow_that_differs_between_samples_is_refused():
-    from dawin_ext.samplewise import DataDependentControlFlowError
+    from dawin_ext.exact import DataDependentControlFlowError
 
     model = hf_clip()
     sources = perturbed_sources(model.state_dict(), 2, 0)
@@ -350,7 +350,7 @@ def _classifier(kind: str, num_classes: int | None) -> nn.Module:
 @pytest.mark.parametrize("kind", ["timm-vit", "hf-clip"])
 def test_dawin_exact_predict(kind):
     from dawin_ext import DaWin
-    from dawin_ext.reference import interpolation_reference
+    from dawin_ext.testing.reference_ops import interpolation_reference
 
     model = _classifier(kind, 5)
     zs = {k: v.detach().clone() for k, v in model.state_dict().items()}

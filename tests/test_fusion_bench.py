@@ -27,8 +27,9 @@ datasets = pytest.importorskip("datasets")
 import open_clip  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dawin_ext import DaWin, DaWinMultiTask, hf_clip, openclip, wise_ft  # noqa: E402
+from dawin_ext import DaWin, DaWinMultiTask, wise_ft  # noqa: E402
 from dawin_ext.integrations import fusion_bench as fb  # noqa: E402
+from dawin_ext.integrations import hf_clip, openclip  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 

@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 import open_clip  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from dawin_ext import DaWin, hf_clip, openclip, wise_ft  # noqa: E402
+from dawin_ext import DaWin, wise_ft  # noqa: E402
+from dawin_ext.integrations import hf_clip, openclip  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 

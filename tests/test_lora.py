@@ -20,12 +20,12 @@ from dawin_ext.ops import samplewise_lora, samplewise_lora_factors
 
 peft = pytest.importorskip("peft")
 
-from dawin_ext import lora  # noqa: E402
-from dawin_ext.samplewise import (  # noqa: E402
+from dawin_ext.exact import (  # noqa: E402
     SampleWiseInterpolator,
     UnsupportedParameterError,
     task_vector_coefficients,
 )
+from dawin_ext.integrations import lora  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -252,7 +252,8 @@ def test_multi_task_rows_and_caller_untouched(tmp_path):
 def test_open_clip_tiny_vit_and_dawin_exact(tmp_path):
     """open_clip's tiny ViT classifier (nn.MultiheadAttention blocks): LoRA on every attention and MLP linear, the
     exact engine against the per-sample merge loop, and DaWin's exact mode switched to the low-rank engine."""
-    from dawin_ext import DaWin, openclip
+    from dawin_ext import DaWin
+    from dawin_ext.integrations import openclip
 
     openclip.register_tiny_configs()
     torch.manual_seed(3)
@@ -366,5 +367,5 @@ def test_missing_peft_names_the_extra(monkeypatch):
 
 
 def test_core_import_does_not_import_peft():
-    code = "import sys, dawin_ext, dawin_ext.samplewise; assert 'peft' not in sys.modules, 'peft imported'"
+    code = "import sys, dawin_ext, dawin_ext.exact; assert 'peft' not in sys.modules, 'peft imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

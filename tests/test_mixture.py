@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dawin_ext import entropy_coefficients
-from dawin_ext.mixture import BetaMixture, DirichletMixture
-from dawin_ext.reference_algorithms import beta_mixture_reference, dirichlet_mixture_reference
+from dawin_ext.methods.mixture import BetaMixture, DirichletMixture
+from dawin_ext.testing.reference_methods import beta_mixture_reference, dirichlet_mixture_reference
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dawin_ext import openclip
-from dawin_ext.multitask import DaWinMultiTask, task_vectors_from
-from dawin_ext.reference_algorithms import (
+from dawin_ext.integrations import openclip
+from dawin_ext.methods.multitask import DaWinMultiTask, task_vectors_from
+from dawin_ext.ops.statedict import IncompatibleStateDictsError
+from dawin_ext.testing.reference_methods import (
     dirichlet_mixture_reference,
     multitask_coefficients_reference,
     multitask_merge_reference,
 )
-from dawin_ext.statedict import IncompatibleStateDictsError
 
 
 def _encoder(seed: int) -> nn.Module:

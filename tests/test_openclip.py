@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dawin_ext.openclip import (
+from dawin_ext.integrations.openclip import (
     CLIPClassifier,
     build_zero_shot_head,
     classifier_state_dict,
@@ -222,9 +222,9 @@ def test_classifier_module_validation(clip):
 
 
 def test_load_classifier_pair(clip, tmp_path):
-    from dawin_ext.checkpoints import save_state_dict
-    from dawin_ext.openclip import load_classifier_pair
-    from dawin_ext.statedict import IncompatibleStateDictsError, check_compatible
+    from dawin_ext.integrations.checkpoints import save_state_dict
+    from dawin_ext.integrations.openclip import load_classifier_pair
+    from dawin_ext.ops.statedict import IncompatibleStateDictsError, check_compatible
 
     arch, model, _, tokenizer = clip
     expected_zs = CLIPClassifier.from_clip(model, tokenizer, CLASSES, "simple").state_dict()

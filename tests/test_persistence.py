@@ -10,10 +10,10 @@ import torch
 from conftest import fit_tiny_dawin
 from torch import nn
 
-from dawin_ext.adawise import AdaWiSE
-from dawin_ext.dawin import DaWin
-from dawin_ext.multitask import DaWinMultiTask
-from dawin_ext.persistence import (
+from dawin_ext.methods.adawise import AdaWiSE
+from dawin_ext.methods.dawin import DaWin
+from dawin_ext.methods.multitask import DaWinMultiTask
+from dawin_ext.methods.persistence import (
     FORMAT_VERSION,
     META_NAME,
     TENSORS_NAME,

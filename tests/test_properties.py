@@ -1,4 +1,4 @@
-"""Property tests: each op against the plain-PyTorch reference (dawin_ext/reference.py) in float64.
+"""Property tests: each op against the plain-PyTorch reference (dawin_ext/testing/reference_ops.py) in float64.
 
 Hypothesis draws shapes (including empty batches and single classes), dtypes, memory layouts
 (contiguous, transposed, sliced with a step, broadcast with stride 0) and coefficient matrices; the
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dawin_ext import blend, entropy_coefficients, interpolation, sample_combine, softmax_entropy
-from dawin_ext.reference import (
+from dawin_ext.testing.reference_ops import (
     blend_reference,
     coefficient_reference,
     entropy_reference,

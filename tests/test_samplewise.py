@@ -11,7 +11,7 @@ from conftest import perturbed_sources
 from torch import nn
 
 from dawin_ext import SampleWiseInterpolator
-from dawin_ext.samplewise import UnsupportedParameterError, task_vector_coefficients
+from dawin_ext.exact import UnsupportedParameterError, task_vector_coefficients
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -611,8 +611,8 @@ class MatmulBig(nn.Module):
 
 
 def test_large_matrix_is_never_copied_per_sample_and_matmul_uses_the_kernel():
-    from dawin_ext.samplewise import UnsupportedParameterError
-    from dawin_ext.samplewise.engine import MAX_MATERIALIZED_MATRIX_NUMEL
+    from dawin_ext.exact import UnsupportedParameterError
+    from dawin_ext.exact.engine import MAX_MATERIALIZED_MATRIX_NUMEL
 
     m = MatmulBig()
     assert m.w.numel() > MAX_MATERIALIZED_MATRIX_NUMEL
@@ -642,7 +642,7 @@ def test_large_matrix_is_never_copied_per_sample_and_matmul_uses_the_kernel():
 
 
 def test_materialization_budget_error_names_parameter_and_bytes():
-    from dawin_ext.samplewise import MaterializationBudgetError
+    from dawin_ext.exact import MaterializationBudgetError
 
     m = UsesExp()
     sources = perturbed_sources(m.state_dict(), 2, seed=0)
@@ -655,7 +655,7 @@ def test_materialization_budget_error_names_parameter_and_bytes():
 
 
 def test_control_flow_on_a_varying_parameter_is_refused():
-    from dawin_ext.samplewise import DataDependentControlFlowError
+    from dawin_ext.exact import DataDependentControlFlowError
 
     class Gate(nn.Module):
         def __init__(self):
@@ -681,7 +681,7 @@ def test_control_flow_on_a_varying_parameter_is_refused():
 
 
 def test_in_place_update_of_a_parameter_is_refused():
-    from dawin_ext.samplewise import InPlaceUpdateError
+    from dawin_ext.exact import InPlaceUpdateError
 
     class Counts(nn.Module):
         def __init__(self):
@@ -707,7 +707,7 @@ def test_in_place_update_of_a_parameter_is_refused():
 
 
 def test_op_without_batching_rule_warns_once_or_raises_when_strict():
-    from dawin_ext.samplewise import NoBatchingRuleError, NoBatchingRuleWarning, engine
+    from dawin_ext.exact import NoBatchingRuleError, NoBatchingRuleWarning, engine
 
     lstm = nn.LSTM(4, 5, batch_first=True).eval()
     sources = perturbed_sources(lstm.state_dict(), 2, seed=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dawin_ext.samplewise.conv import (
+from dawin_ext.exact.conv import (
     MAX_PER_SAMPLE_WEIGHT_NUMEL,
     ROUTES,
     samplewise_conv,

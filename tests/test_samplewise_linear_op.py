@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dawin_ext
-from dawin_ext.reference import samplewise_linear_reference
+from dawin_ext.testing.reference_ops import samplewise_linear_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

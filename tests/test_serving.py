@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import fit_tiny_dawin
 
-from dawin_ext.dawin import DaWin
-from dawin_ext.serving import BadRequestError, DaWinPredictor
+from dawin_ext.methods.dawin import DaWin
+from dawin_ext.methods.serving import BadRequestError, DaWinPredictor
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 TEMPS = (0.9576, 0.9733)
@@ -237,7 +237,7 @@ def test_example_server_under_load(tmp_path) -> None:
 
 
 def test_latency_bench_rows() -> None:
-    from dawin_ext.bench import format_latency_table, latency_rows
+    from dawin_ext.cli.bench import format_latency_table, latency_rows
 
     rows = latency_rows(torch.device("cpu"), quick=True, repeats=2, batch_sizes=(1, 2), compiled=False)
     assert [(r["batch"], r["config"]) for r in rows[:2]] == [

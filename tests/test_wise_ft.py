@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dawin_ext.models import BlendedModels, evaluate_accuracy
-from dawin_ext.reference_algorithms import wise_ft_reference
-from dawin_ext.statedict import IncompatibleStateDictsError
-from dawin_ext.wise_ft import diagonal_fisher, output_ensemble, wise_ft, wise_ft_sweep
+from dawin_ext.methods.blended import BlendedModels
+from dawin_ext.methods.inference import evaluate_accuracy
+from dawin_ext.methods.wise_ft import diagonal_fisher, output_ensemble, wise_ft, wise_ft_sweep
+from dawin_ext.ops.statedict import IncompatibleStateDictsError
+from dawin_ext.testing.reference_methods import wise_ft_reference
 
 
 def _mlp(seed: int, n_in: int = 6, n_out: int = 5) -> nn.Module:

@@ -9,7 +9,7 @@ Install with ``pip install 'dawin-ext[fusion_bench]'``. The Hydra configs ship i
 Methods (``method=``):
 
 - ``dawin/wise_ft`` (:class:`WiSEFTAlgorithm`): ``(1 - alpha) * theta_pretrained + alpha * theta_finetuned`` with
-  :func:`dawin_ext.wise_ft`; returns a model of the pool's class (a ``CLIPVisionModel`` for CLIP pools). Any pool
+  :func:`dawin_ext.methods.wise_ft`; returns a model of the pool's class (a ``CLIPVisionModel`` for CLIP pools). Any pool
   with ``_pretrained_`` and one fine-tuned model.
 - ``dawin/dawin`` (:class:`DaWinAlgorithm`): DaWin between ``_pretrained_`` and one fine-tuned model of a
   ``CLIPVisionModelPool``.
@@ -52,11 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import hf_clip
-from ..dawin import DaWin
-from ..multitask import DaWinMultiTask
-from ..openclip import get_templates
-from ..wise_ft import wise_ft
+from ..methods.dawin import DaWin
+from ..methods.multitask import DaWinMultiTask
+from ..methods.wise_ft import wise_ft
+from . import hf_clip
+from .openclip import get_templates
 
 _EXTRA = "pip install 'dawin-ext[fusion_bench]'"
 
@@ -134,7 +134,7 @@ def _plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------------- WiSE-FT
 class WiSEFTAlgorithm(BaseAlgorithm):
     """WiSE-FT: ``(1 - alpha) * theta_pretrained + alpha * theta_finetuned`` for every floating-point key
-    (:func:`dawin_ext.wise_ft`, dawin-ext's blend kernel). Returns a copy of the pool's pretrained model holding the
+    (:func:`dawin_ext.methods.wise_ft`, dawin-ext's blend kernel). Returns a copy of the pool's pretrained model holding the
     merged weights; the pool's models are not modified.
 
     Args:
@@ -184,7 +184,7 @@ class _TowerOutputs(_Pooled):
 
 def _route_outputs(towers: Sequence[nn.Module], x: Tensor, assignment: Tensor) -> tuple[Tensor, Tensor]:
     """Each sample through ``towers[assignment[i]]`` (each tower once, on its sub-batch), like
-    :func:`dawin_ext.models.route` for a two-output module: (last_hidden_state, pooler_output) in ``x``'s order."""
+    :func:`dawin_ext.methods.inference.route` for a two-output module: (last_hidden_state, pooler_output) in ``x``'s order."""
     assignment = torch.as_tensor(assignment, dtype=torch.long).cpu()
     hidden = pooled = None
     for k in torch.unique(assignment).tolist():
@@ -244,7 +244,7 @@ class _TaskState:
             scales = f.multiplier * pi.to(torch.float64)
             rows = torch.cat([1.0 - scales.sum(dim=1, keepdim=True), scales], dim=1)
         if self._exact is None:
-            from ..samplewise import SampleWiseInterpolator
+            from ..exact import SampleWiseInterpolator
 
             # HFCLIPClassifier or _Pooled: both hold the tower as .vision_model, the sources' key prefix.
             self._exact = SampleWiseInterpolator(_TowerOutputs(copy.deepcopy(f.model.vision_model)), self.sources)

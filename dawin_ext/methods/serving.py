@@ -35,9 +35,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..exact import SampleWiseInterpolator
 from .dawin import DaWin
-from .models import check_logits_finite, route
-from .samplewise import SampleWiseInterpolator
+from .inference import check_logits_finite, route
 
 __all__ = ["DaWinPredictor", "BadRequestError"]
 

@@ -111,7 +111,7 @@ def vit_b32_state_dicts(device: torch.device, quick: bool, num_sources: int = 2)
 
 def entropy_rows(device: torch.device, quick: bool, repeats: int, bandwidth: float | None) -> list[dict]:
     import dawin_ext
-    from dawin_ext.reference import entropy_reference
+    from dawin_ext.testing.reference_ops import entropy_reference
 
     rows = []
     sync = _sync(device)
@@ -129,8 +129,8 @@ def entropy_rows(device: torch.device, quick: bool, repeats: int, bandwidth: flo
 
 def blend_rows(device: torch.device, quick: bool, repeats: int, bandwidth: float | None) -> list[dict]:
     import dawin_ext
-    from dawin_ext.ops import _hint_huge_pages
-    from dawin_ext.reference import interpolation_reference
+    from dawin_ext.ops.wrappers import _hint_huge_pages
+    from dawin_ext.testing.reference_ops import interpolation_reference
 
     sync = _sync(device)
     sd0, sd1 = vit_b32_state_dicts(device, quick)
@@ -334,7 +334,9 @@ def _blend_in_cache(num_sources: int, coef: list[list[float]], repeats: int) -> 
     srcs = [torch.randn(n) for _ in range(num_sources)]
     outs = [torch.empty(n) for _ in coef]
     c = torch.tensor(coef, dtype=torch.float64)
-    op = torch.ops.dawin_ext.blend_  # the op alone: no wrapper checks in the timing
+    from ..ops import _ops
+
+    op = _ops.blend_  # the op alone: no wrapper checks in the timing
     return _median_rate(lambda: op(srcs, c, outs), n * 4 * (num_sources + len(coef)), repeats, inner=5)
 
 
@@ -465,7 +467,7 @@ def kernel_rows(device: str | torch.device = "cpu", quick: bool = False, repeats
 def _perturbed_classifier(arch: str, device: torch.device):
     """An open_clip classifier (random init, 10 classes), its weights and a slightly perturbed copy, the generator
     the inputs continue from, and the image size: the shared setup of the pipeline and latency rows."""
-    from .openclip import CLIPClassifier, create_clip_model, register_tiny_configs
+    from ..integrations.openclip import CLIPClassifier, create_clip_model, register_tiny_configs
 
     register_tiny_configs()
     torch.manual_seed(0)
@@ -494,9 +496,9 @@ def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]
     """
     import copy
 
-    from .dawin import DaWin
-    from .reference import coefficient_reference, interpolation_reference
-    from .samplewise import SampleWiseInterpolator
+    from ..exact import SampleWiseInterpolator
+    from ..methods.dawin import DaWin
+    from ..testing.reference_ops import coefficient_reference, interpolation_reference
 
     arch, batch = ("dawin-tiny-vit", 16) if quick else ("ViT-B-32", 64)
     clf, zs, ft, gen, size = _perturbed_classifier(arch, device)
@@ -614,7 +616,7 @@ class _PoolerOutput(torch.nn.Module):
 def exact_engine_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]:
     """The exact per-sample engine on timm / transformers models: S=2 against a plain forward pass and against
     the same engine with one source (the honest cost of mixing), all measured alternately in this run."""
-    from .samplewise import SampleWiseInterpolator
+    from ..exact import SampleWiseInterpolator
 
     rows = []
     sync = _sync(device)
@@ -650,7 +652,7 @@ def exact_engine_rows(device: torch.device, quick: bool, repeats: int) -> list[d
 
 def _latency_setup(device: torch.device, arch: str):
     """An open_clip classifier (random init, 10 classes), a perturbed copy and a DaWin fitted on 2 x 8 images."""
-    from .dawin import DaWin
+    from ..methods.dawin import DaWin
 
     clf, zs, ft, gen, size = _perturbed_classifier(arch, device)
     calib = [torch.randn(8, 3, size, size, generator=gen).to(device) for _ in range(2)]
@@ -671,7 +673,7 @@ def latency_rows(
     batch_sizes: tuple[int, ...] = (1, 8, 32),
     compiled: bool = True,
 ) -> list[dict]:
-    """Request latency of :class:`~dawin_ext.serving.DaWinPredictor` (p50, p99) against a plain forward.
+    """Request latency of :class:`~dawin_ext.methods.serving.DaWinPredictor` (p50, p99) against a plain forward.
 
     For each batch size, every configuration runs once per round, round after round (so a busy machine slows all
     alike), after a warm-up round (which also compiles). Configurations: the plain forward of one model;
@@ -679,7 +681,7 @@ def latency_rows(
     two plain expert forwards; the predictor in exact mode; and, with ``compiled``, the plain forward and both
     predictor modes under ``torch.compile``. ViT-B-32 (the tiny ViT with ``quick``) with a 10-class head.
     """
-    from .serving import DaWinPredictor
+    from ..methods.serving import DaWinPredictor
 
     arch = "dawin-tiny-vit" if quick else "ViT-B-32"
     clf, dawin, shape, gen = _latency_setup(device, arch)
@@ -766,8 +768,8 @@ def lora_rows(device: torch.device, quick: bool, repeats: int, rank: int = 16, b
     import open_clip
     from peft import LoraConfig, get_peft_model
 
-    from .lora import load_lora_sources
-    from .samplewise import SampleWiseInterpolator
+    from ..exact import SampleWiseInterpolator
+    from ..integrations.lora import load_lora_sources
 
     batch = 4 if quick else batch
     torch.manual_seed(0)
@@ -1005,7 +1007,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump({"environment": env, "quick": args.quick, "rows": rows}, f, indent=2)
     if args.check:
         results = check_targets(rows, args.device)
-        print("\ndocumented targets (dawin_ext.bench.TARGETS):")
+        print("\ndocumented targets (dawin_ext.cli.bench.TARGETS):")
         print(format_check(results))
         failed = [r["target"].key for r in results if r["status"] in ("MISSED", "NOT MEASURED")]
         if failed:

@@ -12,11 +12,11 @@ Example::
 
 With ``--family hf`` the checkpoints are local ``save_pretrained`` directories (safetensors; nothing is downloaded):
 the zero-shot one a ``CLIPModel``, the fine-tuned one a ``CLIPModel`` or a ``CLIPVisionModel`` (only the image tower
-fine-tuned, as in fusion_bench's pools); see :func:`dawin_ext.hf_clip.load_hf_classifier_pair`. The tokenizer comes
+fine-tuned, as in fusion_bench's pools); see :func:`dawin_ext.integrations.hf_clip.load_hf_classifier_pair`. The tokenizer comes
 from the zero-shot directory (or ``--tokenizer``), the image preprocessing from its ``preprocessor_config.json``.
 
 The two checkpoints are loaded safely (safetensors or ``torch.load(weights_only=True)``; see
-:mod:`dawin_ext.checkpoints`), turned into :class:`~dawin_ext.openclip.CLIPClassifier` state dicts (a checkpoint
+:mod:`dawin_ext.integrations.checkpoints`), turned into :class:`~dawin_ext.integrations.openclip.CLIPClassifier` state dicts (a checkpoint
 without a head gets the zero-shot head built from ``--classnames`` and ``--templates``) and checked against each
 other before any image is read. Every test set must have one folder per class; folders named like the classes are
 matched by name, others are taken in sorted order. The open_clip model is created with ``pretrained=None`` and never
@@ -27,7 +27,7 @@ AdaWiSE chooses one alpha per batch, so its result depends on ``--batch-size``.
 
 Under ``torchrun --nproc_per_node=N -m dawin_ext.cli eval ...`` every rank evaluates a contiguous shard of each test
 set (on batch boundaries: no padding, no duplicates), DaWin's mixture is fitted once over all ranks' coefficients
-(:mod:`dawin_ext.distributed`), accuracies are summed (correct, total) counts, and rank 0 alone prints and writes
+(:mod:`dawin_ext.methods.distributed`), accuracies are summed (correct, total) counts, and rank 0 alone prints and writes
 the results, with ``world_size`` and each set's ``rank_samples``. The ``--json`` file is rewritten atomically after
 each test set (``"complete": false`` until the end), and ``--resume`` skips the sets it already holds. AdaWiSE runs
 per rank: its warm start restarts at each shard's first batch.
@@ -231,13 +231,13 @@ def _method_available(name: str) -> str | None:
     """None if ``name`` can run, else why not (an import that failed)."""
     try:
         if name in ("dawin-cluster", "dawin-exact"):
-            from .dawin import DaWin  # noqa: F401
+            from ..methods.dawin import DaWin  # noqa: F401
         if name == "dawin-exact":
-            from .samplewise import SampleWiseInterpolator  # noqa: F401
+            from ..exact import SampleWiseInterpolator  # noqa: F401
         if name == "adawise":
-            from .adawise import AdaWiSE  # noqa: F401
+            from ..methods.adawise import AdaWiSE  # noqa: F401
         if name in ("wise-ft", "ensemble"):
-            from .wise_ft import output_ensemble, wise_ft  # noqa: F401
+            from ..methods.wise_ft import output_ensemble, wise_ft  # noqa: F401
     except ImportError as e:
         return f"not available in this installation ({e})"
     return None
@@ -364,7 +364,7 @@ class _Dist:
 
     def agree(self, fn: Callable[[], object], what: str):
         """Runs the local step ``fn``; in a group, every rank then learns whether any rank failed (and raises)."""
-        from . import distributed as dd
+        from ..methods import distributed as dd
 
         if self.group is None:
             return fn()
@@ -379,9 +379,9 @@ def run(args: argparse.Namespace) -> int:
     Under ``torchrun`` every rank runs this; each prints its own error (prefixed with its rank), so the job's log
     names the rank that failed and why; the healthy ranks fail at the next agreement step, naming that rank.
     """
-    from .checkpoints import CheckpointFormatError, UnsafeCheckpointError
-    from .distributed import RankFailedError
-    from .statedict import IncompatibleStateDictsError
+    from ..integrations.checkpoints import CheckpointFormatError, UnsafeCheckpointError
+    from ..methods.distributed import RankFailedError
+    from ..ops.statedict import IncompatibleStateDictsError
 
     prefix = "dawin-ext eval: error: "
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -444,7 +444,7 @@ def _read_resume(args: argparse.Namespace, methods: list[str], test_sets: list[_
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import distributed as dd
+    from ..methods import distributed as dd
 
     # Everything about the input is checked before a model is built or an image is read.
     if not (math.isfinite(args.alpha) and 0.0 <= args.alpha <= 1.0):
@@ -479,7 +479,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_sets(args, methods, skipped, classnames, test_sets, device, dist: _Dist) -> int:
-    from . import distributed as dd
+    from ..methods import distributed as dd
 
     enabled = not args.no_progress
 
@@ -619,9 +619,9 @@ def _check_family_args(args: argparse.Namespace) -> None:
 
 def _load_open_clip(args: argparse.Namespace, classnames: list[str], device: torch.device):
     """(base module, theta_zs, theta_ft, image transform, notes) of two open_clip checkpoints."""
-    from . import openclip as oc
-    from .checkpoints import CheckpointFormatError
-    from .statedict import IncompatibleStateDictsError
+    from ..integrations import openclip as oc
+    from ..integrations.checkpoints import CheckpointFormatError
+    from ..ops.statedict import IncompatibleStateDictsError
 
     try:
         for cfg in args.model_config:
@@ -651,8 +651,8 @@ def _load_hf(args: argparse.Namespace, classnames: list[str], device: torch.devi
     """(base module, theta_zs, theta_ft, image transform, notes) of two Hugging Face CLIP directories."""
     import tempfile
 
-    from . import hf_clip
-    from .statedict import IncompatibleStateDictsError
+    from ..integrations import hf_clip
+    from ..ops.statedict import IncompatibleStateDictsError
 
     notes = []
     try:
@@ -686,7 +686,7 @@ def _load_hf(args: argparse.Namespace, classnames: list[str], device: torch.devi
 def _tracker(dist: _Dist, enabled: bool, n_batches: int, n_samples: int) -> Callable[[Iterable, str], Iterable]:
     """``track(loader, desc)``: a tqdm bar over batches in one process; in a group, one bar on rank 0 counting
     the samples of all ranks (every rank must call it the same number of times, in the same order)."""
-    from . import distributed as dd
+    from ..methods import distributed as dd
 
     def track(iterable: Iterable, desc: str) -> Iterable:
         if dist.group is None:
@@ -705,7 +705,7 @@ def _shared_logits(args, methods, base, theta_zs, theta_ft, loader, device, tag:
     mixture is fitted over all ranks), else directly."""
     desc = f"{tag} zero-shot + fine-tuned logits"
     if dawin_requested(methods):
-        from .dawin import DaWin
+        from ..methods.dawin import DaWin
 
         dawin = DaWin(
             base,
@@ -721,7 +721,8 @@ def _shared_logits(args, methods, base, theta_zs, theta_ft, loader, device, tag:
         logits_zs, logits_ft = dawin.logits_
         return logits_zs, logits_ft, dawin.fit_labels_, dawin
     if any(m in methods for m in ("zeroshot", "finetuned", "ensemble")):
-        from .models import BlendedModels, collect_logits
+        from ..methods.blended import BlendedModels
+        from ..methods.inference import collect_logits
 
         experts = BlendedModels(base, [theta_zs, theta_ft], n_models=2)
         experts.blend([[1.0, 0.0], [0.0, 1.0]])
@@ -752,7 +753,7 @@ def _evaluate_set(
 ) -> tuple[dict[str, float], list[int]]:
     """Accuracy of each method on one test set, and each rank's sample count. Both models' logits are computed
     once and shared. In a process group each rank scores its shard; (correct, total) counts are summed."""
-    from . import distributed as dd
+    from ..methods import distributed as dd
 
     out: dict[str, float] = {}
     tag = f"[{set_name}]"
@@ -793,7 +794,7 @@ def _evaluate_set(
     if "finetuned" in methods:
         out["finetuned"] = accuracy(logits_ft, labels)
     if "ensemble" in methods:
-        from .wise_ft import output_ensemble
+        from ..methods.wise_ft import output_ensemble
 
         def ensemble():
             if logits_zs.shape[0] == 0:
@@ -804,7 +805,7 @@ def _evaluate_set(
     if "wise-ft" in methods:
 
         def wise():
-            from .wise_ft import wise_ft
+            from ..methods.wise_ft import wise_ft
 
             merged = copy.deepcopy(base)
             merged.load_state_dict(wise_ft(theta_zs, theta_ft, args.alpha))
@@ -828,7 +829,7 @@ def _evaluate_set(
 
                 timed(m, dawin_scores)
     if "adawise" in methods:
-        from .adawise import AdaWiSE
+        from ..methods.adawise import AdaWiSE
 
         def adawise():
             # Per rank: alpha is optimised per batch of the rank's shard; the warm start restarts at its first batch.

@@ -526,7 +526,7 @@ def _user_frame() -> str:
     """The innermost frame outside torch and this package: where the module's code made the call."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         f = frame.filename.replace("\\", "/")
-        if "/torch/" in f or "/dawin_ext/samplewise/" in f or "/functorch/" in f:
+        if "/torch/" in f or "/dawin_ext/exact/" in f or "/functorch/" in f:
             continue
         return f"{frame.filename}:{frame.lineno} ({frame.line})"
     return "<unknown>"

@@ -9,8 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..models import check_finite_state_dict
-from ..statedict import as_state_dict, check_compatible, check_finite_matrix
+from ..ops.statedict import as_state_dict, check_compatible, check_finite_matrix, check_finite_state_dict
 from .engine import DEFAULT_MATERIALIZE_BUDGET_BYTES, Engine, UnsupportedParameterError, make_stack
 
 __all__ = ["SampleWiseInterpolator", "UnsupportedParameterError", "task_vector_coefficients"]
@@ -84,7 +83,7 @@ class SampleWiseInterpolator(nn.Module):
     batch runs as one ``torch.vmap`` pass; every parameter that differs between sources is a placeholder whose
     uses are routed per sample: linear maps, convolutions and embeddings through the sample-wise kernels (no
     per-sample weight copies), anything else on the merged value built per sample. See
-    :mod:`dawin_ext.samplewise.engine` for the mechanism and README "Exact per-sample mode" for what is refused.
+    :mod:`dawin_ext.exact.engine` for the mechanism and README "Exact per-sample mode" for what is refused.
 
     Each sample runs as a batch of one: inputs whose dim 0 has the batch size are split per sample (declare other
     layouts with ``coefficients(c, in_dims=...)``); other inputs (masks ``[L, L]``, position ids ``[1, L]``) are
@@ -102,7 +101,7 @@ class SampleWiseInterpolator(nn.Module):
         combine: kept for compatibility (``"torch"`` or ``"kernel"``); the engine picks its kernels itself.
         materialize_budget_bytes: most bytes that per-sample copies of varying parameters (``[B, ...]``) may take
             in one call; matrices above 1M entries are never copied per sample regardless.
-        strict: raise :class:`~dawin_ext.samplewise.engine.NoBatchingRuleError` instead of warning when an op has
+        strict: raise :class:`~dawin_ext.exact.engine.NoBatchingRuleError` instead of warning when an op has
             no batching rule and would run as a per-sample loop.
     """
 

@@ -1,4 +1,4 @@
-"""Exact per-sample weight interpolation for a whole batch in one forward pass (issues 4 and 10)."""
+"""Exact per-sample weight interpolation for a whole batch in one forward pass (see the README, "Exact mode")."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ here needs it. Everything works offline: models load from local ``save_pretraine
 The module whose state dict gets interpolated is :class:`HFCLIPClassifier`: ``vision_model.*`` (the HF vision
 transformer), ``visual_projection.weight`` and ``head.weight`` / ``head.bias``, where the head rows are the
 normalized class embeddings times ``exp(logit_scale)``. Its logits equal HF's ``logits_per_image`` for the prompts,
-the same contract as :class:`dawin_ext.openclip.CLIPClassifier`, so its state dicts go straight into
-:func:`dawin_ext.wise_ft`, :class:`dawin_ext.DaWin` and the other methods.
+the same contract as :class:`dawin_ext.integrations.openclip.CLIPClassifier`, so its state dicts go straight into
+:func:`dawin_ext.methods.wise_ft`, :class:`dawin_ext.DaWin` and the other methods.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.statedict import StateDict
 from .openclip import Template, _check_classnames, get_templates
-from .statedict import StateDict
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
@@ -56,7 +56,7 @@ def _transformers() -> Any:
         import transformers
     except ImportError as e:
         raise ImportError(
-            f"dawin_ext.hf_clip needs the 'transformers' package, which is not installed; install the extra: {_EXTRA}"
+            f"dawin_ext.integrations.hf_clip needs the 'transformers' package, which is not installed; install the extra: {_EXTRA}"
         ) from e
     return transformers
 
@@ -107,7 +107,7 @@ def load_hf_clip(
     classes = {"clip": tf.CLIPModel, "clip_vision_model": tf.CLIPVisionModel}
     if model_type not in classes:
         raise ValueError(
-            f"{str(d)!r}: config.json has model_type {model_type!r}; dawin_ext.hf_clip loads {sorted(classes)} "
+            f"{str(d)!r}: config.json has model_type {model_type!r}; dawin_ext.integrations.hf_clip loads {sorted(classes)} "
             "(a CLIPModel or a CLIPVisionModel)"
         )
     model, info = classes[model_type].from_pretrained(
@@ -263,7 +263,7 @@ class HFCLIPClassifier(nn.Module):
     """HF CLIP vision tower + projection + linear head:
     ``logits = normalize(visual_projection(vision_model(x).pooler_output)) @ head.weight.T + head.bias``.
 
-    Same contract as :class:`dawin_ext.openclip.CLIPClassifier` (images ``[B, 3, H, W]`` -> logits ``[B, C]``). Its
+    Same contract as :class:`dawin_ext.integrations.openclip.CLIPClassifier` (images ``[B, 3, H, W]`` -> logits ``[B, C]``). Its
     state dict (``vision_model.*``, ``visual_projection.weight``, ``head.*``) is what the methods interpolate. It holds
     the given modules themselves; :meth:`from_clip` copies.
     """
@@ -403,7 +403,7 @@ def load_hf_classifier_pair(
     from the zero-shot model). The result plugs into the methods, e.g. ``DaWin(pair.model, pair.theta_zs,
     pair.theta_ft)``.
     """
-    from .statedict import check_compatible
+    from ..ops.statedict import check_compatible
 
     names = _check_classnames(classnames)
     temps = get_templates(templates)

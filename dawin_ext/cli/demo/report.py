@@ -1,6 +1,6 @@
 """The demo's report: a console table, ``results/report.md`` and three PNG plots (matplotlib, Agg backend).
 
-Every figure in the report is read from a :class:`~dawin_ext.demo.runner.DemoResult`; nothing is typed by hand.
+Every figure in the report is read from a :class:`~dawin_ext.cli.demo.runner.DemoResult`; nothing is typed by hand.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .data import TEST_SHIFTS, load_digits_splits, make_test_sets, normalize
-from .evaluate import EvalContext, MethodResult, NotAvailable, choose_alpha, evaluate_methods, wise_ft_curve
 from .methods import all_methods
+from .scoring import EvalContext, MethodResult, NotAvailable, choose_alpha, evaluate_methods, wise_ft_curve
 from .train import TrainConfig, TrainedPair, train_pair
 
 __all__ = ["DemoConfig", "DemoResult", "run_benchmark", "ALPHA_GRID"]
@@ -95,13 +95,13 @@ def environment_info(threads: int) -> dict:
 
 def _lambda_fits(ctx: EvalContext, sets: dict[str, tuple[Tensor, Tensor]], seed: int) -> dict[str, LambdaFit]:
     """λ(x) = e^{-H_ft} / (e^{-H_zs} + e^{-H_ft}) per set (``dawin_ext.entropy_coefficients``), plus a K=3 Beta
-    mixture fit (``dawin_ext.mixture.BetaMixture``) for the histogram."""
+    mixture fit (``dawin_ext.methods.mixture.BetaMixture``) for the histogram."""
     from dawin_ext import entropy_coefficients
 
     try:
-        from dawin_ext.mixture import BetaMixture
+        from dawin_ext.methods.mixture import BetaMixture
     except ImportError as err:  # pragma: no cover - depends on what has landed
-        BetaMixture, why = None, f"dawin_ext.mixture not importable ({err})"
+        BetaMixture, why = None, f"dawin_ext.methods.mixture not importable ({err})"
     fits = {}
     for name, (x, _) in sets.items():
         with torch.no_grad():

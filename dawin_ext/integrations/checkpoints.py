@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .statedict import StateDict
+from ..ops.statedict import StateDict
 
 __all__ = ["UnsafeCheckpointError", "CheckpointFormatError", "load_state_dict", "save_state_dict"]
 

@@ -19,18 +19,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .mixture import DirichletMixture
-from .models import (
-    BlendedModels,
-    check_finite_state_dict,
+from ..exact import SampleWiseInterpolator
+from ..ops import entropy_coefficients
+from ..ops.statedict import StateDict, as_state_dict, check_compatible, check_finite_state_dict
+from .blended import BlendedModels
+from .inference import (
     check_logits_finite,
     collect_logits,
     predict_in_fit_order,
     route,
 )
-from .ops import entropy_coefficients
-from .samplewise import SampleWiseInterpolator
-from .statedict import StateDict, as_state_dict, check_compatible
+from .mixture import DirichletMixture
 
 __all__ = ["DaWinMultiTask", "task_vectors_from"]
 
@@ -242,7 +241,7 @@ class DaWinMultiTask:
     def save(self, path) -> Path:
         """Writes what ``fit`` produced (settings, pi, cluster assignments, the Dirichlet mixture) to directory
         ``path`` with content hashes of theta_0, every task vector and the head (if it is a module). See
-        :mod:`dawin_ext.persistence`."""
+        :mod:`dawin_ext.methods.persistence`."""
         from .persistence import save_multitask
 
         return save_multitask(self, path)
@@ -260,8 +259,8 @@ class DaWinMultiTask:
     ) -> DaWinMultiTask:
         """Rebuilds a fitted DaWinMultiTask from :meth:`save`'s directory and the same weights and head.
 
-        Refuses (:class:`~dawin_ext.persistence.WeightMismatchError`, naming the keys) weights or a head module
-        that differ from the fitted ones; :class:`~dawin_ext.persistence.SavedStateError` for unreadable files."""
+        Refuses (:class:`~dawin_ext.methods.persistence.WeightMismatchError`, naming the keys) weights or a head module
+        that differ from the fitted ones; :class:`~dawin_ext.methods.persistence.SavedStateError` for unreadable files."""
         from .persistence import load_multitask
 
         return load_multitask(cls, path, model, theta_0, task_thetas, task_vectors=task_vectors, head=head)

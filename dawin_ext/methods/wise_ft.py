@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import BlendedModels, check_finite_state_dict, check_logits_finite, split_batch
-from .ops import blend
-from .statedict import StateDict, as_state_dict, check_compatible
+from ..ops import blend
+from ..ops.statedict import StateDict, as_state_dict, check_compatible, check_finite_state_dict
+from .blended import BlendedModels
+from .inference import check_logits_finite, split_batch
 
 __all__ = ["wise_ft", "wise_ft_sweep", "output_ensemble", "diagonal_fisher"]
 

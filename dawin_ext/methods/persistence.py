@@ -142,7 +142,7 @@ def write_saved(path: str | os.PathLike[str], kind: str, meta: dict, tensors: Ma
     leaves a half-written file under the final name."""
     from safetensors.torch import save as st_save
 
-    from . import __version__
+    from .. import __version__
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -314,7 +314,7 @@ def save_dawin(obj, path: str | os.PathLike[str]) -> Path:
 
 def load_dawin(cls, path: str | os.PathLike[str], model, theta_zs, theta_ft):
     """Rebuilds a fitted :class:`~dawin_ext.DaWin` (see :meth:`DaWin.load`)."""
-    from .statedict import as_state_dict
+    from ..ops.statedict import as_state_dict
 
     meta, t = read_saved(path, "DaWin")
     require(
@@ -346,7 +346,7 @@ def load_dawin(cls, path: str | os.PathLike[str], model, theta_zs, theta_ft):
                 f"DaWin.load: n_clusters is {obj.n_clusters} but {tuple(obj.cluster_coefficients_.shape)} "
                 "cluster coefficients are stored"
             )
-        from .models import BlendedModels
+        from .blended import BlendedModels
 
         obj.clusters = BlendedModels(obj.model, [obj.theta_zs, obj.theta_ft], n_models=obj.n_clusters)
         m = obj.cluster_coefficients_
@@ -414,7 +414,7 @@ def load_multitask(cls, path, model, theta_0, task_thetas=None, *, task_vectors=
     obj.pi_, obj.labels_, obj.cluster_pi_ = t["pi"], t["labels"], t["cluster_pi"]
     obj.n_samples_ = int(meta["n_samples"])
     obj.mixture_ = restore_mixture(meta["mixture"], t, "mixture.", kind)
-    from .models import BlendedModels
+    from .blended import BlendedModels
 
     obj.clusters = BlendedModels(obj.model, obj.sources, n_models=obj.n_clusters)
     obj.clusters.blend(obj.coefficient_rows(obj.cluster_pi_))
@@ -446,8 +446,8 @@ def save_adawise(obj, path: str | os.PathLike[str]) -> Path:
 
 def load_adawise(cls, path, model, theta_zs, theta_ft):
     """Rebuilds AdaWiSE with its warm-start state (see :meth:`AdaWiSE.load`)."""
+    from ..ops.statedict import as_state_dict
     from .adawise import make_gp
-    from .statedict import as_state_dict
 
     meta, _ = read_saved(path, "AdaWiSE")
     require(meta, {}, "AdaWiSE", ("settings", "weights", "best_alpha", "kernel", "history"))

@@ -21,7 +21,7 @@ Two ways to run it:
   come from the calibration set) and each sample runs through its cluster's model.
 
 ``mode="exact"`` computes every sample with its own interpolated weights through
-``dawin_ext.samplewise.SampleWiseInterpolator``.
+``dawin_ext.exact.SampleWiseInterpolator``.
 """
 
 from __future__ import annotations
@@ -35,18 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mixture import BetaMixture
-from .models import (
-    BlendedModels,
-    check_finite_state_dict,
+from ..exact import SampleWiseInterpolator
+from ..ops import entropy_coefficients
+from ..ops.statedict import as_state_dict, check_compatible, check_finite_state_dict
+from .blended import BlendedModels
+from .inference import (
     check_logits_finite,
     collect_logits,
     predict_in_fit_order,
     route,
 )
-from .ops import entropy_coefficients
-from .samplewise import SampleWiseInterpolator
-from .statedict import as_state_dict, check_compatible
+from .mixture import BetaMixture
 
 __all__ = ["DaWin", "EXPERTISE_METRICS", "PSEUDO_LABELS", "dawin_coefficients"]
 
@@ -296,11 +295,11 @@ class DaWin:
         ``cluster_coefficients_`` [K], ``mixture_``, ``offset_``, ``logits_`` (zero-shot, fine-tuned).
 
         In an initialised process group (or with ``group=``; ``group=False`` opts out) each rank's ``loader``
-        yields its own shard (e.g. :class:`dawin_ext.distributed.ShardSampler`) and the fit is global: the
+        yields its own shard (e.g. :class:`dawin_ext.methods.distributed.ShardSampler`) and the fit is global: the
         mixture is fitted once on all ranks' lambdas, in rank order, and ``coefficients_``, ``labels_``,
         ``cluster_coefficients_``, ``mixture_``, ``offset_`` and ``n_samples_`` are those of the whole set,
         identical on every rank; ``logits_`` and ``fit_labels_`` are the rank's shard, ``shard_`` its
-        ``[start, stop)`` in the global order (see :mod:`dawin_ext.distributed`).
+        ``[start, stop)`` in the global order (see :mod:`dawin_ext.methods.distributed`).
         """
         from . import distributed
 
@@ -408,7 +407,7 @@ class DaWin:
         """Writes everything ``fit`` produced (settings, temperatures, offset statistics, the mixture, cluster
         coefficients, per-sample coefficients and logits) to directory ``path``: ``tensors.safetensors`` plus
         ``meta.json`` with a format version and content hashes of ``theta_zs`` and ``theta_ft`` (not the weights
-        themselves). See :mod:`dawin_ext.persistence`."""
+        themselves). See :mod:`dawin_ext.methods.persistence`."""
         from .persistence import save_dawin
 
         return save_dawin(self, path)
@@ -423,9 +422,9 @@ class DaWin:
     ) -> DaWin:
         """Rebuilds a fitted DaWin from :meth:`save`'s directory and the same weights, without refitting.
 
-        Raises :class:`~dawin_ext.persistence.WeightMismatchError` naming the differing keys when ``theta_zs`` or
+        Raises :class:`~dawin_ext.methods.persistence.WeightMismatchError` naming the differing keys when ``theta_zs`` or
         ``theta_ft`` is not bit-identical to the fitted weights (checked by content hash before anything is
-        built), and :class:`~dawin_ext.persistence.SavedStateError` for missing, truncated or corrupted files
+        built), and :class:`~dawin_ext.methods.persistence.SavedStateError` for missing, truncated or corrupted files
         and for another format version."""
         from .persistence import load_dawin
 

@@ -49,7 +49,7 @@ def _bench_table(threads: int) -> str:
     """The ``dawin-ext bench --quick --pipeline`` table (CPU), run with ``threads`` torch threads."""
     import torch
 
-    from dawin_ext import bench
+    from dawin_ext.cli import bench
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

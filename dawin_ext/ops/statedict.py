@@ -9,7 +9,14 @@ from torch import Tensor, nn
 
 StateDict = dict[str, Tensor]
 
-__all__ = ["StateDict", "as_state_dict", "check_compatible", "check_finite_matrix", "IncompatibleStateDictsError"]
+__all__ = [
+    "StateDict",
+    "as_state_dict",
+    "check_compatible",
+    "check_finite_matrix",
+    "check_finite_state_dict",
+    "IncompatibleStateDictsError",
+]
 
 
 class IncompatibleStateDictsError(ValueError):
@@ -79,3 +86,19 @@ def check_finite_matrix(matrix: Tensor, what: str) -> None:
     if bool(bad.any()):
         idx = bad.nonzero()[0].tolist()
         raise ValueError(f"{what} must be finite; entry {tuple(idx)} is {matrix[tuple(idx)].item()}")
+
+
+@torch.no_grad()
+def check_finite_state_dict(sd: Mapping[str, Tensor], name: str) -> None:
+    """Raises ValueError naming ``name``, the first key and the element that hold NaN or Inf.
+
+    Run once when a method receives its weights: a NaN weight would otherwise turn every merged model's
+    outputs into NaN far from the cause.
+    """
+    for key, t in sd.items():
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            idx = tuple((~finite).nonzero()[0].tolist())
+            raise ValueError(f"{name}[{key!r}] holds a non-finite value ({t[idx].item()} at index {idx})")

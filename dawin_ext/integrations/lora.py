@@ -7,7 +7,7 @@ with rsLoRA), sample ``b`` with coefficient row ``c[b]`` (summing to 1, source 0
     W0 x + b0 + sum_s c[b, s] scale_s B_s (A_s x),
 
 which is exactly ``F.linear`` with the per-sample merged weight ``sum_s c[b, s] (W0 + scale_s B_s A_s)``. The exact
-engine (:mod:`dawin_ext.samplewise`) holds every adapted weight as a low-rank stack and runs the layer through the
+engine (:mod:`dawin_ext.exact`) holds every adapted weight as a low-rank stack and runs the layer through the
 compiled op :func:`dawin_ext.ops.samplewise_lora`: one base GEMM, one shrink GEMM against all adapters' ``A``, a
 per-sample scaling of each sample's rank blocks, and one expand GEMM. No merged weight and no ``[B, OUT, IN]`` copy.
 
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .samplewise import SampleWiseInterpolator
-from .samplewise.engine import LowRankStack, UnsupportedParameterError, make_low_rank_stack
+from ..exact import SampleWiseInterpolator
+from ..exact.engine import LowRankStack, UnsupportedParameterError, make_low_rank_stack
 
 __all__ = [
     "LoraSources",
@@ -53,7 +53,7 @@ def _require_peft():
         import peft
     except ImportError as e:
         raise ImportError(
-            "dawin_ext.lora loads adapters with peft, which is not installed: pip install 'dawin-ext[lora]' "
+            "dawin_ext.integrations.lora loads adapters with peft, which is not installed: pip install 'dawin-ext[lora]' "
             "(or pip install peft)"
         ) from e
     return peft
@@ -90,9 +90,9 @@ class LoraSources:
         return sd
 
     def interpolator(self, **kwargs) -> SampleWiseInterpolator:
-        """A :class:`~dawin_ext.samplewise.SampleWiseInterpolator` over these sources whose adapted weights are
+        """A :class:`~dawin_ext.exact.SampleWiseInterpolator` over these sources whose adapted weights are
         low-rank stacks: ``swi(x, rows)`` with ``rows [B, S]`` summing to 1 (``[1 - lam, lam]`` for DaWin, or
-        :func:`~dawin_ext.samplewise.task_vector_coefficients` for several adapters). ``kwargs`` go to its
+        :func:`~dawin_ext.exact.task_vector_coefficients` for several adapters). ``kwargs`` go to its
         constructor (``strict``, ``materialize_budget_bytes``, ...)."""
         sd = self.base.state_dict()
         swi = SampleWiseInterpolator(self.base, [sd] * self.num_sources, **kwargs)
@@ -145,7 +145,9 @@ def load_lora_sources(base: nn.Module, adapter_dirs: Sequence[str | Path]) -> Lo
     for d, n in zip(dirs, names, strict=True):
         cfg = peft.PeftConfig.from_pretrained(str(d))
         if cfg.peft_type != peft.PeftType.LORA:
-            raise UnsupportedAdapterError(f"adapter {d} is a {cfg.peft_type} adapter; dawin_ext.lora mixes LoRA only")
+            raise UnsupportedAdapterError(
+                f"adapter {d} is a {cfg.peft_type} adapter; dawin_ext.integrations.lora mixes LoRA only"
+            )
         if getattr(cfg, "use_dora", False):
             # PEFT refuses DoRA on some layers (MHA) itself; name the first targeted module here.
             raise UnsupportedAdapterError(
@@ -247,8 +249,8 @@ def lora_interpolator(base: nn.Module, adapter_dirs: Sequence[str | Path], **kwa
 
 
 def use_lora_exact(method, sources: LoraSources, **kwargs) -> None:
-    """Makes a fitted :class:`~dawin_ext.dawin.DaWin` (2 sources: base, base + adapter) or
-    :class:`~dawin_ext.multitask.DaWinMultiTask` (base + one adapter per task) run ``mode="exact"`` through the
+    """Makes a fitted :class:`~dawin_ext.methods.dawin.DaWin` (2 sources: base, base + adapter) or
+    :class:`~dawin_ext.methods.multitask.DaWinMultiTask` (base + one adapter per task) run ``mode="exact"`` through the
     low-rank engine instead of full-weight stacks. Build the method with ``sources.merged_state_dict(s)`` as its
     state dicts (fitting needs each source's logits); the exact pass then never touches a merged weight."""
     if hasattr(method, "theta_zs"):

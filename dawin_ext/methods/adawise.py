@@ -23,7 +23,7 @@ entropy of the model's predictions. The design choices made here:
   the weights and no allocation, then one forward pass.
 * **Several candidates in one pass** (``candidates_per_pass=q > 1``). The initial points, and then ``q``
   proposals per round, are scored together in a single forward pass of the exact per-sample interpolator
-  (:class:`~dawin_ext.samplewise.SampleWiseInterpolator`): the batch is replicated once per candidate with
+  (:class:`~dawin_ext.exact.SampleWiseInterpolator`): the batch is replicated once per candidate with
   its own coefficient row ``[1 - alpha, alpha]``. The ``q`` proposals of a round come from expected
   improvement with the "constant liar" rule: after each pick, a pseudo-observation at the current best value
   is added and the GP (kernel fixed) is refitted, so the next pick moves elsewhere. This pays off where one
@@ -35,7 +35,7 @@ entropy of the model's predictions. The design choices made here:
   :meth:`predict` on its own shard's batches with no communication. With ``warm_start`` the chain of warm starts
   restarts at each rank's first batch, so a rank's results equal one process run on that rank's shard; they equal
   one process over the whole set exactly when ``warm_start=False`` (and the shards follow batch boundaries, as
-  :class:`~dawin_ext.distributed.ShardSampler` with ``block=batch_size`` makes them).
+  :class:`~dawin_ext.methods.distributed.ShardSampler` with ``block=batch_size`` makes them).
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ from sklearn.gaussian_process.kernels import ConstantKernel, Kernel, Matern, Whi
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
-from .models import BlendedModels, check_finite_state_dict, check_logits_finite, split_batch
-from .ops import softmax_entropy
-from .samplewise import SampleWiseInterpolator
-from .statedict import as_state_dict
+from ..exact import SampleWiseInterpolator
+from ..ops import softmax_entropy
+from ..ops.statedict import as_state_dict, check_finite_state_dict
+from .blended import BlendedModels
+from .inference import check_logits_finite, split_batch
 
 __all__ = ["AdaWiSE", "make_gp", "expected_improvement"]
 

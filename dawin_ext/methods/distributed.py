@@ -385,7 +385,7 @@ class GlobalProgress:
 
     def wrap(self, loader: Iterable) -> Iterator:
         """Yields ``loader``'s batches, counting each one's samples once it has been processed."""
-        from .models import split_batch
+        from .inference import split_batch
 
         try:
             for batch in loader:
@@ -440,7 +440,7 @@ def _coefficients_from_entropies(entropies: Tensor, offset_adjustment: bool) -> 
 
 def _collect_local(models, loader, names, device, progress: GlobalProgress | None):
     """collect_logits over this rank's shard; an empty shard gives ``None`` instead of an error."""
-    from .models import collect_logits
+    from .inference import collect_logits
 
     state = {"batches": 0, "exhausted": False}
 
@@ -484,10 +484,11 @@ def fitted_shard(fitted: Any, group: Group | None | bool, what: str) -> tuple[in
 
 def fit_dawin(dw: Any, loader: Iterable, group: Group, progress: bool = False) -> Any:
     """``DaWin.fit`` across the ranks of ``group`` (see the comment above for what is global)."""
+    from ..ops import entropy_coefficients
+    from .blended import BlendedModels
     from .dawin import _offset_stats
+    from .inference import check_logits_finite
     from .mixture import BetaMixture
-    from .models import BlendedModels, check_logits_finite
-    from .ops import entropy_coefficients
 
     what = "DaWin.fit"
     rank, _ = rank_and_world(group)
@@ -580,9 +581,10 @@ def _global_mixture(dw: Any, lam: Tensor, offset, mixture_cls) -> dict:
 def fit_multitask(mt: Any, loader: Iterable, group: Group, progress: bool = False) -> Any:
     """``DaWinMultiTask.fit`` across the ranks of ``group``: per-rank task entropies, gathered; pi, the Dirichlet
     mixture and the assignments on rank 0, broadcast; cluster models blended on every rank."""
+    from ..ops import entropy_coefficients
+    from .blended import BlendedModels
+    from .inference import check_logits_finite
     from .mixture import DirichletMixture
-    from .models import BlendedModels, check_logits_finite
-    from .ops import entropy_coefficients
 
     what = "DaWinMultiTask.fit"
     rank, _ = rank_and_world(group)

@@ -5,10 +5,10 @@ step, in plain NumPy / PyTorch: dict-comprehension merges, a fresh merge for eve
 every batch, explicit log-density formulas. They are deliberately slow and keep the reference's
 limitations (for example ``log(0)`` for a coefficient of exactly 0 or 1); do not use them in production.
 
-They import nothing from the code they check (only :mod:`dawin_ext.reference` and NumPy / SciPy /
+They import nothing from the code they check (only :mod:`dawin_ext.testing.reference_ops` and NumPy / SciPy /
 scikit-learn / PyTorch; ``tests/test_mirrors_independent.py`` checks this): a shared helper would let a bug in it
 pass on both sides. The Beta and Dirichlet mixtures take their initial responsibilities from scikit-learn's
-``KMeans``, as the reference code and ``dawin_ext.mixture`` both do.
+``KMeans``, as the reference code and ``dawin_ext.methods.mixture`` both do.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
-from .reference import entropy_reference, interpolation_reference
+from .reference_ops import entropy_reference, interpolation_reference
 
 __all__ = [
     "beta_mixture_reference",
@@ -285,9 +285,9 @@ def multitask_merge_reference(
 
 # ------------------------------------------------------------------------------------------ AdaWiSE
 def _adawise_gp(previous_kernel, seed: int) -> GaussianProcessRegressor:
-    """AdaWiSE's surrogate, written out here from scikit-learn (not imported from ``dawin_ext.adawise``): a
+    """AdaWiSE's surrogate, written out here from scikit-learn (not imported from ``dawin_ext.methods.adawise``): a
     ``Constant * Matern(nu=2.5) + White`` kernel with ``normalize_y=True`` and 2 optimizer restarts; the bounds
-    and starting values restate the design of ``dawin_ext/adawise.py``, so a change there fails the tests that
+    and starting values restate the design of ``dawin_ext/methods/adawise.py``, so a change there fails the tests that
     compare against this mirror. A warm start passes the previous batch's fitted kernel."""
     kernel = previous_kernel
     if kernel is None:
@@ -313,7 +313,7 @@ def adawise_reference(
     full dict-comprehension merge and ``load_state_dict`` per evaluation, its own Gaussian process
     (:func:`_adawise_gp`, random state ``seed``) and its own expected improvement (minimisation, margin ``xi``,
     on a grid of ``grid_size`` alphas, evaluated points excluded, ties to the smallest alpha).
-    Shares no code with ``dawin_ext.adawise``. Returns (best alpha, logits) per batch."""
+    Shares no code with ``dawin_ext.methods.adawise``. Returns (best alpha, logits) per batch."""
     model = copy.deepcopy(base_model).eval()
     grid = np.linspace(0.0, 1.0, grid_size)
     prev_best, prev_kernel = None, None

@@ -12,11 +12,11 @@ import sys
 
 SUBCOMMANDS = {
     "eval": (
-        "dawin_ext.evaluate",
+        "dawin_ext.cli.eval",
         "evaluate zero-shot/fine-tuned open_clip or Hugging Face CLIP checkpoints with every method",
     ),
-    "bench": ("dawin_ext.bench", "kernel and pipeline benchmarks against the plain-PyTorch reference"),
-    "demo": ("dawin_ext.demo", "the embedded digits robust-adaptation benchmark (offline, ~2 minutes)"),
+    "bench": ("dawin_ext.cli.bench", "kernel and pipeline benchmarks against the plain-PyTorch reference"),
+    "demo": ("dawin_ext.cli.demo", "the embedded digits robust-adaptation benchmark (offline, ~2 minutes)"),
 }
 
 

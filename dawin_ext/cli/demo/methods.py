@@ -11,13 +11,13 @@ import copy
 
 from torch import Tensor, nn
 
-from .evaluate import EvalContext, Method, Predict, optional_import
+from .scoring import EvalContext, Method, Predict, optional_import
 
 __all__ = ["all_methods", "merged_model"]
 
 
 def merged_model(ctx: EvalContext, alpha: float) -> nn.Module:
-    """A copy of the architecture holding the WiSE-FT merge at ``alpha`` (``dawin_ext.wise_ft.wise_ft``)."""
+    """A copy of the architecture holding the WiSE-FT merge at ``alpha`` (``dawin_ext.methods.wise_ft.wise_ft``)."""
     (wise_ft,) = optional_import("wise_ft", "wise_ft")
     model = copy.deepcopy(ctx.generalist)
     model.load_state_dict(wise_ft(ctx.generalist, ctx.specialist, alpha))

@@ -1,7 +1,7 @@
 """open_clip helpers: zero-shot heads from class names, and image encoder + head as one classifier module.
 
 Everything here works offline: models are always created with ``pretrained=None`` (random init) and real weights
-come from checkpoint files (:mod:`dawin_ext.checkpoints`). The zero-shot head is built with open_clip's own
+come from checkpoint files (:mod:`dawin_ext.integrations.checkpoints`). The zero-shot head is built with open_clip's own
 :func:`open_clip.build_zero_shot_classifier` and tokenizer (:func:`open_clip.get_tokenizer`); architectures whose
 tokenizer lives on the Hugging Face hub would need the network and are refused with a message.
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .statedict import StateDict
+from ..ops.statedict import StateDict
 
 __all__ = [
     "CLIPClassifier",
@@ -503,7 +503,7 @@ def load_classifier_pair(
 ) -> ClassifierPair:
     """Loads a zero-shot and a fine-tuned open_clip checkpoint as two :class:`CLIPClassifier` state dicts.
 
-    The files are read with :func:`dawin_ext.checkpoints.load_state_dict` (safetensors or
+    The files are read with :func:`dawin_ext.integrations.checkpoints.load_state_dict` (safetensors or
     ``torch.load(weights_only=True)``; ``trust_pickle`` as documented there) and converted with
     :func:`classifier_state_dict`; a checkpoint without a head gets the zero-shot head from ``classnames`` and
     ``templates``. Before returning, NaN/Inf weights and any key, shape or dtype difference between the two
@@ -512,8 +512,8 @@ def load_classifier_pair(
 
     The result plugs straight into the methods, e.g. ``DaWin(pair.model, pair.theta_zs, pair.theta_ft)``.
     """
+    from ..ops.statedict import check_compatible
     from .checkpoints import load_state_dict
-    from .statedict import check_compatible
 
     names = _check_classnames(classnames)
     temps = get_templates(templates)
