@@ -142,7 +142,7 @@ def write_saved(path: str | os.PathLike[str], kind: str, meta: dict, tensors: Ma
     leaves a half-written file under the final name."""
     from safetensors.torch import save as st_save
 
-    from .. import __version__
+    from ..ops._loader import BUILD_INFO
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -153,7 +153,7 @@ def write_saved(path: str | os.PathLike[str], kind: str, meta: dict, tensors: Ma
     full = {
         "format": kind,
         "format_version": FORMAT_VERSION,
-        "dawin_ext_version": __version__,
+        "dawin_ext_version": BUILD_INFO["version"],
         **meta,
         "tensors_file": {"name": TENSORS_NAME, "bytes": len(data), "blake2b": _file_digest(data)},
     }
