@@ -50,8 +50,8 @@ declare -A BOX=(
 )
 TOTAL_S=${GPU_CHECK_TOTAL_S:-480}
 CALL_LIMIT_S=600 # the device tool's limit for one command
-KERNEL_TESTS=(tests/test_entropy_ops.py tests/test_sample_combine_op.py tests/test_samplewise_linear_op.py
-  tests/test_blend_op.py tests/test_lora.py)
+KERNEL_TESTS=(tests/ops/test_entropy_ops.py tests/ops/test_sample_combine_op.py tests/ops/test_samplewise_linear_op.py
+  tests/ops/test_blend_op.py tests/integrations/test_lora.py)
 # What the GPU machine lacks, pinned; open_clip's other needs (torch, torchvision, regex, tqdm,
 # huggingface_hub, safetensors, timm) are in its image (KINDS.md). --rehearse checks this closure.
 WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0)

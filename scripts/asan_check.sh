@@ -42,11 +42,10 @@ if [ "$#" -eq 0 ]; then
   # The op-level tests: each kernel's own tests, the CUDA kernels' grids emulated on the CPU, the property
   # tests, the ops' bad-input and NaN cases, and the 4-thread tests (the high-level API's tests exercise no
   # other kernel code).
-  set -- $(ls tests/test_ops*.py tests/test_kernel*.py tests/test_blend*.py tests/test_entropy*.py \
-    tests/test_sample_combine*.py tests/test_samplewise_linear*.py tests/test_cuda_emulation.py \
-    tests/test_properties.py 2>/dev/null | sort -u)
-  if [ ! -f tests/test_cuda_emulation.py ]; then
-    echo "asan_check: tests/test_cuda_emulation.py is missing" >&2
+  set -- $(ls tests/ops/test_blend*.py tests/ops/test_entropy*.py tests/ops/test_sample_combine*.py \
+    tests/ops/test_samplewise_linear*.py tests/ops/test_cuda_emulation.py tests/ops/test_properties.py 2>/dev/null | sort -u)
+  if [ ! -f tests/ops/test_cuda_emulation.py ]; then
+    echo "asan_check: tests/ops/test_cuda_emulation.py is missing" >&2
     exit 1
   fi
   if [ "$#" -eq 0 ]; then
@@ -55,8 +54,8 @@ if [ "$#" -eq 0 ]; then
   fi
   set -- "$@" tests/test_bad_input.py::test_bad_input tests/test_bad_input.py::TestNaNPolicy \
     tests/test_bad_input.py::test_blend_never_silently_skips_a_floating_dtype \
-    tests/test_resources.py::test_four_threads_match_sequential \
-    tests/test_resources.py::test_four_threads_blend_into_separate_outputs
+    tests/ops/test_resources.py::test_four_threads_match_sequential \
+    tests/ops/test_resources.py::test_four_threads_blend_into_separate_outputs
 fi
 
 LOG="$BUILD_DIR/pytest.log"

@@ -45,8 +45,8 @@ done
 ARCHS=${TORCH_CUDA_ARCH_LIST:-9.0} # one architecture: the API is what is checked, not the code
 # What the builds and the kernel tests import; ninja so that the build runs in parallel, as in CI.
 EXTRA=(setuptools wheel ninja numpy scipy scikit-learn pytest hypothesis)
-TESTS=(tests/test_entropy_ops.py tests/test_blend_op.py tests/test_sample_combine_op.py
-  tests/test_samplewise_linear_op.py)
+TESTS=(tests/ops/test_entropy_ops.py tests/ops/test_blend_op.py tests/ops/test_sample_combine_op.py
+  tests/ops/test_samplewise_linear_op.py)
 
 WORK=${COMPAT_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/dawin_compat.XXXXXX")}
 cleanup() {

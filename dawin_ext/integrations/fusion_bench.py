@@ -9,7 +9,7 @@ Install with ``pip install 'dawin-ext[fusion_bench]'``. The Hydra configs ship i
 Methods (``method=``):
 
 - ``dawin/wise_ft`` (:class:`WiSEFTAlgorithm`): ``(1 - alpha) * theta_pretrained + alpha * theta_finetuned`` with
-  :func:`dawin_ext.methods.wise_ft`; returns a model of the pool's class (a ``CLIPVisionModel`` for CLIP pools). Any pool
+  :func:`dawin_ext.wise_ft`; returns a model of the pool's class (a ``CLIPVisionModel`` for CLIP pools). Any pool
   with ``_pretrained_`` and one fine-tuned model.
 - ``dawin/dawin`` (:class:`DaWinAlgorithm`): DaWin between ``_pretrained_`` and one fine-tuned model of a
   ``CLIPVisionModelPool``.
@@ -134,7 +134,7 @@ def _plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------------- WiSE-FT
 class WiSEFTAlgorithm(BaseAlgorithm):
     """WiSE-FT: ``(1 - alpha) * theta_pretrained + alpha * theta_finetuned`` for every floating-point key
-    (:func:`dawin_ext.methods.wise_ft`, dawin-ext's blend kernel). Returns a copy of the pool's pretrained model holding the
+    (:func:`dawin_ext.wise_ft`, dawin-ext's blend kernel). Returns a copy of the pool's pretrained model holding the
     merged weights; the pool's models are not modified.
 
     Args:

@@ -10,7 +10,7 @@ The module whose state dict gets interpolated is :class:`HFCLIPClassifier`: ``vi
 transformer), ``visual_projection.weight`` and ``head.weight`` / ``head.bias``, where the head rows are the
 normalized class embeddings times ``exp(logit_scale)``. Its logits equal HF's ``logits_per_image`` for the prompts,
 the same contract as :class:`dawin_ext.integrations.openclip.CLIPClassifier`, so its state dicts go straight into
-:func:`dawin_ext.methods.wise_ft`, :class:`dawin_ext.DaWin` and the other methods.
+:func:`dawin_ext.wise_ft`, :class:`dawin_ext.DaWin` and the other methods.
 """
 
 from __future__ import annotations

@@ -426,7 +426,7 @@ _ENTROPY_BASED = ("entropy", "selective", "output_ensemble")
 def _coefficients_from_entropies(entropies: Tensor, offset_adjustment: bool) -> Tensor:
     """[N, M] coefficients from [M, N] entropies: the exact ATen op sequence of ``coefficients_from_entropies`` in
     csrc/checks.cpp (what ``entropy_coefficients`` returns), so that the global coefficients computed from gathered
-    entropies are bit-identical to those of one process (tests/test_distributed.py checks this)."""
+    entropies are bit-identical to those of one process (tests/methods/test_distributed.py checks this)."""
     if not offset_adjustment:
         return torch.softmax(entropies.neg(), 0).t().contiguous()
     h_zs, h_ft = entropies[0], entropies[1]

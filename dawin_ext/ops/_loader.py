@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 
 # The torch versions this package supports: [floor, ceiling). Keep in sync with pyproject.toml's
-# "torch>=2.11,<3" (tests/test_build_config.py checks). 2.11 is the oldest torch whose CPU and CUDA builds
+# "torch>=2.11,<3" (tests/ops/test_build_config.py checks). 2.11 is the oldest torch whose CPU and CUDA builds
 # are both checked (the oldest PyPI torch on CUDA 13, whose nvcc is on PyPI); see scripts/check_torch_compat.sh.
 SUPPORTED_TORCH = ((2, 11), (3, 0))
 

@@ -18,7 +18,7 @@ __all__ = ["all_methods", "merged_model"]
 
 def merged_model(ctx: EvalContext, alpha: float) -> nn.Module:
     """A copy of the architecture holding the WiSE-FT merge at ``alpha`` (``dawin_ext.methods.wise_ft.wise_ft``)."""
-    (wise_ft,) = optional_import("wise_ft", "wise_ft")
+    (wise_ft,) = optional_import("methods.wise_ft", "wise_ft")
     model = copy.deepcopy(ctx.generalist)
     model.load_state_dict(wise_ft(ctx.generalist, ctx.specialist, alpha))
     return model.eval()
@@ -45,7 +45,7 @@ def _wise_val(ctx: EvalContext) -> Predict:
 
 
 def _output_ensemble(ctx: EvalContext) -> Predict:
-    (output_ensemble,) = optional_import("wise_ft", "output_ensemble")
+    (output_ensemble,) = optional_import("methods.wise_ft", "output_ensemble")
     g, s = ctx.generalist, ctx.specialist
     return lambda x: output_ensemble(g(x), s(x), 0.5).argmax(-1)
 
@@ -56,9 +56,9 @@ def _dawin(mode: str):
     exact per-sample merge (``exact``), or the lower-entropy model (``selective``)."""
 
     def build(ctx: EvalContext) -> Predict:
-        (dawin_cls,) = optional_import("dawin", "DaWin")
+        (dawin_cls,) = optional_import("methods.dawin", "DaWin")
         if mode == "exact":
-            optional_import("samplewise", "SampleWiseInterpolator")
+            optional_import("exact", "SampleWiseInterpolator")
         expertise = "selective" if mode == "selective" else "entropy"
         method = dawin_cls(
             ctx.generalist, ctx.generalist, ctx.specialist, expertise=expertise, n_clusters=3, seed=ctx.seed
@@ -82,7 +82,7 @@ ADAWISE_BATCH = 100_000
 def _adawise(ctx: EvalContext) -> Predict:
     """AdaWiSE with its defaults (8 forward passes per batch, warm start within a set); the warm-start state is
     reset at the start of every set so that a set's result does not depend on the order of the sets."""
-    (adawise_cls,) = optional_import("adawise", "AdaWiSE")
+    (adawise_cls,) = optional_import("methods.adawise", "AdaWiSE")
     method = adawise_cls(ctx.generalist, ctx.generalist, ctx.specialist, seed=ctx.seed)
 
     def predict(x: Tensor) -> Tensor:

@@ -170,7 +170,7 @@ def wise_ft_curve(
     sets: dict[str, tuple[Tensor, Tensor]],
 ) -> list[tuple[float, dict[str, float]]]:
     """Accuracy on every set of the WiSE-FT merge at each alpha, via ``dawin_ext.methods.wise_ft.wise_ft_sweep``."""
-    (wise_ft_sweep,) = optional_import("wise_ft", "wise_ft_sweep")
+    (wise_ft_sweep,) = optional_import("methods.wise_ft", "wise_ft_sweep")
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         return {name: accuracy(model(x).argmax(-1), y) for name, (x, y) in sets.items()}

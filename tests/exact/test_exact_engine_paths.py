@@ -1,6 +1,6 @@
 """The exact engine's whole-batch paths: norms folded over the batch, and engine calls from several threads.
 
-Each case runs against per-sample merging (the reference of tests/test_exact_zoo.py), with the sources differing
+Each case runs against per-sample merging (the reference of tests/exact/test_exact_zoo.py), with the sources differing
 only in the named parameters, so that both the shared and the per-sample branch of every path are reached.
 """
 

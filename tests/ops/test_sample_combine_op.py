@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, FLOAT_DTYPES
 
 import dawin_ext
 from dawin_ext.testing.reference_ops import sample_combine_reference
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The kernel accumulates in fp32 and rounds once to the output dtype.
 TOL = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-5},
@@ -23,7 +22,7 @@ def combine64(stacked, weights):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(
     "shape", [(0, 2, 2, 8), (1, 1, 1, 1), (1, 2, 3, 7), (3, 2, 2, 1000), (2, 3, 5, 1003), (5, 1, 9, 4096)]
 )
@@ -36,7 +35,7 @@ def test_matches_float64(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_non_contiguous_misaligned_and_weight_dtypes(device, dtype):
     base = torch.randn(2 * 3 * 4 * 65 + 1, dtype=torch.float64).to(dtype).to(device)
     cases = {

@@ -33,7 +33,7 @@ from dawin_ext.integrations import hf_clip, openclip  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSNAMES = ["zebra", "apple", "kite"]
 TASKS = ["tiny_a", "tiny_b"]
 FUSION_BENCH = shutil.which("fusion_bench")

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES, FLOAT_DTYPES
 from torch import nn
 
 from dawin_ext.ops import samplewise_lora, samplewise_lora_factors
@@ -27,8 +28,6 @@ from dawin_ext.exact import (  # noqa: E402
 )
 from dawin_ext.integrations import lora  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32: two GEMMs and a scaling in fp32. fp16/bf16: the shrink h is rounded to the dtype before the expand.
 TOL = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},
@@ -66,7 +65,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-M{s[1]}-IN{s[2]}-OUT{s[3]}-R{s[4]}-S{s[5]}")
 @pytest.mark.parametrize("base", ["weight+bias", "weight", "bias", "none"])
 def test_op_matches_float64(device, dtype, shape, base):

@@ -14,12 +14,11 @@ import textwrap
 
 import pytest
 import torch
+from conftest import DEVICES, FLOAT_DTYPES
 
 import dawin_ext
 from dawin_ext.testing.reference_ops import coefficient_reference, entropy_reference
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},
     torch.float16: {"atol": 3e-5, "rtol": 3e-5},
@@ -51,7 +50,7 @@ def assert_entropy_close(got, x, temperature, dtype):
 # softmax_entropy: values
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(
     "shape", [(0, 5), (1, 1), (1, 3), (7, 3), (64, 1000), (5, 1001), (2, 3, 37), (40,), (2, 0, 9), (1, 100003)]
 )
@@ -62,7 +61,7 @@ def test_matches_float64(device, dtype, shape, temperature):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_long_rows_split_across_threads(device, dtype):
     # Several rows of 100003 classes: the CPU kernel splits each row into chunks merged afterwards.
     x = make((3, 100003), dtype, device, scale=5.0)
@@ -71,7 +70,7 @@ def test_long_rows_split_across_threads(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("magnitude", [1e4, -1e4])
 def test_huge_logits(device, dtype, magnitude):
     x = make((16, 257), dtype, device, scale=1.0)
@@ -114,7 +113,7 @@ def test_merge_of_maxima_further_apart_than_the_float_range(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_neg_inf_entries_and_one_hot_rows(device, dtype):
     x = make((6, 300), dtype, device)
     x[0, ::3] = float("-inf")  # some -inf entries
@@ -131,7 +130,7 @@ def test_neg_inf_entries_and_one_hot_rows(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_undefined_rows_give_nan(device, dtype):
     """All -inf rows have no softmax distribution; NaN or +inf entries make the entropy undefined.
 
@@ -151,7 +150,7 @@ def test_undefined_rows_give_nan(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_non_contiguous_and_misaligned_views(device, dtype):
     base = make((33, 2 * 515 + 1), dtype, device)
     views = {
@@ -235,7 +234,7 @@ def test_gradient_reduced_precision(device, dtype):
 # entropy_coefficients
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("M", [1, 2, 5])
 def test_coefficients_softmax_of_negative_entropy(device, dtype, M):
     temps = [0.9 + 0.1 * m for m in range(M)]

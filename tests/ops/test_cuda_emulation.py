@@ -19,11 +19,11 @@ import math
 
 import pytest
 import torch
+from conftest import FLOAT_DTYPES
 
 import dawin_ext  # noqa: F401  (loads the ops)
 
 ops = torch.ops.dawin_ext
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8, torch.float64: 2}  # elements per 16-byte load
 H200_SMS = 132
 WARP_ROW_MAX_C = 4096  # kernels::entropy::kWarpRowMaxC
@@ -65,7 +65,7 @@ def check_entropy(x: torch.Tensor, temperature: float = 1.0, sms: int = H200_SMS
     return got
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(
     "shape",
     [(1, 1), (3, 2), (5, 7), (9, 31), (4, 32), (4, 33), (3, 65), (2, 257), (3, 1000), (2, 4095), (2, 4096)]
@@ -78,7 +78,7 @@ def test_entropy_shapes_and_head_offsets(dtype, shape, gen):
         check_entropy(tail_view(shape, dtype, offset, gen), 0.83)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("sms", [1, 2, H200_SMS])
 def test_entropy_grid_stride_loops(dtype, sms, gen):
     # Few multiprocessors: few blocks, so every warp (or block) walks many rows.
@@ -86,7 +86,7 @@ def test_entropy_grid_stride_loops(dtype, sms, gen):
     check_entropy(tail_view((9, 4099), dtype, 3, gen), 1.7, sms)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("C", [5, 64, 300, 6000])
 def test_entropy_strided_views(dtype, C, gen):
     base = tail_view((6, 2 * C + 1), dtype, 0, gen)
@@ -96,7 +96,7 @@ def test_entropy_strided_views(dtype, C, gen):
     check_entropy(tail_view((1, C), dtype, 0, gen).expand(3, C))  # row stride 0
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("C", [40, 1000, 5000])
 def test_entropy_special_values(dtype, C, gen):
     x = tail_view((8, C), dtype, 1, gen).clone()
@@ -319,7 +319,7 @@ def test_blend_kernel_choice_and_errors():
 # ----------------------------------------------------------------------------------------------
 # sample_combine: sample_combine_kernel<scalar_t, V> and <scalar_t, 1>
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 2, 4, 8), (2, 3, 5, 16), (2, 1, 3, 1003), (4, 2, 7, 40)])
 @pytest.mark.parametrize("offset", [0, 1, 8])
 @pytest.mark.parametrize("sms", [1, H200_SMS])
@@ -346,7 +346,7 @@ def test_sample_combine_non_contiguous_and_reduced_weights(gen):
 # ----------------------------------------------------------------------------------------------
 # samplewise_linear: the blend_partials_kernel after the (cuBLAS, here CPU) GEMMs
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [((3, 5), 1, 7), ((2, 4, 9), 4, 33), ((5, 37), 16, 3), ((1, 1, 1, 6), 2, 1)])
 @pytest.mark.parametrize("sms", [1, H200_SMS])

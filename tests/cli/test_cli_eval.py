@@ -345,7 +345,7 @@ def test_eval_resnet_tower(setup_rn, capsys, per_sample):
 
 
 def test_eval_subprocess_and_progress(setup):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
         "-m",

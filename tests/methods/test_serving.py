@@ -209,7 +209,7 @@ def test_example_server_under_load(tmp_path) -> None:
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "serve"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "serve"))
     try:
         import app as serve_app
         import load_test

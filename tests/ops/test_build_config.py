@@ -20,7 +20,7 @@ import torch
 
 from dawin_ext.ops import _loader
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

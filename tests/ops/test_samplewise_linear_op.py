@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, FLOAT_DTYPES
 
 import dawin_ext
 from dawin_ext.testing.reference_ops import samplewise_linear_reference
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32: merged weights and accumulation in fp32. fp16/bf16: the merged weights (CPU) or the partial
 # outputs (CUDA) are rounded to the dtype once, so the error scales with sqrt(K) * eps.
 TOL = {
@@ -49,7 +48,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-M{s[1]}-K{s[2]}-N{s[3]}-G{s[4]}")
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_float64(device, dtype, shape, with_bias):

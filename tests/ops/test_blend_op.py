@@ -9,12 +9,12 @@ import textwrap
 
 import pytest
 import torch
+from conftest import BLEND_DTYPES
 from torch import nn
 
 import dawin_ext
 from dawin_ext.testing.reference_ops import blend_reference, interpolation_reference
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Odd sizes: empty, single element, shorter than any vector, a vector tail, and one past a chunk.
 SIZES = {"empty": (0,), "one": (1,), "three": (3,), "w1023": (31, 33), "big": ((1 << 16) + 1,)}
 # Half an output ulp for the rounding to the output dtype (round to nearest even), with slack.
@@ -58,7 +58,7 @@ def assert_blend_close(got: dict, want: dict, sources: list[dict], coef, dtype) 
             )
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", BLEND_DTYPES, ids=str)
 @pytest.mark.parametrize("S", range(2, 10))
 def test_blend_matches_float64_reference(device, dtype, S):
     gen = torch.Generator().manual_seed(100 + S)
@@ -71,7 +71,7 @@ def test_blend_matches_float64_reference(device, dtype, S):
         assert_blend_close(got, expected(sources, coef), sources, coef, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", BLEND_DTYPES, ids=str)
 def test_noncontiguous_and_misaligned_sources(device, dtype):
     gen = torch.Generator().manual_seed(7)
     base = [torch.randn(1, 70001, generator=gen).to(dtype=dtype, device=device) for _ in range(3)]

@@ -12,6 +12,7 @@ import math
 import os
 
 import torch
+from conftest import FLOAT_DTYPES
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -32,8 +33,7 @@ PROPERTY = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
-HALF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-dtypes = st.sampled_from(HALF_DTYPES)
+dtypes = st.sampled_from(FLOAT_DTYPES)
 layouts = st.sampled_from(["contiguous", "transposed", "sliced", "broadcast"])
 seeds = st.integers(0, 2**31 - 1)
 # Unit roundoff of the storage dtype (outputs are rounded once to it); finfo.tiny covers underflow.

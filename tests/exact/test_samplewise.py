@@ -7,15 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturbed_sources
+from conftest import DEVICES, perturbed_sources
 from torch import nn
 
 from dawin_ext import SampleWiseInterpolator
 from dawin_ext.exact import UnsupportedParameterError, task_vector_coefficients
 
 open_clip = pytest.importorskip("open_clip")
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 
 from dawin_ext.methods import distributed as dd
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N_SAMPLES = 25  # not a multiple of the batch size nor of 2 or 3 ranks
 BATCH = 4
 EXACT_ATOL = 1e-5  # exact-mode logits: allowed difference from one process (float reduction order)
