@@ -494,32 +494,32 @@ def _refuse_autograd(op: str, *tensors: Tensor | None) -> None:
 def samplewise_linear(input: Tensor, weights: Tensor, coefficients: Tensor, biases: Tensor | None = None) -> Tensor:
     """A linear layer whose weights are interpolated per sample: ``F.linear`` with ``W(c_b)`` for sample ``b``.
 
-    ``input`` is ``[B, ..., K]``, ``weights`` ``[G, N, K]`` (G sources in ``nn.Linear`` layout),
-    ``coefficients`` ``[B, G]`` and ``biases`` ``[G, N]`` or None. Returns ``[B, ..., N]`` with
-    ``out[b] = input[b] @ (sum_g c[b, g] W_g)^T + sum_g c[b, g] bias_g``: exactly what merging the
+    ``input`` is ``[B, ..., IN]``, ``weights`` ``[S, OUT, IN]`` (S sources in ``nn.Linear`` layout),
+    ``coefficients`` ``[B, S]`` and ``biases`` ``[S, OUT]`` or None. Returns ``[B, ..., OUT]`` with
+    ``out[b] = input[b] @ (sum_s c[b, s] W_s)^T + sum_s c[b, s] bias_s``: exactly what merging the
     weights for sample ``b`` and running ``F.linear`` gives, up to rounding.
 
     On the CPU, for float32 with at least 6 rows (tokens) per sample, each sample's merged weights are
     formed block by block in cache and fed to oneDNN's brgemm micro-kernel, so the layer costs about
-    one plain GEMM instead of G; keep ``weights`` in the layout :func:`samplewise_linear_weights` builds
-    to avoid a copy per call. Fewer rows, float16/bfloat16, and CUDA compute the G partial outputs
-    with G plain GEMMs and blend them per sample (fp32 accumulation). Inference only: no backward.
+    one plain GEMM instead of S; keep ``weights`` in the layout :func:`samplewise_linear_weights` builds
+    to avoid a copy per call. Fewer rows, float16/bfloat16, and CUDA compute the S partial outputs
+    with S plain GEMMs and blend them per sample (fp32 accumulation). Inference only: no backward.
     """
     _refuse_autograd("samplewise_linear", input, weights, coefficients, biases)
     return _ops.samplewise_linear(input, weights, biases, coefficients)
 
 
 def samplewise_linear_weights(weights: Sequence[Tensor]) -> Tensor:
-    """Stacks G ``[N, K]`` weights into the ``[G, N, K]`` view :func:`samplewise_linear` reads fastest.
+    """Stacks S ``[OUT, IN]`` weights into the ``[S, OUT, IN]`` view :func:`samplewise_linear` reads fastest.
 
-    The storage is ``[G, K, N]`` (each source transposed), so the CPU kernel reads rows of ``W_g^T``
-    in place; the returned tensor is its ``transpose(1, 2)`` view with the usual ``[G, N, K]`` shape.
+    The storage is ``[S, IN, OUT]`` (each source transposed), so the CPU kernel reads rows of ``W_s^T``
+    in place; the returned tensor is its ``transpose(1, 2)`` view with the usual ``[S, OUT, IN]`` shape.
     """
     if len(weights) == 0:
         raise ValueError("samplewise_linear_weights: need at least one weight")
     shapes = {tuple(w.shape) for w in weights}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"samplewise_linear_weights: need G weights of one [N, K] shape, got {sorted(shapes)}")
+        raise ValueError(f"samplewise_linear_weights: need S weights of one [OUT, IN] shape, got {sorted(shapes)}")
     return torch.stack([w.detach().t() for w in weights], 0).contiguous().transpose(1, 2)
 
 
@@ -531,7 +531,9 @@ def samplewise_linear_cpu_path() -> str:
 @torch.library.register_fake("dawin_ext::samplewise_linear")
 def _samplewise_linear_fake(input: Tensor, weights: Tensor, biases: Tensor | None, coefficients: Tensor) -> Tensor:
     torch._check(input.dim() >= 2, lambda: "samplewise_linear: input must be [B, ..., in_features]")
-    torch._check(weights.dim() == 3, lambda: "samplewise_linear: weights must be [G, out_features, in_features]")
+    torch._check(
+        weights.dim() == 3, lambda: "samplewise_linear: weights must be [S sources, out_features, in_features]"
+    )
     for name, t in (("weights", weights), ("coefficients", coefficients), ("biases", biases)):
         if t is not None:
             torch._check_value(

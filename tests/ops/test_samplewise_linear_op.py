@@ -31,8 +31,8 @@ def make(shape, dtype, device, scale=1.0):
     return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)
 
 
-# (B, middle dims, K, N, G): empty batch, one row, odd sizes, K and N across several blocks
-# (the CPU kernel blocks K by 384, N by 64 and rows by 256), several middle dims, G up to 9, empty K or N.
+# (B, middle dims, IN, OUT, S): empty batch, one row, odd sizes, IN and OUT across several blocks
+# (the CPU kernel blocks IN by 384, OUT by 64 and rows by 256), several middle dims, S up to 9, empty IN or OUT.
 SHAPES = [
     (0, (3,), 8, 5, 2),
     (1, (), 1, 1, 1),
@@ -49,23 +49,23 @@ SHAPES = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-M{s[1]}-K{s[2]}-N{s[3]}-G{s[4]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-M{s[1]}-IN{s[2]}-OUT{s[3]}-S{s[4]}")
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_float64(device, dtype, shape, with_bias):
-    b, mid, k, n, g = shape
-    x = make((b, *mid, k), dtype, device)
-    weights = make((g, n, k), dtype, device, scale=max(k, 1) ** -0.5)
-    biases = make((g, n), dtype, device) if with_bias else None
-    coefficients = torch.softmax(torch.randn(b, g, dtype=torch.float64), -1).float().to(device)
+    b, mid, in_f, out_f, s = shape
+    x = make((b, *mid, in_f), dtype, device)
+    weights = make((s, out_f, in_f), dtype, device, scale=max(in_f, 1) ** -0.5)
+    biases = make((s, out_f), dtype, device) if with_bias else None
+    coefficients = torch.softmax(torch.randn(b, s, dtype=torch.float64), -1).float().to(device)
     with torch.no_grad():
         got = dawin_ext.samplewise_linear(x, weights, coefficients, biases)
-    assert got.dtype == dtype and got.shape == (b, *mid, n) and got.device == x.device
+    assert got.dtype == dtype and got.shape == (b, *mid, out_f) and got.device == x.device
     torch.testing.assert_close(got.cpu().double(), reference64(x, weights, coefficients, biases), **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_layouts_strides_and_coefficient_dtypes(device):
-    """The fast [G, K, N] storage, plain [G, N, K], a sliced (offset, strided) view and a permuted
+    """The fast [S, IN, OUT] storage, plain [S, OUT, IN], a sliced (offset, strided) view and a permuted
     input all give the same numbers; coefficients may be float64 or float16 and rows need not sum to 1."""
     x = make((3, 11, 200), torch.float32, device)
     plain = make((2, 150, 200), torch.float32, device, scale=0.07)
@@ -109,13 +109,13 @@ def test_errors(device):
     c = torch.rand(2, 2, device=device)
     with pytest.raises(ValueError, match=r"input must be \[B, \.\.\., in_features\]"):
         dawin_ext.samplewise_linear(x[0, 0], w, c)
-    with pytest.raises(ValueError, match="weights must be"):
+    with pytest.raises(ValueError, match=r"weights must be \[S sources, out_features, in_features\]"):
         dawin_ext.samplewise_linear(x, w[0], c)
     with pytest.raises(ValueError, match="in_features 8 but input's last dim is 7"):
         dawin_ext.samplewise_linear(x[..., :7], w, c)
-    with pytest.raises(ValueError, match=r"coefficients must be \[B, G\] = \[2, 2\]"):
+    with pytest.raises(ValueError, match=r"coefficients must be \[B, S\] = \[2, 2\]"):
         dawin_ext.samplewise_linear(x, w, torch.rand(2, 3, device=device))
-    with pytest.raises(ValueError, match=r"biases must be \[G, out_features\]"):
+    with pytest.raises(ValueError, match=r"biases must be \[S, out_features\]"):
         dawin_ext.samplewise_linear(x, w, c, torch.randn(2, 4, device=device))
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         dawin_ext.samplewise_linear(x.double(), w.double(), c)
@@ -127,7 +127,7 @@ def test_errors(device):
         dawin_ext.samplewise_linear(x, torch.randn(17, 5, 8, device=device), torch.rand(2, 17, device=device))
     with pytest.raises(RuntimeError, match="has no backward"):
         dawin_ext.samplewise_linear(x.requires_grad_(True), w, c)
-    with pytest.raises(ValueError, match="need G weights of one"):
+    with pytest.raises(ValueError, match=r"need S weights of one \[OUT, IN\] shape"):
         dawin_ext.samplewise_linear_weights([w[0], w[1, :4]])
 
 
