@@ -112,6 +112,14 @@ def one_thread_per_module() -> Iterator[None]:
     yield from _single_intra_op_thread()
 
 
+@pytest.fixture
+def per_sample(monkeypatch) -> dict:
+    """``dawin-ext eval``'s per-sample scores, keyed by the method and set names it reports (eval_setup.py)."""
+    from eval_setup import capture_per_sample
+
+    return capture_per_sample(monkeypatch)
+
+
 def fit_tiny_dawin(temperatures: tuple[float, float]):
     """A DaWin (offset adjustment, K=3) fitted on the tiny open_clip ViT and a noisy fine-tuned copy, over 40 images
     of varied scale. Returns (dawin, classifier, theta_zs, theta_ft, images)."""

@@ -498,6 +498,7 @@ def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]
 
     from ..exact import SampleWiseInterpolator
     from ..methods.dawin import DaWin
+    from ..testing.reference_methods import dawin_cluster_loop_reference
     from ..testing.reference_ops import coefficient_reference, interpolation_reference
 
     arch, batch = ("dawin-tiny-vit", 16) if quick else ("ViT-B-32", 64)
@@ -518,13 +519,8 @@ def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]
     def reference_streaming():
         # naver-ai/dawin's loop: for every cluster present in the batch, merge the full state dict again.
         lam = coefficient_reference(ref_zs(x), ref_ft(x), temps)
-        assignment = dawin.assign(lam)
-        out = torch.empty(batch, ref_zs.head.out_features, device=device)
-        for j in torch.unique(assignment).tolist():
-            ref_merged.load_state_dict(interpolation_reference(float(means[j]), zs, ft))
-            idx = (assignment == j).to(device)
-            out[idx] = ref_merged(x[idx])
-        return out
+        labels = dawin.assign(lam).cpu().numpy()
+        return dawin_cluster_loop_reference(clf, zs, ft, [x], labels, means, scratch=ref_merged)
 
     lam = torch.rand(batch, generator=gen).to(device)
     rows_c = torch.stack([1 - lam, lam], 1)

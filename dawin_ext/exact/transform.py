@@ -9,7 +9,13 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops.statedict import as_state_dict, check_compatible, check_finite_matrix, check_finite_state_dict
+from ..ops.statedict import (
+    as_state_dict,
+    check_compatible,
+    check_finite_matrix,
+    check_finite_state_dict,
+    check_keys_and_shapes,
+)
 from .engine import DEFAULT_MATERIALIZE_BUDGET_BYTES, Engine, UnsupportedParameterError, make_stack
 
 __all__ = ["SampleWiseInterpolator", "UnsupportedParameterError", "task_vector_coefficients"]
@@ -127,17 +133,7 @@ class SampleWiseInterpolator(nn.Module):
             raise ValueError("sources: need at least one state dict")
         ref = module.state_dict()
         for i, sd in enumerate(sds):
-            missing = [k for k in ref if k not in sd]
-            if missing:
-                raise ValueError(f"source {i} is missing key {missing[0]!r} of the module's state dict")
-            extra = [k for k in sd if k not in ref]
-            if extra:
-                raise ValueError(f"source {i} has key {extra[0]!r} that the module's state dict lacks")
-            for k, t in sd.items():
-                if t.shape != ref[k].shape:
-                    raise ValueError(
-                        f"source {i} key {k!r} has shape {tuple(t.shape)}, the module has {tuple(ref[k].shape)}"
-                    )
+            check_keys_and_shapes(sd, ref, f"source {i}", "the module's state dict")
         check_compatible(sds, names=[f"source {i}" for i in range(len(sds))])
         for i, sd in enumerate(sds):  # a NaN weight would otherwise surface as NaN outputs far from the cause
             check_finite_state_dict(sd, f"SampleWiseInterpolator: source {i}")

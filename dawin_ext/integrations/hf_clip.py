@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.statedict import StateDict
+from ..ops.statedict import StateDict, check_keys_and_shapes
 from .openclip import Template, _check_classnames, get_templates
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -319,28 +319,13 @@ class HFCLIPClassifier(nn.Module):
         weight, bias = build_hf_zero_shot_head(model, tokenizer, classnames, templates)
         tower = model.vision_model if vision_model is None else getattr(vision_model, "vision_model", vision_model)
         if vision_model is not None:
-            _check_same_tower(model.vision_model.state_dict(), tower.state_dict())
-        return cls(copy.deepcopy(tower), copy.deepcopy(model.visual_projection), weight, bias, list(classnames))
-
-
-def _check_same_tower(
-    ref: Mapping[str, Tensor],
-    got: Mapping[str, Tensor],
-    what: str = "from_clip: vision_model",
-    ref_name: str = "the CLIPModel's vision tower",
-) -> None:
-    """Refuses a vision tower ``got`` (named ``what``) whose keys or shapes differ from ``ref``, naming the first."""
-    for k in ref:
-        if k not in got:
-            raise ValueError(f"{what} lacks {ref_name} key {k!r}")
-        if got[k].shape != ref[k].shape:
-            raise ValueError(
-                f"{what} key {k!r} has shape {tuple(got[k].shape)}, {ref_name} {tuple(ref[k].shape)} "
-                "(a different architecture)"
+            check_keys_and_shapes(
+                tower.state_dict(),
+                model.vision_model.state_dict(),
+                "from_clip: vision_model",
+                "the CLIPModel's vision tower",
             )
-    extra = sorted(set(got) - set(ref))
-    if extra:
-        raise ValueError(f"{what} has key {extra[0]!r}, which {ref_name} lacks")
+        return cls(copy.deepcopy(tower), copy.deepcopy(model.visual_projection), weight, bias, list(classnames))
 
 
 # Vision config fields that change the image tower's forward: two checkpoints are interpolated only if they agree.

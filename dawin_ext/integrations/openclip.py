@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.statedict import StateDict
+from ..ops.statedict import StateDict, check_keys_and_shapes
 
 __all__ = [
     "CLIPClassifier",
@@ -406,7 +406,6 @@ def classifier_state_dict(
     """
     names = _check_classnames(classnames)
     sd = dict(state_dict)
-    visual_keys = set(model.visual.state_dict().keys())
     if any(k.startswith(_WISE_FT_VISUAL) for k in sd) and f"{_WISE_FT_HEAD}weight" in sd:
         out = {"visual." + k[len(_WISE_FT_VISUAL) :]: v for k, v in sd.items() if k.startswith(_WISE_FT_VISUAL)}
         out["head.weight"] = sd[f"{_WISE_FT_HEAD}weight"]
@@ -443,24 +442,13 @@ def classifier_state_dict(
                 f"{name}: holds image-encoder weights but neither a classification head ('head.weight') nor a text "
                 "tower to build one from"
             )
-        missing = [k for k in model.state_dict() if k not in sd]
-        extra = [k for k in sd if k not in clip_keys]
-        if missing or extra:
-            what = f"is missing key {missing[0]!r}" if missing else f"has unexpected key {extra[0]!r}"
-            raise ValueError(f"{name}: open_clip CLIP checkpoint {what} for this architecture")
-        _check_shapes(sd, model.state_dict(), name, "")
+        check_keys_and_shapes(sd, model.state_dict(), name, "this open_clip architecture")
         weight, bias = build_zero_shot_head(_StatelessCLIP(model, sd), tokenizer, names, templates)
         # The head takes the checkpoint's floating dtype so that zero-shot and fine-tuned layouts stay comparable.
         dtype = next(v.dtype for k, v in sd.items() if k.startswith("visual.") and v.is_floating_point())
         head = {"head.weight": weight.to(dtype), "head.bias": bias.to(dtype)}
     out = {k: v for k, v in sd.items() if k.startswith("visual.")}
-    got = {k[len("visual.") :] for k in out}
-    missing = sorted(visual_keys - got)
-    extra = sorted(got - visual_keys)
-    if missing or extra:
-        what = f"is missing key 'visual.{missing[0]}'" if missing else f"has unexpected key 'visual.{extra[0]}'"
-        raise ValueError(f"{name}: {what} for this architecture's image encoder")
-    _check_shapes(out, model.visual.state_dict(), name, "visual.")
+    check_keys_and_shapes(out, model.visual.state_dict(), name, "this architecture's image encoder", prefix="visual.")
     out.update(head)
     if out["head.weight"].shape[1] != getattr(model.visual, "output_dim", out["head.weight"].shape[1]):
         raise ValueError(
@@ -468,16 +456,6 @@ def classifier_state_dict(
             f"{model.visual.output_dim} features"
         )
     return out
-
-
-def _check_shapes(sd: Mapping[str, Tensor], expected: Mapping[str, Tensor], name: str, prefix: str) -> None:
-    for k, ref in expected.items():
-        got = sd[prefix + k]
-        if got.shape != ref.shape:
-            raise ValueError(
-                f"{name}: key {prefix + k!r} has shape {tuple(got.shape)} but this architecture expects "
-                f"{tuple(ref.shape)}"
-            )
 
 
 class ClassifierPair(NamedTuple):

@@ -41,6 +41,7 @@ from ..ops.statedict import as_state_dict, check_compatible, check_finite_state_
 from .blended import BlendedModels
 from .inference import (
     check_logits_finite,
+    check_mode,
     collect_logits,
     predict_in_fit_order,
     route,
@@ -69,7 +70,10 @@ def _check_temperatures(temperatures) -> tuple[float, float]:
 
 
 def _offset_stats(score_zs: Tensor, score_ft: Tensor) -> tuple[float, float]:
-    """(b, w) of the offset adjustment from per-sample scores (entropies or losses) over a dataset."""
+    """(b, w) of the offset adjustment from per-sample scores (entropies or losses) over a dataset.
+
+    With :func:`_ratio`, the float64 form of the formula in csrc/coefficients_from_entropies.cpp, kept here because
+    it serves what the fused op cannot: cross-entropy scores, and (b, w) stored at ``fit`` for streaming batches."""
     if score_zs.numel() < 2:
         raise ValueError("DaWin: the offset adjustment needs at least 2 samples")
     zs, ft = score_zs.double(), score_ft.double()
@@ -347,8 +351,7 @@ class DaWin:
         "output_ensemble" returns mixed probabilities. ``y`` is needed only for ``pseudo_label="true"``.
         """
         self._check_fitted()
-        if mode not in ("cluster", "exact"):
-            raise ValueError(f"DaWin: mode must be 'cluster' or 'exact', got {mode!r}")
+        check_mode(mode, "DaWin")
         x = x.to(self.device)
         logits = self._expert_logits(x)
         lam, _ = self._coefficients(logits, y, self.offset_)
@@ -368,8 +371,7 @@ class DaWin:
         from . import distributed
 
         self._check_fitted()
-        if mode not in ("cluster", "exact"):
-            raise ValueError(f"DaWin: mode must be 'cluster' or 'exact', got {mode!r}")
+        check_mode(mode, "DaWin")
         s0, s1 = distributed.fitted_shard(self, group, "DaWin.predict_dataset")
         if not self.weight_space:
             return self._output_space(self.logits_[0], self.logits_[1], self.coefficients_[s0:s1])

@@ -423,21 +423,6 @@ def tensor_digest(t: Tensor) -> str:
 _ENTROPY_BASED = ("entropy", "selective", "output_ensemble")
 
 
-def _coefficients_from_entropies(entropies: Tensor, offset_adjustment: bool) -> Tensor:
-    """[N, M] coefficients from [M, N] entropies: the exact ATen op sequence of ``coefficients_from_entropies`` in
-    csrc/checks.cpp (what ``entropy_coefficients`` returns), so that the global coefficients computed from gathered
-    entropies are bit-identical to those of one process (tests/methods/test_distributed.py checks this)."""
-    if not offset_adjustment:
-        return torch.softmax(entropies.neg(), 0).t().contiguous()
-    h_zs, h_ft = entropies[0], entropies[1]
-    mean_zs, mean_ft = h_zs.mean(), h_ft.mean()
-    b = (h_zs.std() / mean_zs + h_ft.std() / mean_ft) / 2
-    w = (mean_zs + mean_ft) / mean_zs
-    e_zs, e_ft = h_zs.neg().exp(), h_ft.neg().exp()
-    lam = (e_ft + b / w) / (e_zs + e_ft + b)
-    return torch.stack([1 - lam, lam], 1).contiguous()
-
-
 def _collect_local(models, loader, names, device, progress: GlobalProgress | None):
     """collect_logits over this rank's shard; an empty shard gives ``None`` instead of an error."""
     from .inference import collect_logits
@@ -485,6 +470,7 @@ def fitted_shard(fitted: Any, group: Group | None | bool, what: str) -> tuple[in
 def fit_dawin(dw: Any, loader: Iterable, group: Group, progress: bool = False) -> Any:
     """``DaWin.fit`` across the ranks of ``group`` (see the comment above for what is global)."""
     from ..ops import entropy_coefficients
+    from ..ops.wrappers import coefficients_from_entropies
     from .blended import BlendedModels
     from .dawin import _offset_stats
     from .inference import check_logits_finite
@@ -531,7 +517,7 @@ def fit_dawin(dw: Any, loader: Iterable, group: Group, progress: bool = False) -
                 raise ValueError(
                     f"DaWin: the offset adjustment needs at least 2 samples (it uses entropy statistics), got {n}"
                 )
-            coef = _coefficients_from_entropies(h_all, dw.offset_adjustment)
+            coef = coefficients_from_entropies(h_all, dw.offset_adjustment)
             h_zs, h_ft = h_all[0], h_all[1]
             if dw.expertise == "selective":
                 return _global_mixture(dw, (h_zs > h_ft).float(), None, BetaMixture)
@@ -582,6 +568,7 @@ def fit_multitask(mt: Any, loader: Iterable, group: Group, progress: bool = Fals
     """``DaWinMultiTask.fit`` across the ranks of ``group``: per-rank task entropies, gathered; pi, the Dirichlet
     mixture and the assignments on rank 0, broadcast; cluster models blended on every rank."""
     from ..ops import entropy_coefficients
+    from ..ops.wrappers import coefficients_from_entropies
     from .blended import BlendedModels
     from .inference import check_logits_finite
     from .mixture import DirichletMixture
@@ -614,7 +601,7 @@ def fit_multitask(mt: Any, loader: Iterable, group: Group, progress: bool = Fals
     h_all = h_all.t().contiguous()
 
     def global_fit():
-        pi = _coefficients_from_entropies(h_all, False)
+        pi = coefficients_from_entropies(h_all, False)
         mixture = DirichletMixture(n_components=mt.n_clusters, seed=mt.seed).fit(pi.double().numpy())
         return {
             "pi": pi,

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "PREDICTION_MODES",
+    "check_mode",
     "collect_logits",
     "route",
     "predict_in_fit_order",
@@ -21,6 +23,16 @@ __all__ = [
     "check_logits_finite",
     "evaluate_accuracy",
 ]
+
+
+#: How a fitted DaWin answers: each sample through its cluster's blended model, or with its own weights.
+PREDICTION_MODES = ("cluster", "exact")
+
+
+def check_mode(mode: str, who: str) -> None:
+    """Raises ValueError, prefixed ``who``, unless ``mode`` is one of :data:`PREDICTION_MODES`."""
+    if mode not in PREDICTION_MODES:
+        raise ValueError(f"{who}: mode must be 'cluster' or 'exact', got {mode!r}")
 
 
 def split_batch(batch) -> tuple[Tensor, Tensor | None]:

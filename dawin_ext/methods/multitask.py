@@ -25,6 +25,7 @@ from ..ops.statedict import StateDict, as_state_dict, check_compatible, check_fi
 from .blended import BlendedModels
 from .inference import (
     check_logits_finite,
+    check_mode,
     collect_logits,
     predict_in_fit_order,
     route,
@@ -192,8 +193,7 @@ class DaWinMultiTask:
         """Streaming inference: logits [B, C]. ``cluster`` assigns pi to the fitted clusters (no refit) and
         routes; ``exact`` merges per sample through SampleWiseInterpolator."""
         self._check_fitted()
-        if mode not in ("cluster", "exact"):
-            raise ValueError(f"DaWinMultiTask: mode must be 'cluster' or 'exact', got {mode!r}")
+        check_mode(mode, "DaWinMultiTask")
         x = x.to(self.device)
         pi = self.coefficients(x)
         if mode == "exact":
@@ -209,8 +209,7 @@ class DaWinMultiTask:
 
         self._check_fitted()
         s0, s1 = distributed.fitted_shard(self, group, "DaWinMultiTask.predict_dataset")
-        if mode not in ("cluster", "exact"):
-            raise ValueError(f"DaWinMultiTask: mode must be 'cluster' or 'exact', got {mode!r}")
+        check_mode(mode, "DaWinMultiTask")
         models = [_WithHead(m, self.head) for m in self.clusters.models]
 
         def forward(x: Tensor, start: int, stop: int) -> Tensor:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..exact import SampleWiseInterpolator
 from .dawin import DaWin
-from .inference import check_logits_finite, route
+from .inference import check_logits_finite, check_mode, route
 
 __all__ = ["DaWinPredictor", "BadRequestError"]
 
@@ -102,8 +102,7 @@ class DaWinPredictor:
         if not isinstance(dawin, DaWin):
             raise TypeError(f"DaWinPredictor: expected a DaWin, got {type(dawin).__name__}")
         dawin._check_fitted()
-        if mode not in ("cluster", "exact"):
-            raise ValueError(f"DaWinPredictor: mode must be 'cluster' or 'exact', got {mode!r}")
+        check_mode(mode, "DaWinPredictor")
         if dawin.expertise == "cross_entropy" and dawin.pseudo_label == "true":
             raise ValueError("DaWinPredictor: pseudo_label='true' needs labels, which requests do not carry")
         self.dawin = dawin

@@ -15,6 +15,7 @@ __all__ = [
     "check_compatible",
     "check_finite_matrix",
     "check_finite_state_dict",
+    "check_keys_and_shapes",
     "IncompatibleStateDictsError",
 ]
 
@@ -78,6 +79,33 @@ def check_compatible(
             if a.device != b.device:
                 raise IncompatibleStateDictsError(f"key {k!r}: {ref_name} is on {a.device} but {name} is on {b.device}")
     return keys
+
+
+def check_keys_and_shapes(
+    got: Mapping[str, Tensor],
+    expected: Mapping[str, Tensor],
+    name: str,
+    expected_name: str = "this architecture",
+    prefix: str = "",
+) -> None:
+    """Raises ValueError naming ``name`` and the first key that ``got`` lacks, holds in excess, or holds in another
+    shape than ``expected`` (whose keys are read with ``prefix`` in front).
+
+    The check of a checkpoint against the architecture it is loaded into, where dtypes and devices may still differ
+    (loading converts them); :func:`check_compatible` is the stricter check between the state dicts to interpolate.
+    """
+    want = {prefix + k: v for k, v in expected.items()}
+    missing = [k for k in want if k not in got]
+    if missing:
+        raise ValueError(f"{name} is missing key {missing[0]!r} that {expected_name} has")
+    extra = [k for k in got if k not in want]
+    if extra:
+        raise ValueError(f"{name} has unexpected key {extra[0]!r} that {expected_name} lacks")
+    for k, ref in want.items():
+        if got[k].shape != ref.shape:
+            raise ValueError(
+                f"{name} key {k!r} has shape {tuple(got[k].shape)} but {expected_name} has {tuple(ref.shape)}"
+            )
 
 
 def check_finite_matrix(matrix: Tensor, what: str) -> None:

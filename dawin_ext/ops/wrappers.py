@@ -19,20 +19,6 @@ from torch import Tensor
 from . import _loader  # noqa: F401  (loads the library that registers torch.ops.dawin_ext)
 from .statedict import StateDict, as_state_dict, check_compatible, check_finite_matrix
 
-__all__ = [
-    "softmax_entropy",
-    "entropy_coefficients",
-    "EntropyCoefficients",
-    "blend",
-    "interpolation",
-    "sample_combine",
-    "samplewise_linear",
-    "samplewise_linear_weights",
-    "samplewise_lora",
-    "samplewise_lora_factors",
-    "BLENDABLE_DTYPES",
-]
-
 _ops = torch.ops.dawin_ext
 
 #: dtypes that ``blend`` interpolates; every other dtype is copied from source 0.
@@ -130,6 +116,15 @@ def entropy_coefficients(
 
 
 @torch.library.register_fake("dawin_ext::entropy_coefficients")
+def coefficients_from_entropies(entropies: Tensor, offset_adjustment: bool) -> Tensor:
+    """``entropy_coefficients``' last step alone: [B, M] coefficients from [M, B] fp32 entropies.
+
+    For entropies computed elsewhere (gathered from several processes): the compiled op runs the very ATen
+    sequence the fused kernel ends with, so the result matches ``entropy_coefficients`` on one process bit for bit.
+    """
+    return _ops._coefficients_from_entropies(entropies, offset_adjustment)
+
+
 def _entropy_coefficients_fake(logits: Tensor, temperatures: list[float], offset_adjustment: bool = False):
     torch._check(logits.dim() == 3, lambda: "entropy_coefficients: logits must be [M, B, C]")
     m, b = logits.shape[0], logits.shape[1]

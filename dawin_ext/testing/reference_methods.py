@@ -29,7 +29,7 @@ from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
-from .reference_ops import entropy_reference, interpolation_reference
+from .reference_ops import entropy_reference, interpolation_reference, offset_ratio_reference
 
 __all__ = [
     "beta_mixture_reference",
@@ -226,13 +226,7 @@ def dawin_coefficients_reference(
             ft_s = F.cross_entropy(ft_logits, target, reduction="none")
     else:  # entropy and the dynamic output ensemble's coefficient
         zs_s, ft_s = zs_ent, ft_ent
-    if offset_adjustment:
-        bias = (zs_s.std() / zs_s.mean() + ft_s.std() / ft_s.mean()) / 2
-        biasw = (zs_s.mean() + ft_s.mean()) / zs_s.mean()
-    else:
-        bias, biasw = 0.0, 2.0
-    e0, e1 = (-zs_s).exp(), (-ft_s).exp()
-    return (e1 + bias / biasw) / (e0 + e1 + bias)
+    return offset_ratio_reference(zs_s, ft_s, offset_adjustment)
 
 
 @torch.no_grad()
@@ -243,11 +237,15 @@ def dawin_cluster_loop_reference(
     batches: Sequence[Tensor],
     cluster_labels,
     cluster_means,
+    scratch: nn.Module | None = None,
 ) -> Tensor:
     """The reference's cluster-wise evaluation loop: for every batch and every cluster present in it,
     merge the full state dict again, load it into the model and run that sub-batch. Returns logits in
-    input order (the reference concatenates them cluster by cluster)."""
-    model = copy.deepcopy(base_model).eval()
+    input order (the reference concatenates them cluster by cluster).
+
+    Each merge is loaded into ``scratch`` (by default a copy of ``base_model``, which is left untouched); a
+    benchmark passes its own module so that the timing leaves out the copy."""
+    model = copy.deepcopy(base_model).eval() if scratch is None else scratch
     labels = np.asarray(cluster_labels)
     outs, start = [], 0
     for x in batches:

@@ -19,6 +19,21 @@ def entropy_reference(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return -(F.softmax(z, dim=-1) * F.log_softmax(z, dim=-1)).sum(-1)
 
 
+def offset_ratio_reference(score_zs: Tensor, score_ft: Tensor, offset_adjustment: bool) -> Tensor:
+    """``(e^-s_ft + b/w) / (e^-s_zs + e^-s_ft + b)`` per sample (b = 0, w = 2 without offset), as main_dawin.py has it.
+
+    Deliberately a copy of the formula that the package keeps in csrc/coefficients_from_entropies.cpp and in
+    dawin_ext/methods/dawin.py (_offset_stats, _ratio): a mirror must not share code with what it checks.
+    """
+    if offset_adjustment:
+        b = (score_zs.std() / score_zs.mean() + score_ft.std() / score_ft.mean()) / 2
+        w = (score_zs.mean() + score_ft.mean()) / score_zs.mean()
+    else:
+        b, w = 0.0, 2.0
+    e_zs, e_ft = (-score_zs).exp(), (-score_ft).exp()
+    return (e_ft + b / w) / (e_zs + e_ft + b)
+
+
 def coefficient_reference(
     zs_logits: Tensor,
     ft_logits: Tensor,
@@ -28,13 +43,7 @@ def coefficient_reference(
     """DaWin's lambda per sample: ``(e^-H_ft + b/w) / (e^-H_zs + e^-H_ft + b)`` (b = 0, w = 2 without offset)."""
     h_zs = entropy_reference(zs_logits, temperatures[0])
     h_ft = entropy_reference(ft_logits, temperatures[1])
-    if offset_adjustment:
-        b = (h_zs.std() / h_zs.mean() + h_ft.std() / h_ft.mean()) / 2
-        w = (h_zs.mean() + h_ft.mean()) / h_zs.mean()
-    else:
-        b, w = 0.0, 2.0
-    e_zs, e_ft = (-h_zs).exp(), (-h_ft).exp()
-    return (e_ft + b / w) / (e_zs + e_ft + b)
+    return offset_ratio_reference(h_zs, h_ft, offset_adjustment)
 
 
 def interpolation_reference(alpha, weight1: Mapping[str, Tensor], weight2: Mapping[str, Tensor]) -> dict[str, Tensor]:

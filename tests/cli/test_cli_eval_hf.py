@@ -21,9 +21,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-import open_clip  # noqa: E402
-from PIL import Image  # noqa: E402
-from test_cli_eval import (  # noqa: E402  (tests/ is on sys.path under pytest; shared plain computations)
+from eval_setup import (  # noqa: E402  (tests/ is on sys.path under pytest: tests/eval_setup.py)
     ADAWISE_EVALS,
     ALL_METHODS,
     ALPHA,
@@ -33,17 +31,19 @@ from test_cli_eval import (  # noqa: E402  (tests/ is on sys.path under pytest; 
     PER_CLASS,
     SET_NOISE,
     TRAIN_NOISE,
-    _assert_matches_expected,
-    _assert_methods_differ,
-    _expected,
-    _images,
-    _load_set,
-    _write_images,
-    per_sample,  # noqa: F401  (fixture)
+    assert_matches_expected,
+    assert_methods_differ,
+    expected_outputs,
+    image_batch,
+    load_set,
+    tiny_hf_clip,
+    train_adam,
+    vision_tower,
+    write_images,
 )
 
 from dawin_ext import cli  # noqa: E402
-from dawin_ext.integrations import hf_clip, openclip  # noqa: E402
+from dawin_ext.integrations import hf_clip  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 IMAGE_SIZE = 32  # the tiny config's
@@ -72,22 +72,11 @@ class _StockHF(nn.Module):
         return self.head(F.normalize(self.visual_projection(self.vision_model(pixel_values=x).pooler_output), dim=-1))
 
 
-def _tiny_clip(seed: int):
-    openclip.register_tiny_configs()
-    cfg = hf_clip.hf_config_from_open_clip(open_clip.get_model_config("dawin-tiny-vit"), quick_gelu=False)
-    torch.manual_seed(seed)
-    return transformers.CLIPModel(cfg).eval()
-
-
-def _tower(vision_model):
-    return getattr(vision_model, "vision_model", vision_model)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval_hf")
     tokenizer = hf_clip.clip_tokenizer_from_open_clip(tmp / "bpe")
-    clip = _tiny_clip(seed=0)
+    clip = tiny_hf_clip(seed=0)
     processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
@@ -101,32 +90,26 @@ def setup(tmp_path_factory):
 
     stock = _StockHF(clip, tokenizer).eval()
     # The stock module is HF's zero-shot classifier: its logits are HF's logits_per_image for the prompts.
-    x = torch.stack([preprocess(Image.fromarray(img)) for _, _, img in _images(5, 2, 60.0)])
+    x, _ = image_batch(preprocess, 5, 2, 60.0)
     batch = tokenizer(list(CLASSNAMES), padding=True, return_tensors="pt")
     with torch.no_grad():
         ref = clip(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=x)
         torch.testing.assert_close(stock(x), ref.logits_per_image, atol=1e-5, rtol=1e-5)
     theta_zs = {k: v.detach().clone() for k, v in stock.state_dict().items()}
     # Fine-tuned: only the image tower trains (the CLIPVisionModel layout), a few Adam steps on clean images.
-    train = _images(99, 8, TRAIN_NOISE)
-    xt = torch.stack([preprocess(Image.fromarray(img)) for _, _, img in train])
-    yt = torch.tensor([c for c, _, _ in train])
+    xt, yt = image_batch(preprocess, 99, 8, TRAIN_NOISE)
     ft_model = copy.deepcopy(stock).train()
-    opt = torch.optim.Adam(ft_model.vision_model.parameters(), lr=TRAIN_LR)
-    for _ in range(TRAIN_STEPS):
-        opt.zero_grad()
-        F.cross_entropy(ft_model(xt), yt).backward()
-        opt.step()
+    train_adam(ft_model, ft_model.vision_model.parameters(), xt, yt, TRAIN_STEPS, TRAIN_LR)
     ft_model.eval()
     theta_ft = {k: v.detach().clone() for k, v in ft_model.state_dict().items()}
     vision = transformers.CLIPVisionModel(clip.config.vision_config)
-    _tower(vision).load_state_dict(ft_model.vision_model.state_dict())
+    vision_tower(vision).load_state_dict(ft_model.vision_model.state_dict())
     ft_dir = tmp / "ft"
     vision.save_pretrained(ft_dir)
     sets = [tmp / name for name in ("set_a", "set_b")]
     for i, s in enumerate(sets):
-        _write_images(s, seed=10 + i, noise=SET_NOISE[s.name])
-    # test_cli_eval's _expected computes every method with this module; arch=ARCH asks it for AdaWiSE too.
+        write_images(s, seed=10 + i, noise=SET_NOISE[s.name])
+    # test_cli_eval's expected_outputs computes every method with this module; arch=ARCH asks it for AdaWiSE too.
     return {
         "arch": ARCH,
         "tmp": tmp,
@@ -141,7 +124,7 @@ def setup(tmp_path_factory):
     }
 
 
-def _args(setup, *extra, zs=None, ft=None, data=None) -> list[str]:
+def eval_args(setup, *extra, zs=None, ft=None, data=None) -> list[str]:
     return [
         "eval",
         "--family",
@@ -167,17 +150,19 @@ def _args(setup, *extra, zs=None, ft=None, data=None) -> list[str]:
 
 def test_eval_hf_all_methods_match_plain_computation(setup, capsys, per_sample):  # noqa: F811
     out_json = setup["tmp"] / "results.json"
-    rc = cli.main(_args(setup, "--alpha", str(ALPHA), "--adawise-evals", str(ADAWISE_EVALS), "--json", str(out_json)))
+    rc = cli.main(
+        eval_args(setup, "--alpha", str(ALPHA), "--adawise-evals", str(ADAWISE_EVALS), "--json", str(out_json))
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     results = json.loads(out_json.read_text())
     assert results["skipped"] == {}
     assert list(results["accuracy"]) == ALL_METHODS
     assert results["model"] == f"hf:{setup['zs'].resolve()}"
-    expected = [_expected(setup, root) for root in setup["sets"]]
-    _assert_methods_differ(expected, ALL_METHODS)
+    expected = [expected_outputs(setup, root) for root in setup["sets"]]
+    assert_methods_differ(expected, ALL_METHODS)
     for root, exp in zip(setup["sets"], expected, strict=True):
-        _assert_matches_expected(per_sample, results["accuracy"], exp, ALL_METHODS, root.name)
+        assert_matches_expected(per_sample, results["accuracy"], exp, ALL_METHODS, root.name)
         assert results["test_sets"][root.name]["samples"] == PER_CLASS * len(CLASSNAMES)
     assert "preprocessor_config.json" not in captured.err  # the directory has one: no note
 
@@ -188,7 +173,7 @@ def test_eval_hf_clip_model_finetuned_and_openai_tokenizer(setup, capsys, per_sa
     tmp = setup["tmp"]
     bare = tmp / "zs_bare"
     setup["clip"].save_pretrained(bare)
-    ft_clip = _tiny_clip(seed=0)
+    ft_clip = tiny_hf_clip(seed=0)
     with torch.no_grad():
         for p in ft_clip.text_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -197,7 +182,7 @@ def test_eval_hf_clip_model_finetuned_and_openai_tokenizer(setup, capsys, per_sa
     out_json = tmp / "clip_ft.json"
     data = setup["sets"][:1]
     rc = cli.main(
-        _args(
+        eval_args(
             setup,
             "--methods",
             "finetuned",
@@ -215,17 +200,17 @@ def test_eval_hf_clip_model_finetuned_and_openai_tokenizer(setup, capsys, per_sa
     assert "has no preprocessor_config.json: using CLIP's standard preprocessing at 32x32" in captured.err
     tokenizer = hf_clip.clip_tokenizer_from_open_clip(tmp / "bpe2")
     stock_ft = _StockHF(ft_clip, tokenizer).eval()
-    x, _ = _load_set(data[0], setup["preprocess"])
+    x, _ = load_set(data[0], setup["preprocess"])
     with torch.no_grad():
         exp = stock_ft(x)  # the fine-tuned CLIPModel's own zero-shot classifier
     got = per_sample["finetuned"][data[0].name].scores
     torch.testing.assert_close(got, exp, rtol=0, atol=1e-4)
     # and not the zero-shot model's head:
-    assert float((got - _expected(setup, data[0])["zeroshot"]).abs().max()) > 1e-2
+    assert float((got - expected_outputs(setup, data[0])["zeroshot"]).abs().max()) > 1e-2
 
 
 def _vision_dir(tmp, name, **overrides):
-    cfg = copy.deepcopy(_tiny_clip(seed=0).config.vision_config)
+    cfg = copy.deepcopy(tiny_hf_clip(seed=0).config.vision_config)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     d = tmp / name
@@ -263,7 +248,7 @@ def test_eval_hf_bad_input(setup, capsys, case, fragment):
     elif case == "vision-zs":
         kwargs["zs"] = setup["ft"]
         extra = ["--tokenizer", str(setup["zs"])]
-    rc = cli.main(_args(setup, "--methods", "zeroshot", *extra, **kwargs))
+    rc = cli.main(eval_args(setup, "--methods", "zeroshot", *extra, **kwargs))
     err = capsys.readouterr().err
     assert rc == 2, err
     assert fragment in err
@@ -271,14 +256,14 @@ def test_eval_hf_bad_input(setup, capsys, case, fragment):
 
 def test_eval_hf_without_transformers_names_the_extra(setup, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
-    rc = cli.main(_args(setup, "--methods", "zeroshot"))
+    rc = cli.main(eval_args(setup, "--methods", "zeroshot"))
     err = capsys.readouterr().err
     assert rc == 2
     assert "pip install 'dawin-ext[hf]'" in err and "--family hf" in err
 
 
 def test_open_clip_family_still_requires_model(setup, capsys):
-    args = [a for a in _args(setup, "--methods", "zeroshot") if a not in ("--family", "hf")]
+    args = [a for a in eval_args(setup, "--methods", "zeroshot") if a not in ("--family", "hf")]
     rc = cli.main(args)
     assert rc == 2
     assert "--model ARCH is required with --family open_clip" in capsys.readouterr().err

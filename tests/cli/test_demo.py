@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,7 +98,11 @@ def test_reported_numbers_come_from_the_checkpoints(run):
     """Every row of results.json recomputed from the cached checkpoints without the package's methods: plain
     PyTorch merges by dict comprehension (per alpha, per cluster, per sample), lambda from plain entropies; the
     Beta-mixture EM and AdaWiSE's search come from the plain mirrors in ``dawin_ext.testing.reference_methods``."""
-    from dawin_ext.testing.reference_methods import adawise_reference, beta_mixture_reference
+    from dawin_ext.testing.reference_methods import (
+        adawise_reference,
+        beta_mixture_reference,
+        dawin_cluster_loop_reference,
+    )
 
     result, report, _ = run
     reported = _reported(report)
@@ -130,10 +133,7 @@ def test_reported_numbers_come_from_the_checkpoints(run):
         lam = torch.exp(-h_ft) / (torch.exp(-h_zs) + torch.exp(-h_ft))  # weight on the specialist
         # DaWin as the demo runs it: the Beta mixture fitted on this set's lambda, then per cluster one merge.
         mix = beta_mixture_reference(lam.double().numpy(), n_mixtures=3, seed=SMALL.seed)
-        cluster = torch.empty_like(zs)
-        for j in np.unique(mix["labels"]):
-            idx = torch.from_numpy(mix["labels"] == j)
-            cluster[idx] = forward(_merge(float(mix["means"][j]), gen_sd, spec_sd), x[idx])
+        cluster = dawin_cluster_loop_reference(model, gen_sd, spec_sd, [x], mix["labels"], mix["means"])
         exact = torch.cat([forward(_merge(float(lam[i]), gen_sd, spec_sd), x[i : i + 1]) for i in range(len(x))])
         # AdaWiSE as the demo runs it: the whole set as one batch, a fresh warm-start state, its defaults.
         _, ada = adawise_reference(model, gen_sd, spec_sd, [x], n_evals=8, n_init=3, seed=SMALL.seed)

@@ -24,46 +24,26 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("fusion_bench", reason="fusion_bench is not installed (pip install 'dawin-ext[fusion_bench]')")
 datasets = pytest.importorskip("datasets")
 
-import open_clip  # noqa: E402
+from eval_setup import CLASSNAMES, images, tiny_hf_clip, vision_tower  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dawin_ext import DaWin, DaWinMultiTask, wise_ft  # noqa: E402
 from dawin_ext.integrations import fusion_bench as fb  # noqa: E402
-from dawin_ext.integrations import hf_clip, openclip  # noqa: E402
+from dawin_ext.integrations import hf_clip  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 ROOT = Path(__file__).resolve().parents[2]
-CLASSNAMES = ["zebra", "apple", "kite"]
 TASKS = ["tiny_a", "tiny_b"]
 FUSION_BENCH = shutil.which("fusion_bench")
-
-
-def _images(seed: int, n_per_class: int, noise: float):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in range(len(CLASSNAMES)):
-        for i in range(n_per_class):
-            base = np.array([60 + 80 * c, 200 - 70 * c, 40 + 50 * ((c + i) % 3)], dtype=np.float64)
-            img = np.clip(base + rng.normal(0, noise, size=(37 + i % 6, 41, 3)), 0, 255).astype(np.uint8)
-            out.append((c, Image.fromarray(img)))
-    return out
-
-
-def _tower(m):
-    return getattr(m, "vision_model", m)
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     """Writes the pool's directories and a modelpool config; returns paths and the direct-call ingredients."""
     tmp = tmp_path_factory.mktemp("fusion_bench")
-    openclip.register_tiny_configs()
-    cfg = hf_clip.hf_config_from_open_clip(open_clip.get_model_config("dawin-tiny-vit"), quick_gelu=False)
-    torch.manual_seed(0)
-    clip = transformers.CLIPModel(cfg).eval()
+    clip = tiny_hf_clip(seed=0)
+    cfg = clip.config
     tokenizer = hf_clip.clip_tokenizer_from_open_clip(tmp / "bpe")
     image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
@@ -80,13 +60,13 @@ def pool(tmp_path_factory):
             k: v + 0.5 * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
             for k, v in clip.vision_model.state_dict().items()
         }
-        _tower(vision).load_state_dict(sd)
+        vision_tower(vision).load_state_dict(sd)
         vision.save_pretrained(tmp / name)
         fts[name] = tmp / name
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSNAMES)})
     data = {}
     for i, task in enumerate(TASKS):
-        items = _images(20 + i, 8, 60.0 + 60 * i)
+        items = [(c, Image.fromarray(img)) for c, _, img in images(20 + i, 8, 60.0 + 60 * i)]
         ds = datasets.Dataset.from_dict(
             {"image": [im for _, im in items], "label": [c for c, _ in items]}, features=features
         )
@@ -207,7 +187,7 @@ def test_dawin_through_fusion_bench_equals_dawin_ext(pool):
     clip, processor = _load(pool)
     ft_vision = hf_clip.load_hf_clip(pool["fts"]["ft_a"])
     zs = _classifier(clip, processor, clip.vision_model)
-    ft = _classifier(clip, processor, _tower(ft_vision))
+    ft = _classifier(clip, processor, vision_tower(ft_vision))
     for task in TASKS:
         batches = _batches(pool, processor, task)
         direct = DaWin(zs, _sd(zs), _sd(ft), n_clusters=3, seed=1).fit(batches)
@@ -231,7 +211,7 @@ def test_dawin_multitask_through_fusion_bench_equals_dawin_ext(pool):
     )
     clip, processor = _load(pool)
     base = fb._Pooled(copy.deepcopy(clip.vision_model))
-    thetas = [_sd(fb._Pooled(_tower(hf_clip.load_hf_clip(p)))) for p in pool["fts"].values()]
+    thetas = [_sd(fb._Pooled(vision_tower(hf_clip.load_hf_clip(p)))) for p in pool["fts"].values()]
     for task in TASKS:
         w, b = hf_clip.build_hf_zero_shot_head(clip, processor.tokenizer, CLASSNAMES, "classname")
         head = fb._ProjectedHead(clip.visual_projection, w, b)

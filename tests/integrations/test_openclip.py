@@ -157,7 +157,7 @@ def test_classifier_state_dict_errors(clip):
         classifier_state_dict(sd, model, tokenizer, CLASSES[:3], name="FT")
     first_visual = next(k for k in sd if k.startswith("visual."))
     missing = {k: v for k, v in sd.items() if k != first_visual}
-    with pytest.raises(ValueError, match=f"ZS: is missing key '{first_visual}'"):
+    with pytest.raises(ValueError, match=f"ZS is missing key '{first_visual}'"):
         classifier_state_dict(missing, model, tokenizer, CLASSES, name="ZS")
     wrong = dict(sd)
     wrong[first_visual] = torch.zeros(3)

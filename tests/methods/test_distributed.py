@@ -288,15 +288,17 @@ def test_group_false_and_no_group_are_single_process():
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory):
     """test_cli_eval's generated ImageFolder sets (30 images, 3 classes) and tiny open_clip checkpoints."""
-    from test_cli_eval import ARCH, _build
+    from eval_setup import ARCH, build_setup
 
-    return _build(tmp_path_factory.mktemp("dist_eval"), ARCH, "dawin-tiny-vit", n_sets=2, train_steps=4, train_lr=3e-3)
+    return build_setup(
+        tmp_path_factory.mktemp("dist_eval"), ARCH, "dawin-tiny-vit", n_sets=2, train_steps=4, train_lr=3e-3
+    )
 
 
 def _eval_args(setup, *extra, data=None) -> list[str]:
-    from test_cli_eval import _args
+    from eval_setup import eval_args
 
-    return _args(setup, "--alpha", "0.3", "--adawise-evals", "4", "--no-progress", *extra, data=data)
+    return eval_args(setup, "--alpha", "0.3", "--adawise-evals", "4", "--no-progress", *extra, data=data)
 
 
 def _torchrun(nproc: int, args: list[str]) -> list[str]:
