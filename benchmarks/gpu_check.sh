@@ -481,7 +481,7 @@ run_phase() {
   return $rc
 }
 
-# NCCL smoke run (issue 13): dawin_ext.methods.distributed's collectives and DaWin's distributed fit on the one GPU, world
+# NCCL smoke run: dawin_ext.methods.distributed's collectives and DaWin's distributed fit on the one GPU, world
 # size 1 (NCCL refuses two ranks on one device), against the same fit without a process group. Self-contained.
 phase_nccl() {
   cat >/tmp/gpu_check_nccl_smoke.py <<'PYEOF'

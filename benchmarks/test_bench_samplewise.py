@@ -187,7 +187,7 @@ def test_samplewise_linear_op(benchmark, device, impl, shape):
 
 @pytest.mark.parametrize("model", ["vit_small", "hf_clip_vision", "convnext_atto", "resnet18"])
 def test_exact_engine_models(benchmark, model):
-    """Issue 10's speed points: the exact engine (S=2) against a plain forward and against one source."""
+    """The exact engine's speed points: the engine (S=2) against a plain forward and against one source."""
     pytest.importorskip("timm")
     pytest.importorskip("transformers")
     from dawin_ext.cli.bench import exact_engine_rows

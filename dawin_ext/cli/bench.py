@@ -565,7 +565,7 @@ def pipeline_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]
 
 
 def _exact_models(quick: bool) -> list[tuple[str, Callable[[], torch.nn.Module], tuple[int, ...]]]:
-    """(name, builder, input shape) of the exact-engine benchmark models (issue 10), random init, no downloads."""
+    """(name, builder, input shape) of the exact-engine benchmark models, random init, no downloads."""
     import timm
 
     def hf_clip_vision():
@@ -857,27 +857,27 @@ _PIPE_FULL = r"^ViT-B-32, batch 64: "
 TARGETS: tuple[Target, ...] = tuple(Target(*t) for t in (
     # key, device, op, case regex, reference regex, metric, bound, where documented
     ("entropy-4096", "cpu", "softmax_entropy", r"^4096x1000 fp32$", None, "speedup", 3.0,
-     "issue 2; README 'Measured'; RESULTS run A"),
+     "README 'Measured'; RESULTS run A"),
     ("blend-new-outputs", "cpu", "blend", _VIT_FULL + r", new outputs$", r"^dict comprehension", "speedup", 2.5,
-     "issue 2; README 'Measured'; RESULTS runs A and B"),
+     "README 'Measured'; RESULTS runs A and B"),
     ("blend-out-vs-comprehension", "cpu", "blend", _VIT_FULL + r", out=$", r"^dict comprehension$", "speedup", 6.0,
-     "issue 2; README 'Measured'; RESULTS run A"),
+     "README 'Measured'; RESULTS run A"),
     ("blend-out-vs-lerp", "cpu", "blend", _VIT_FULL + r", out=$", r"^per-tensor lerp", "speedup", 1.3,
-     "issue 2; README 'Measured'; RESULTS run A"),
+     "README 'Measured'; RESULTS run A"),
     ("dawin-cluster-x-plain", "cpu", "dawin cluster", _PIPE_FULL + r"streaming predict, K=3$", None, "x_plain", 3.3,
-     "issue 3; README 'Measured'; RESULTS run B"),
+     "README 'Measured'; RESULTS run B"),
     ("dawin-cluster-vs-reference", "cpu", "dawin cluster", _PIPE_FULL + r"streaming predict, K=3$", None, "speedup",
-     2.0, "issue 3; README 'Measured' (not met on the 2-core CPU); RESULTS run B"),
+     2.0, "README 'Measured' (not met on the CPU measured there); RESULTS run B"),
     ("exact-x-plain", "cpu", "dawin exact", _PIPE_FULL + r"per-sample weights, S=2$", None, "x_plain", 2.5,
-     "issue 4; README 'Measured'; RESULTS run B and 'Exact per-sample interpolation'"),
+     "README 'Measured'; RESULTS run B and 'Exact per-sample interpolation'"),
     ("exact-vs-loop", "cpu", "dawin exact", _PIPE_FULL + r"per-sample weights, S=2$", None, "speedup", 3.5,
-     "issue 4; README 'Measured'; RESULTS run B and 'Exact per-sample interpolation'"),
+     "README 'Measured'; RESULTS run B and 'Exact per-sample interpolation'"),
     ("entropy-bandwidth", "cuda", "softmax_entropy", r"^16384x1000 fp32$", None, "bandwidth_fraction", 0.85,
-     "issue 2 (GPU); RESULTS 'GPU'"),
+     "GPU; RESULTS 'GPU'"),
     ("blend-out-bandwidth", "cuda", "blend", _VIT_FULL + r", out=$", r"^dict comprehension$", "bandwidth_fraction",
-     0.85, "issue 2 (GPU); RESULTS 'GPU'"),
+     0.85, "GPU; RESULTS 'GPU'"),
     ("exact-vs-loop-gpu-256", "cuda", "dawin exact", r"batch 256: per-sample weights", None, "speedup", 200.0,
-     "issue 4 (GPU, batch 256); RESULTS 'Exact per-sample interpolation' (no bench row measures it yet)"),
+     "GPU, batch 256; RESULTS 'Exact per-sample interpolation' (no bench row measures it yet)"),
 ))
 # fmt: on
 

@@ -1,41 +1,9 @@
 """AdaWiSE: test-time choice of the WiSE-FT coefficient by Bayesian optimisation of prediction entropy.
 
-No public code exists; the published abstract says it interpolates the zero-shot and fine-tuned models
-adaptively at test time, choosing the mixing coefficient by Bayesian optimisation that minimises the
-entropy of the model's predictions. The design choices made here:
-
-* **Per batch.** Each test batch gets its own alpha in [0, 1]: the objective is the mean softmax entropy
-  of the interpolated model's predictions on that batch, ``f(alpha) = mean_i H(softmax(f_alpha(x_i)))``
-  (temperature 1). The batch's predictions are the logits of the best alpha evaluated, so choosing alpha
-  costs no extra forward pass.
-* **Budget.** ``n_evals`` forward passes per batch (default 8), of which ``n_init`` (default 3) are initial
-  points: evenly spaced on [0, 1] (0, 0.5, 1 for three points) on a cold start.
-* **Warm start.** With ``warm_start=True`` the next batch starts from the previous batch's best alpha
-  (plus ``n_init - 1`` evenly spaced points, 0 and 1 for the defaults), and the Gaussian process starts
-  its hyperparameter search from the previous batch's fitted kernel. Observations themselves are not
-  carried over: they belong to another batch's objective.
-* **Surrogate.** scikit-learn's ``GaussianProcessRegressor`` (not hand-written) with
-  ``Constant * Matern(nu=2.5) + White`` kernel, ``normalize_y=True``; the white-noise term absorbs the
-  small non-smoothness of the entropy in alpha.
-* **Acquisition.** Expected improvement (for minimisation, exploration margin ``xi``) on a dense grid of
-  ``grid_size`` alphas; points already evaluated are excluded, ties go to the smallest alpha.
-* **Cost.** Every evaluation re-blends the same model copy in place with ``blend(out=...)``: one pass over
-  the weights and no allocation, then one forward pass.
-* **Several candidates in one pass** (``candidates_per_pass=q > 1``). The initial points, and then ``q``
-  proposals per round, are scored together in a single forward pass of the exact per-sample interpolator
-  (:class:`~dawin_ext.exact.SampleWiseInterpolator`): the batch is replicated once per candidate with
-  its own coefficient row ``[1 - alpha, alpha]``. The ``q`` proposals of a round come from expected
-  improvement with the "constant liar" rule: after each pick, a pseudo-observation at the current best value
-  is added and the GP (kernel fixed) is refitted, so the next pick moves elsewhere. This pays off where one
-  large pass is cheaper than ``q`` blends and forwards: a GPU at small batch sizes, and a CPU running a ViT in
-  fp32, where the exact pass costs about 0.65x a plain forward per candidate (its linear layers mix weights
-  per sample in cache; benchmarks/RESULTS.md). The default stays ``q = 1`` because batched proposals follow
-  a different (constant-liar) search path than sequential ones, so results would change with the default.
-* **Across ranks** (``torch.distributed``). Nothing is global: alpha is chosen per batch, so each rank runs
-  :meth:`predict` on its own shard's batches with no communication. With ``warm_start`` the chain of warm starts
-  restarts at each rank's first batch, so a rank's results equal one process run on that rank's shard; they equal
-  one process over the whole set exactly when ``warm_start=False`` (and the shards follow batch boundaries, as
-  :class:`~dawin_ext.methods.distributed.ShardSampler` with ``block=batch_size`` makes them).
+Each test batch gets its own alpha in [0, 1], the one minimising the interpolated model's mean softmax entropy on
+that batch, found by a scikit-learn Gaussian process and expected improvement within ``n_evals`` forward passes.
+No public code exists; the design choices (budget, warm start, surrogate, several candidates per pass, ranks) are
+listed in the README, "AdaWiSE: the design choices".
 """
 
 from __future__ import annotations
@@ -173,7 +141,7 @@ class AdaWiSE:
         """Up to ``q`` new alphas by expected improvement, the later ones by the constant-liar rule."""
         gp = make_gp(self._kernel if self.warm_start else None, self.seed)
         px, py, picks = list(xs), list(ys), []
-        # A handful of points: BLAS threads only add contention (measured 10x slower on a busy machine).
+        # A handful of points: BLAS threads only add contention to a GP fit this small.
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", ConvergenceWarning)
             gp.fit(np.asarray(px)[:, None], np.asarray(py))

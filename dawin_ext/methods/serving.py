@@ -1,30 +1,9 @@
 """The request path of a fitted DaWin: ``DaWinPredictor(batch) -> scores``, with no avoidable work per request.
 
-Everything that does not depend on the request is built once, in the constructor: the expert and cluster models
-(blended by ``fit``/``load``), the exact per-sample engine and, with ``compile=True``, the compiled modules. A request
-then costs:
-
-* **the expert pass.** With ``fused_experts=True`` (the default) the zero-shot and the fine-tuned logits come from
-  ONE pass of the exact engine over the batch repeated twice, with coefficient rows ``[1, 0]`` and ``[0, 1]``: each
-  layer's weights are read once for both models, which is what dominates at batch 1. (A third block with
-  ``[1 - a, a]`` is added when the cross-entropy ratio needs the merged model's pseudo labels.) With
-  ``fused_experts=False`` the experts run as two plain forwards.
-* **the coefficients**: the fused entropy kernel, then the Beta mixture's assignment (a few scalars, NumPy);
-* **the answer pass**: each sample through its cluster's model (``mode="cluster"``) or through the exact engine with
-  its own ``[1 - lambda, lambda]`` row (``mode="exact"``).
-
-Two sequential passes per request, against three for ``DaWin.predict``. Every call runs under
-``torch.inference_mode``; no parameter or buffer is allocated per request.
-
-**Threads.** A pass through the exact engine switches process-global torch settings for its duration (the
-nn.MultiheadAttention fast path, vmap's fallback warning), which would change the numerics of a plain forward
-running in another thread at the same time. So a predictor that holds an engine (exact mode, or fused experts)
-serialises whole requests with a lock; without an engine (cluster mode, ``fused_experts=False``) requests run
-concurrently. Either way any number of threads may call one predictor, and each gets the answer a sequential call
-would give.
-
-**torch.compile.** ``compile=True`` compiles the plain models (experts and clusters). The exact engine itself
-(vmap under a TorchFunctionMode over meta placeholders) is not traceable by dynamo and runs eagerly.
+Everything that does not depend on the request (expert and cluster models, the exact engine, compiled modules) is
+built once in the constructor; a request then costs the fused expert pass, the coefficients and the answer pass.
+Engine passes switch process-global torch settings, so they are serialised by a lock; any number of threads may
+call one predictor. See the README, "Serving", for the passes, threading and ``torch.compile``.
 """
 
 from __future__ import annotations

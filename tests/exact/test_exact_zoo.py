@@ -1,4 +1,4 @@
-"""Model zoo for the exact per-sample mode (issue 10): every model against per-sample merging.
+"""Model zoo for the exact per-sample mode: every model against per-sample merging.
 
 The reference merges theta_b = sum_s c[b, s] theta_s for every sample, loads it into a copy of the model and runs the
 plain module on that sample alone. All models are tiny, built at random init from configs (no downloads).

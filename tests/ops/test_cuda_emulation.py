@@ -118,7 +118,7 @@ def test_entropy_special_values(dtype, C, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [64, 1000, 4096, 5000, 20000])
 def test_entropy_merge_of_maxima_further_apart_than_the_float_range(dtype, C):
-    """Issue 11: lanes, warps and vector blocks holding only -3e38 merge with ones holding 3e38.
+    """Lanes, warps and vector blocks holding only -3e38 merge with ones holding 3e38.
 
     exp(-3e38 - 3e38) = exp(-inf) = 0 rescaled t by 0 * (-inf) = NaN; every row here has k entries
     of 3e38 and the rest -3e38, so H = log k, in whichever lane, warp or block the maxima fall.

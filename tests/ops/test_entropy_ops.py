@@ -88,7 +88,7 @@ def test_merge_of_maxima_further_apart_than_the_float_range(device, dtype):
     """Partial states with maxima -3e38 and 3e38 must merge to the right entropy, not NaN.
 
     Their difference, -6e38, overflows to -inf in fp32, so the rescale factor exp(-inf) is 0 and the
-    rescaled t term was 0 * (-inf) = NaN (issue 11). Rows longer than the CPU kernel's split length
+    rescaled t term would be 0 * (-inf) = NaN. Rows longer than the CPU kernel's split length
     (32768) are cut into chunks whose states are merged; the first chunk here holds only -3e38 and a
     later one holds k entries of 3e38, so every other entry has probability 0 and H = log k. The
     same row as a single block (short rows) was right already and is checked alongside.

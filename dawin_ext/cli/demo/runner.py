@@ -100,7 +100,7 @@ def _lambda_fits(ctx: EvalContext, sets: dict[str, tuple[Tensor, Tensor]], seed:
 
     try:
         from dawin_ext.methods.mixture import BetaMixture
-    except ImportError as err:  # pragma: no cover - depends on what has landed
+    except ImportError as err:  # pragma: no cover - scipy or scikit-learn missing
         BetaMixture, why = None, f"dawin_ext.methods.mixture not importable ({err})"
     fits = {}
     for name, (x, _) in sets.items():
