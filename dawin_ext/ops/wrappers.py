@@ -115,7 +115,6 @@ def entropy_coefficients(
     return EntropyCoefficients(coefficients, entropies)
 
 
-@torch.library.register_fake("dawin_ext::entropy_coefficients")
 def coefficients_from_entropies(entropies: Tensor, offset_adjustment: bool) -> Tensor:
     """``entropy_coefficients``' last step alone: [B, M] coefficients from [M, B] fp32 entropies.
 
@@ -125,6 +124,7 @@ def coefficients_from_entropies(entropies: Tensor, offset_adjustment: bool) -> T
     return _ops._coefficients_from_entropies(entropies, offset_adjustment)
 
 
+@torch.library.register_fake("dawin_ext::entropy_coefficients")
 def _entropy_coefficients_fake(logits: Tensor, temperatures: list[float], offset_adjustment: bool = False):
     torch._check(logits.dim() == 3, lambda: "entropy_coefficients: logits must be [M, B, C]")
     m, b = logits.shape[0], logits.shape[1]
