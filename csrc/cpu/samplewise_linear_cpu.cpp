@@ -8,9 +8,9 @@
 // the whole layer costs about 1.2-1.5x one plain GEMM, where the stacked GEMM of AffineStack's "out" mode costs S x
 // (measured in benchmarks/RESULTS.md).
 //
-// Fewer than kMinRowsForMixing rows per sample, other dtypes, or a torch without the brgemm
-// micro-kernel take the stacked path: S plain GEMMs over all rows, blended per sample in fp32 (what
-// AffineStack's "out" mode does). _samplewise_linear_cpu_path() reports whether brgemm is usable.
+// Fewer than kMinRowsForMixing rows per sample in fp32, or a torch without the brgemm micro-kernel, take one
+// GEMM over the S sources' concatenated inner dimensions (S x the FLOPs, no per-sample weights); other dtypes
+// take S plain GEMMs blended per sample in fp32. _samplewise_linear_cpu_path() reports whether brgemm is usable.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -32,9 +32,10 @@ namespace {
 constexpr int64_t kBlockOut = 256;
 constexpr int64_t kBlockIn = 384;  // input features per brgemm call: the [kBlockIn, kBlockOut] block is 384 KiB
 constexpr int64_t kBlockM = 256;   // rows per brgemm call
-// Below this many rows per sample, forming merged weights costs more than the S-fold GEMM of the
-// stacked path (measured on a 2-core AVX512 VM, IN = OUT = 768, S = 2: crossover between 4 and 8 rows).
-constexpr int64_t kMinRowsForMixing = 6;
+// Below this many rows per sample, forming merged weights costs more than the concatenated-K GEMM (S x the
+// FLOPs of one GEMM on brgemm): on a 2-core AVX512 VM, 1 thread, S = 2, batch 16, layers of 160-1280 features,
+// that GEMM cost 1.6-2.2x a plain one at 4-10 rows, mixing 2.0-2.6x at 6-8 rows and 1.5-2.0x at 10.
+constexpr int64_t kMinRowsForMixing = 10;
 
 bool probe_brgemm() {
   // Builds without oneDNN's ukernel raise from brgemm; check the arithmetic too.
@@ -84,6 +85,51 @@ void samplewise_linear_brgemm(const at::Tensor& x, const at::Tensor& wt, const a
   });
 }
 
+// Few rows per sample in fp32: the S sources' GEMMs as one GEMM over a concatenated inner dimension,
+// out[b] = [c_b0 x_b | ... | c_b(S-1) x_b] @ [W_0^T; ...; W_(S-1)^T]. The weights' [S, IN, OUT] storage (the
+// layout samplewise_linear_weights builds) is that [S*IN, OUT] matrix already, and the scaled copies of x cost
+// B*M*S*IN, so no [S, rows, OUT] partial outputs are written and blended (the stacked path below was 2.4-2.8x
+// a plain GEMM at 4 rows per sample; one GEMM with S times the inner dimension costs about S x).
+void samplewise_linear_kstacked(const at::Tensor& x, const at::Tensor& wt, const at::Tensor* bias_rows,
+                                const at::Tensor& c, at::Tensor& out) {
+  const int64_t B = x.size(0), M = x.size(1), IN = x.size(2), S = wt.size(0), OUT = wt.size(2);
+  const at::Tensor xs = (x.unsqueeze(2) * c.view({B, 1, S, 1})).view({B * M, S * IN});
+  // A view where the layout allows (slices along OUT keep their row stride), a copy otherwise.
+  at::Tensor w2 = wt.reshape({S * IN, OUT});
+  if (w2.stride(1) != 1) w2 = w2.contiguous();
+  at::Tensor out2 = out.view({B * M, OUT});
+  if (bias_rows) out2.view({B, M, OUT}).copy_(bias_rows->unsqueeze(1).expand({B, M, OUT}));
+  if (!samplewise_linear_has_brgemm()) {
+    if (bias_rows) {
+      out2.addmm_(xs, w2);
+    } else {
+      at::mm_out(out2, xs, w2);
+    }
+    return;
+  }
+  // brgemm reads the weights in place block by block; a library GEMM packs all of them first, which at a few
+  // dozen rows costs as much as the multiplication.
+  const int64_t R = B * M, K = S * IN;
+  const float* ap = xs.const_data_ptr<float>();
+  const float* wp = w2.const_data_ptr<float>();
+  const int64_t ldb = w2.stride(0);
+  float* op = out2.data_ptr<float>();
+  const int64_t row_blocks = (R + kBlockM - 1) / kBlockM, out_blocks = (OUT + kBlockOut - 1) / kBlockOut;
+  at::parallel_for(0, row_blocks * out_blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t r0 = (item % row_blocks) * kBlockM, out0 = (item / row_blocks) * kBlockOut;
+      const int64_t mm = std::min(kBlockM, R - r0), nout = std::min(kBlockOut, OUT - out0);
+      for (int64_t k0 = 0; k0 < K; k0 += kBlockIn) {
+        const int64_t nk = std::min(kBlockIn, K - k0);
+        at::native::cpublas::brgemm(mm, nout, nk, /*ld_a=*/K, /*ld_b=*/ldb, /*ld_c=*/OUT,
+                                    /*add_C=*/bias_rows != nullptr || k0 > 0, ap + r0 * K + k0, wp + k0 * ldb + out0,
+                                    op + r0 * OUT + out0, /*is_vnni=*/false);
+      }
+    }
+    at::native::cpublas::brgemm_release(false);
+  });
+}
+
 // The S partial outputs x @ W_s^T over all rows at once, blended per sample: S plain GEMMs, for any
 // dtype. Used where mixing does not pay: few rows per sample (the merge would cost more than the
 // GEMM), other dtypes (computed in fp32 and rounded once), or no brgemm.
@@ -120,12 +166,18 @@ at::Tensor samplewise_linear_cpu(const at::Tensor& input, const at::Tensor& weig
   at::Tensor bias_rows;
   if (biases) bias_rows = at::mm(c, biases->to(at::kFloat)).contiguous();  // [B, OUT] merged bias per sample
   const at::Tensor* bias_ptr = biases ? &bias_rows : nullptr;
-  if (input.scalar_type() == at::kFloat && M >= kMinRowsForMixing && IN > 0 && samplewise_linear_has_brgemm()) {
+  // One source has nothing to mix: the concatenated-K GEMM is then that source's GEMM on brgemm, without the
+  // mixing path's copy of every weight block per sample.
+  const int64_t S = weights.size(0);
+  if (input.scalar_type() == at::kFloat && S > 1 && M >= kMinRowsForMixing && IN > 0 &&
+      samplewise_linear_has_brgemm()) {
     // The kernel reads rows of W_s^T: weights with unit stride along out_features (the layout
     // samplewise_linear_weights builds, and slices of it) are used in place, others are copied per call.
     at::Tensor wt = weights.transpose(1, 2);
     if (wt.stride(2) != 1) wt = wt.contiguous();
     samplewise_linear_brgemm(x, wt, bias_ptr, c, out3);
+  } else if (input.scalar_type() == at::kFloat && IN > 0) {
+    samplewise_linear_kstacked(x, weights.transpose(1, 2), bias_ptr, c, out3);
   } else {
     samplewise_linear_stacked(x, weights, bias_ptr, c, out3);
   }

@@ -20,7 +20,7 @@
 namespace dawin_ext {
 
 namespace {
-// samplewise_linear's brgemm path needs this many rows per sample (its kMinRowsForMixing).
+// Rows per sample from which the base GEMM goes through samplewise_linear's brgemm (below it, at::mm).
 constexpr int64_t kMinRowsForBrgemm = 6;
 
 // x @ W^T + bias (or bias, or zeros) as a fresh [rows, OUT] tensor.

@@ -11,9 +11,10 @@ Routes (all exact, they differ in cost only):
   rounded once to the input dtype, as per-sample merging does) and the batch is folded into channels: one grouped
   convolution of the input viewed as ``[1, B*C_in, ...]`` with ``groups = B*groups``. One convolution's FLOPs plus
   ``B*S*numel`` for the weights. The natural route for depthwise and grouped convolutions, whose weights are small.
-* ``"stacked"``: one convolution with the S sources' weights stacked along the output channels (per group), giving S
-  partial outputs side by side, then the per-sample combination ``sum_s c[b, s] y_s`` in one pass
-  (:func:`dawin_ext.sample_combine`, fp32 accumulation). S times the FLOPs, but no per-sample weights at all.
+* ``"stacked"``: one convolution with the S sources' weights stacked along the output channels, giving S partial
+  outputs side by side, then the per-sample combination ``sum_s c[b, s] y_s`` in one pass
+  (:func:`dawin_ext.sample_combine`, fp32 accumulation); grouped convolutions run one stock convolution per source
+  and combine the same way. S times the FLOPs, but no per-sample weights at all.
 * ``"linear"`` (``groups == 1``, no autograd): the convolution as a linear map of its patches. A 1x1 convolution reads
   the input channels-last directly; any other kernel first gathers its patches ``[B, L, C_in*prod(k)]`` (im2col).
   :func:`dawin_ext.samplewise_linear` then mixes each sample's weights block by block in cache (CPU, fp32, >= 6
@@ -38,7 +39,8 @@ Heuristic (``route="auto"``, :func:`samplewise_conv_route`), fitted to the layer
 resnet18 at batch 16 (``benchmarks/test_bench_samplewise_conv.py``). With ``P`` the output positions per sample,
 ``K = C_in/groups * prod(k)`` and ``n = C_out * K`` one sample's weight entries:
 
-1. grouped or depthwise (``groups > 1``): ``"fold"`` if ``n <= 1M``, else ``"stacked"``;
+1. grouped or depthwise (``groups > 1``): ``"fold"`` if ``n <= 1M`` and ``P >= 32``, else ``"stacked"`` (one stock
+   convolution per source);
 2. dense on the CPU in float32 without autograd: ``"linear"`` for 1x1 kernels (no im2col; in a channels-last
    network such as timm's ConvNeXt the input is already the GEMM operand); ``"fold"`` if ``n <= 1M``, ``P >= 256``
    and ``C_in >= 16`` (forming the weights is then negligible and the convolution library beats im2col); else
@@ -80,6 +82,10 @@ MAX_PER_SAMPLE_WEIGHT_NUMEL = 1 << 20
 _MIX_COST_IN_CACHE = 2
 _MIX_COST_OUT_OF_CACHE = 32
 _L2_BLOCK_SK = 2048
+# Grouped and depthwise convolutions fold the batch from this many output positions per sample; below it, one
+# stock convolution per source is cheaper than the folded call's fixed cost (convnext_atto's 7x7 depthwise layers
+# on 4x4 and 2x2 maps: about half the time; on 8x8 maps folding won).
+_FOLD_MIN_POSITIONS_GROUPED = 32
 # Off the "linear" route, dense convolutions fold the batch only with this many output positions per sample or more.
 _FOLD_MIN_POSITIONS = 64
 # On the CPU in float32, dense k x k (k > 1) convolutions with a small weight fold the batch from this many output
@@ -210,7 +216,8 @@ def samplewise_conv_route(
 
     The rule (see the module docstring; thresholds from ``benchmarks/test_bench_samplewise_conv.py``):
 
-    1. ``groups > 1``: ``"fold"`` when one sample's weight has at most 1M entries, else ``"stacked"``.
+    1. ``groups > 1``: ``"fold"`` when one sample's weight has at most 1M entries and ``P >= 32``, else
+       ``"stacked"``.
     2. ``groups == 1``, CPU, float32, no autograd, samplewise_linear's brgemm path present: ``"linear"`` for 1x1
        kernels; ``"fold"`` when one sample's weight has at most 1M entries, ``P >= 256`` and ``C_in >= 16``; else
        ``"linear"`` when ``P * (S - 1) >= a * S``, else ``"stacked"``. ``a`` is 2 if the sources' ``[S, K, 64]``
@@ -224,7 +231,7 @@ def samplewise_conv_route(
     numel = math.prod(weight_shape[1:])
     small = numel <= MAX_PER_SAMPLE_WEIGHT_NUMEL
     if groups > 1:
-        return "fold" if small else "stacked"
+        return "fold" if small and out_positions >= _FOLD_MIN_POSITIONS_GROUPED else "stacked"
     if (
         not needs_grad
         and torch.device(device).type == "cpu"
@@ -420,7 +427,20 @@ def _combine(y: Tensor, coefficients: Tensor) -> Tensor:
 
 
 def _stacked(conv, x, weights, coefficients, biases, stride, pad, dilation, groups) -> Tensor:
-    """S partial outputs from one convolution with stacked output channels, combined per sample."""
+    """S partial outputs from one convolution with stacked output channels, combined per sample.
+
+    Grouped and depthwise convolutions run one convolution per source instead: stacking S outputs per group would
+    turn a depthwise layer into a general grouped one, which the convolution library runs ~5x slower.
+    """
+    if groups > 1:
+        acc = _mix_dtype(x.dtype)
+        c = coefficients.to(acc)
+        out = None
+        for s in range(weights.shape[0]):
+            y = conv(x, weights[s], biases[s] if biases is not None else None, stride, pad, dilation, groups)
+            cs = c[:, s].view(-1, *([1] * (y.dim() - 1)))
+            out = y.to(acc) * cs if out is None else out.addcmul_(y.to(acc), cs)
+        return out.to(x.dtype)
     b = x.shape[0]
     s, c_out = weights.shape[0], weights.shape[1]
     cg = c_out // groups

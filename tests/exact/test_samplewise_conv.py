@@ -260,8 +260,10 @@ def test_errors_name_the_problem(gen):
 
 def test_auto_route_follows_the_documented_rule():
     cpu, f32 = "cpu", torch.float32
-    # depthwise and grouped: fold while one sample's weight is small, never above the 1M-entry budget
-    assert samplewise_conv_route((2, 160, 1, 7, 7), 16, 160, f32, cpu) == "fold"
+    # depthwise and grouped: fold while one sample's weight is small and the map is not tiny, never above the
+    # 1M-entry budget; one convolution per source on tiny maps
+    assert samplewise_conv_route((2, 160, 1, 7, 7), 64, 160, f32, cpu) == "fold"
+    assert samplewise_conv_route((2, 160, 1, 7, 7), 16, 160, f32, cpu) == "stacked"
     assert samplewise_conv_route((2, 4096, 512, 1, 1), 16, 2, f32, cpu) == "stacked"
     # dense convolutions never fold above the budget, whatever the device or dtype
     for dtype in (torch.float32, torch.float16, torch.float64):

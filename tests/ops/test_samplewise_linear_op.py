@@ -65,25 +65,30 @@ def test_matches_float64(device, dtype, shape, with_bias):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_layouts_strides_and_coefficient_dtypes(device):
-    """The fast [S, IN, OUT] storage, plain [S, OUT, IN], a sliced (offset, strided) view and a permuted
-    input all give the same numbers; coefficients may be float64 or float16 and rows need not sum to 1."""
-    x = make((3, 11, 200), torch.float32, device)
+    """The fast [S, IN, OUT] storage, plain [S, OUT, IN], sliced (offset, strided) views of both and a permuted
+    input all give the same numbers, with rows per sample on both CPU paths (mixing from 10 rows, one
+    concatenated-IN GEMM below); coefficients may be float64 or float16 and rows need not sum to 1."""
     plain = make((2, 150, 200), torch.float32, device, scale=0.07)
     fast = dawin_ext.samplewise_linear_weights(list(plain))
     assert fast.shape == plain.shape and fast.transpose(1, 2).is_contiguous()
     big = make((2, 301, 200), torch.float32, device, scale=0.07)
     sliced = big[:, 1::2]  # offset by one row, stride 2 along out_features
+    fast_sliced = dawin_ext.samplewise_linear_weights(list(big))[:, 7:157]  # rows of W^T keep the full row stride
     biases = make((2, 150), torch.float32, device)
-    permuted_x = make((11, 3, 200), torch.float32, device).transpose(0, 1)
-    for coefficients in (
-        torch.tensor([[0.3, 0.7], [1.0, 0.0], [-0.5, 1.5]], dtype=torch.float64, device=device),
-        torch.tensor([[0.5, 0.5], [2.0, 0.25], [0.0, 0.0]], dtype=torch.float16, device=device),
-    ):
-        c32 = coefficients.float()
-        for w in (plain, fast, sliced):
-            for xi in (x, permuted_x):
-                got = dawin_ext.samplewise_linear(xi, w, coefficients, biases)
-                torch.testing.assert_close(got.double().cpu(), reference64(xi, w, c32, biases), atol=2e-5, rtol=2e-5)
+    for rows in (11, 4):
+        x = make((3, rows, 200), torch.float32, device)
+        permuted_x = make((rows, 3, 200), torch.float32, device).transpose(0, 1)
+        for coefficients in (
+            torch.tensor([[0.3, 0.7], [1.0, 0.0], [-0.5, 1.5]], dtype=torch.float64, device=device),
+            torch.tensor([[0.5, 0.5], [2.0, 0.25], [0.0, 0.0]], dtype=torch.float16, device=device),
+        ):
+            c32 = coefficients.float()
+            for w in (plain, fast, sliced, fast_sliced):
+                for xi in (x, permuted_x):
+                    for b in (biases, None):
+                        got = dawin_ext.samplewise_linear(xi, w, coefficients, b)
+                        ref = reference64(xi, w, c32, b)
+                        torch.testing.assert_close(got.double().cpu(), ref, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
