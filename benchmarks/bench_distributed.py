@@ -18,7 +18,7 @@ Timed pipelines (each phase fenced by barriers, so a phase's time is that of its
   set for dawin-cluster and dawin-exact).
 
 Reported: throughput (images/s) of each pipeline, parallel efficiency ``T_1 / (N * T_N)`` (goal >= 0.85 for
-N = 2), the communication share: seconds inside dawin_ext.distributed's collectives (waiting for the slowest rank
+N = 2), the communication share: seconds inside dawin_ext.methods.distributed's collectives (waiting for the slowest rank
 and rank 0's mixture fit included), over the pipeline's wall time, the largest over ranks; and the work ratio: CPU
 seconds of all ranks together over one rank's (1.0 = distribution adds no work; on a machine whose cores are busy
 with other jobs, efficiency falls below the work ratio's promise because the ranks do not get whole cores).
@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 
 def _problem(arch: str, n: int, image_size: int):
-    from dawin_ext import openclip
+    from dawin_ext.integrations import openclip
 
     if arch == "dawin-bench-vit":
         openclip.register_model_config(BENCH_CONFIG, name=arch)
@@ -76,7 +76,7 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_dir: str) -> None:
     import torch.distributed as tdist
 
     from dawin_ext import DaWin
-    from dawin_ext import distributed as dd
+    from dawin_ext.methods import distributed as dd
 
     torch.set_num_threads(1)
     group = None

@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 
 import dawin_ext
-from dawin_ext.ops import _as_coefficient_matrix
-from dawin_ext.reference import entropy_reference
+from dawin_ext.ops.wrappers import _as_coefficient_matrix
+from dawin_ext.testing.reference_ops import entropy_reference
 
 TARGET_FRACTION = 0.85
 ROTATE_BYTES = 512 << 20  # several times the H200's 60 MB L2

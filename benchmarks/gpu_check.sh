@@ -50,8 +50,8 @@ declare -A BOX=(
 )
 TOTAL_S=${GPU_CHECK_TOTAL_S:-480}
 CALL_LIMIT_S=600 # the device tool's limit for one command
-KERNEL_TESTS=(tests/test_entropy_ops.py tests/test_sample_combine_op.py tests/test_samplewise_linear_op.py
-  tests/test_blend_op.py tests/test_lora.py)
+KERNEL_TESTS=(tests/ops/test_entropy_ops.py tests/ops/test_sample_combine_op.py tests/ops/test_samplewise_linear_op.py
+  tests/ops/test_blend_op.py tests/integrations/test_lora.py)
 # What the GPU machine lacks, pinned; open_clip's other needs (torch, torchvision, regex, tqdm,
 # huggingface_hub, safetensors, timm) are in its image (KINDS.md). --rehearse checks this closure.
 WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0)
@@ -298,7 +298,7 @@ PYEOF
 # The compiled core that gets loaded must be this tree's (an editable install elsewhere must not win).
 loaded_check() {
   "$PY" -c "
-import os, dawin_ext, dawin_ext._loader as L
+import os, dawin_ext, dawin_ext.ops._loader as L
 print('loaded', L._C.__file__, dawin_ext.build_info())
 assert os.path.realpath(L._C.__file__).startswith(os.path.realpath('$ROOT') + os.sep), 'not this tree: build it first'
 "
@@ -481,7 +481,7 @@ run_phase() {
   return $rc
 }
 
-# NCCL smoke run (issue 13): dawin_ext.distributed's collectives and DaWin's distributed fit on the one GPU, world
+# NCCL smoke run: dawin_ext.methods.distributed's collectives and DaWin's distributed fit on the one GPU, world
 # size 1 (NCCL refuses two ranks on one device), against the same fit without a process group. Self-contained.
 phase_nccl() {
   cat >/tmp/gpu_check_nccl_smoke.py <<'PYEOF'
@@ -489,8 +489,9 @@ import os
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
-from dawin_ext import DaWin, openclip
-from dawin_ext import distributed as dd
+from dawin_ext import DaWin
+from dawin_ext.integrations import openclip
+from dawin_ext.methods import distributed as dd
 
 device = torch.device(os.environ.get("SMOKE_DEVICE", "cuda"))  # SMOKE_DEVICE=cpu: the same script on gloo
 group, device, _ = dd.init_from_env(device, 120.0)

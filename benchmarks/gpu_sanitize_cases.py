@@ -33,7 +33,7 @@ import sys
 import torch
 
 import dawin_ext  # noqa: F401  (registers torch.ops.dawin_ext)
-from dawin_ext.reference import entropy_reference
+from dawin_ext.testing.reference_ops import entropy_reference
 
 ops = torch.ops.dawin_ext
 

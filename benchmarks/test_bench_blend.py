@@ -13,7 +13,7 @@ Each group holds dawin_ext and its reference, measured in the same run:
     dawin_ext.blend of 9 sources into preallocated outputs vs an in-place torch accumulate (copy_, then 8 add_);
     extra_info["bytes_moved"] (10 x 4 bytes per parameter) turns the median into GB/s.
 `dawin-ext bench` prints the same comparison as one table, and on the CPU each memory-bound row's fraction of the
-copy bandwidth measured in the same run (dawin_ext.bench.cpu_bandwidth_rows).
+copy bandwidth measured in the same run (dawin_ext.cli.bench.cpu_bandwidth_rows).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import dawin_ext
-from dawin_ext.bench import CLUSTER_ALPHAS, TASK_ARITHMETIC_SCALE, vit_b32_state_dicts
-from dawin_ext.ops import _hint_huge_pages
-from dawin_ext.reference import interpolation_reference
+from dawin_ext.cli.bench import CLUSTER_ALPHAS, TASK_ARITHMETIC_SCALE, vit_b32_state_dicts
+from dawin_ext.ops.wrappers import _hint_huge_pages
+from dawin_ext.testing.reference_ops import interpolation_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 COEF = [[1.0 - a, a] for a in CLUSTER_ALPHAS]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dawin_ext
-from dawin_ext.reference import coefficient_reference, entropy_reference
+from dawin_ext.testing.reference_ops import coefficient_reference, entropy_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SIZES = [(1024, 1000), (4096, 1000), (16384, 1000)]

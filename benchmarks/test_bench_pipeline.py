@@ -16,8 +16,8 @@ What is timed, all in the same run, on the same batch of 64 images (224 x 224), 
   reference's evaluation loop): routing through prebuilt models vs re-merge + load + forward per cluster.
 
 Also the streaming latency at batch 1 and 32. The test checks that both paths give the same logits and prints
-a table; ``DAWIN_BENCH_ASSERT=1`` additionally asserts issue 3's documented targets on the streaming rows, with
-the bounds from ``dawin_ext.bench.TARGETS`` (the table ``dawin-ext bench --check`` uses): at most 3.3x one plain
+a table; ``DAWIN_BENCH_ASSERT=1`` additionally asserts the documented targets on the streaming rows, with
+the bounds from ``dawin_ext.cli.bench.TARGETS`` (the table ``dawin-ext bench --check`` uses): at most 3.3x one plain
 forward and at least 2x faster than the reference streaming loop. The offline ratio (labels known) is printed
 for information only; no target is documented for it. Timings depend on the machine being quiet.
 """
@@ -34,10 +34,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dawin_ext import DaWin, openclip
-from dawin_ext.bench import TARGETS
-from dawin_ext.models import route
-from dawin_ext.reference import coefficient_reference, interpolation_reference
+from dawin_ext import DaWin
+from dawin_ext.cli.bench import TARGETS
+from dawin_ext.integrations import openclip
+from dawin_ext.methods.inference import route
+from dawin_ext.testing.reference_ops import coefficient_reference, interpolation_reference
 
 REPEATS = int(os.environ.get("DAWIN_BENCH_REPEATS", "3"))
 # Another open_clip architecture (e.g. a tiny registered one) for a quick check of the benchmark itself.

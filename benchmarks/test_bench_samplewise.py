@@ -20,7 +20,7 @@ import torch
 
 import dawin_ext
 from dawin_ext import SampleWiseInterpolator
-from dawin_ext.reference import interpolation_reference
+from dawin_ext.testing.reference_ops import interpolation_reference
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -187,10 +187,10 @@ def test_samplewise_linear_op(benchmark, device, impl, shape):
 
 @pytest.mark.parametrize("model", ["vit_small", "hf_clip_vision", "convnext_atto", "resnet18"])
 def test_exact_engine_models(benchmark, model):
-    """Issue 10's speed points: the exact engine (S=2) against a plain forward and against one source."""
+    """The exact engine's speed points: the engine (S=2) against a plain forward and against one source."""
     pytest.importorskip("timm")
     pytest.importorskip("transformers")
-    from dawin_ext.bench import exact_engine_rows
+    from dawin_ext.cli.bench import exact_engine_rows
 
     names = {
         "vit_small": "timm vit_small",
@@ -198,7 +198,7 @@ def test_exact_engine_models(benchmark, model):
         "convnext_atto": "timm convnext_atto",
         "resnet18": "timm resnet18",
     }
-    import dawin_ext.bench as bench
+    import dawin_ext.cli.bench as bench
 
     models = bench._exact_models(quick=False)
     picked = [m for m in models if m[0].startswith(names[model])]

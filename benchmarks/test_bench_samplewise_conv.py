@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dawin_ext.samplewise.conv import (
+from dawin_ext.exact.conv import (
     MAX_PER_SAMPLE_WEIGHT_NUMEL,
     samplewise_conv,
     samplewise_conv_route,

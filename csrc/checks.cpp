@@ -202,7 +202,7 @@ void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& wei
   TORCH_CHECK_VALUE(input.dim() >= 2, "samplewise_linear: input must be [B, ..., in_features], got shape ",
                     input.sizes());
   TORCH_CHECK_VALUE(weights.dim() == 3,
-                    "samplewise_linear: weights must be [G sources, out_features, in_features], got shape ",
+                    "samplewise_linear: weights must be [S sources, out_features, in_features], got shape ",
                     weights.sizes());
   TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()),
                    "samplewise_linear: input must be float32, float16 or bfloat16, got ", input.scalar_type());
@@ -214,7 +214,7 @@ void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& wei
                     " but input's last dim is ", input.size(-1), " (input shape ", input.sizes(), ")");
   TORCH_CHECK_VALUE(
       coefficients.dim() == 2 && coefficients.size(0) == input.size(0) && coefficients.size(1) == weights.size(0),
-      "samplewise_linear: coefficients must be [B, G] = [", input.size(0), ", ", weights.size(0), "], got shape ",
+      "samplewise_linear: coefficients must be [B, S] = [", input.size(0), ", ", weights.size(0), "], got shape ",
       coefficients.sizes());
   TORCH_CHECK_TYPE(coefficients.is_floating_point(), "samplewise_linear: coefficients must be floating point, got ",
                    coefficients.scalar_type());
@@ -224,7 +224,7 @@ void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& wei
                     coefficients.device(), " but input is on ", input.device());
   if (biases) {
     TORCH_CHECK_VALUE(biases->dim() == 2 && biases->size(0) == weights.size(0) && biases->size(1) == weights.size(1),
-                      "samplewise_linear: biases must be [G, out_features] = [", weights.size(0), ", ", weights.size(1),
+                      "samplewise_linear: biases must be [S, out_features] = [", weights.size(0), ", ", weights.size(1),
                       "], got shape ", biases->sizes());
     TORCH_CHECK_TYPE(biases->scalar_type() == input.scalar_type(), "samplewise_linear: biases are ",
                      biases->scalar_type(), " but input is ", input.scalar_type(), "; they must match");

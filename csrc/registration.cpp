@@ -44,6 +44,10 @@ TORCH_LIBRARY(dawin_ext, m) {
           }
           return flat;
         });
+  // entropy_coefficients' last step alone, for entropies gathered from several processes
+  // (dawin_ext.methods.distributed): the same ATen sequence, so the coefficients match one process bit for bit.
+  m.def("_coefficients_from_entropies(Tensor entropies, bool offset_adjustment) -> Tensor",
+        &dawin_ext::coefficients_from_entropies);
   // Introspection for tests and benchmark reports: the instruction set the CPU kernels run with in this
   // process ("AVX512", "AVX2" or "DEFAULT"), and which CPU path samplewise_linear takes for float32 inputs
   // with at least kMinRowsForMixing rows per sample ("brgemm" or "stacked").

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from ._loader import BUILD_INFO, CudaKernelsMissingWarning, ExtensionNotBuiltError
-from .adawise import AdaWiSE
-from .checkpoints import CheckpointFormatError, UnsafeCheckpointError, load_state_dict, save_state_dict
-from .dawin import DaWin, dawin_coefficients
-from .mixture import BetaMixture, DirichletMixture
-from .models import BlendedModels, evaluate_accuracy
-from .multitask import DaWinMultiTask, task_vectors_from
+from .exact import SampleWiseInterpolator, UnsupportedParameterError, task_vector_coefficients
+from .integrations.checkpoints import CheckpointFormatError, UnsafeCheckpointError, load_state_dict, save_state_dict
+from .methods.adawise import AdaWiSE
+from .methods.blended import BlendedModels
+from .methods.dawin import DaWin, dawin_coefficients
+from .methods.inference import evaluate_accuracy
+from .methods.mixture import BetaMixture, DirichletMixture
+from .methods.multitask import DaWinMultiTask, task_vectors_from
+from .methods.wise_ft import diagonal_fisher, output_ensemble, wise_ft, wise_ft_sweep
 from .ops import (
     BLENDABLE_DTYPES,
     EntropyCoefficients,
@@ -20,8 +22,7 @@ from .ops import (
     samplewise_linear_weights,
     softmax_entropy,
 )
-from .samplewise import SampleWiseInterpolator, UnsupportedParameterError, task_vector_coefficients
-from .wise_ft import diagonal_fisher, output_ensemble, wise_ft, wise_ft_sweep
+from .ops._loader import BUILD_INFO, CudaKernelsMissingWarning, ExtensionNotBuiltError
 
 __version__ = BUILD_INFO["version"]
 

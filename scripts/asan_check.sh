@@ -8,7 +8,7 @@
 #
 # Python itself is not instrumented, so libasan (and libstdc++) is LD_PRELOADed; leak detection is off because the
 # interpreter's own allocations would drown the report. The loader picks the sanitized build through
-# DAWIN_EXT_C (see dawin_ext/_loader.py).
+# DAWIN_EXT_C (see dawin_ext/ops/_loader.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,11 +42,10 @@ if [ "$#" -eq 0 ]; then
   # The op-level tests: each kernel's own tests, the CUDA kernels' grids emulated on the CPU, the property
   # tests, the ops' bad-input and NaN cases, and the 4-thread tests (the high-level API's tests exercise no
   # other kernel code).
-  set -- $(ls tests/test_ops*.py tests/test_kernel*.py tests/test_blend*.py tests/test_entropy*.py \
-    tests/test_sample_combine*.py tests/test_samplewise_linear*.py tests/test_cuda_emulation.py \
-    tests/test_properties.py 2>/dev/null | sort -u)
-  if [ ! -f tests/test_cuda_emulation.py ]; then
-    echo "asan_check: tests/test_cuda_emulation.py is missing" >&2
+  set -- $(ls tests/ops/test_blend*.py tests/ops/test_entropy*.py tests/ops/test_sample_combine*.py \
+    tests/ops/test_samplewise_linear*.py tests/ops/test_cuda_emulation.py tests/ops/test_properties.py 2>/dev/null | sort -u)
+  if [ ! -f tests/ops/test_cuda_emulation.py ]; then
+    echo "asan_check: tests/ops/test_cuda_emulation.py is missing" >&2
     exit 1
   fi
   if [ "$#" -eq 0 ]; then
@@ -55,8 +54,8 @@ if [ "$#" -eq 0 ]; then
   fi
   set -- "$@" tests/test_bad_input.py::test_bad_input tests/test_bad_input.py::TestNaNPolicy \
     tests/test_bad_input.py::test_blend_never_silently_skips_a_floating_dtype \
-    tests/test_resources.py::test_four_threads_match_sequential \
-    tests/test_resources.py::test_four_threads_blend_into_separate_outputs
+    tests/ops/test_resources.py::test_four_threads_match_sequential \
+    tests/ops/test_resources.py::test_four_threads_blend_into_separate_outputs
 fi
 
 LOG="$BUILD_DIR/pytest.log"
@@ -68,7 +67,7 @@ export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1"
 export DAWIN_EXT_PROPERTY_EXAMPLES="${DAWIN_EXT_PROPERTY_EXAMPLES:-50}"
 # Check that the sanitized library is the one that gets loaded.
 python -c "
-import os, dawin_ext._loader as L
+import os, dawin_ext.ops._loader as L
 assert os.path.samefile(L._C.__file__, os.environ['DAWIN_EXT_C']), L._C.__file__
 print('asan_check: loaded', L._C.__file__)
 "

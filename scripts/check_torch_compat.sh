@@ -45,8 +45,8 @@ done
 ARCHS=${TORCH_CUDA_ARCH_LIST:-9.0} # one architecture: the API is what is checked, not the code
 # What the builds and the kernel tests import; ninja so that the build runs in parallel, as in CI.
 EXTRA=(setuptools wheel ninja numpy scipy scikit-learn pytest hypothesis)
-TESTS=(tests/test_entropy_ops.py tests/test_blend_op.py tests/test_sample_combine_op.py
-  tests/test_samplewise_linear_op.py)
+TESTS=(tests/ops/test_entropy_ops.py tests/ops/test_blend_op.py tests/ops/test_sample_combine_op.py
+  tests/ops/test_samplewise_linear_op.py)
 
 WORK=${COMPAT_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/dawin_compat.XXXXXX")}
 cleanup() {
@@ -104,7 +104,7 @@ build() {
 # check_import WITH_CUDA: the build in $SO is the one loaded, and says what it should.
 check_import() {
   DAWIN_EXT_C=$SO PYTHONPATH=$ROOT "$PY" - "$1" <<'PYEOF'
-import os, sys, torch, dawin_ext, dawin_ext._loader as L
+import os, sys, torch, dawin_ext, dawin_ext.ops._loader as L
 assert os.path.samefile(L._C.__file__, os.environ["DAWIN_EXT_C"]), L._C.__file__
 info = dawin_ext.build_info()
 print("   build_info:", info)

@@ -12,10 +12,19 @@ import torch
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
-_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+# The device x dtype table of the op tests (pytorch_scatter keeps its own in testing.py). CUDA is always a
+# parameter, skipped with a reason where no GPU is visible, so a CPU-only run reports the CUDA cases it did not
+# run instead of silently having fewer of them.
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible)")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+#: The dtypes of the ops that read reduced precision and accumulate in fp32 (softmax_entropy,
+#: entropy_coefficients, sample_combine, samplewise_linear, samplewise_lora).
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+#: The dtypes that blend interpolates (dawin_ext.BLENDABLE_DTYPES); every other dtype is copied from source 0.
+BLEND_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=_DEVICES)
+@pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     """Each test runs on the CPU and, where a GPU is visible, on CUDA."""
     return torch.device(request.param)
@@ -62,7 +71,7 @@ def tiny_clip() -> Callable[..., tuple]:
     """
 
     def make(arch: str, seed: int, noise: float):
-        from dawin_ext import openclip
+        from dawin_ext.integrations import openclip
 
         openclip.register_tiny_configs()
         torch.manual_seed(seed)
@@ -103,10 +112,19 @@ def one_thread_per_module() -> Iterator[None]:
     yield from _single_intra_op_thread()
 
 
+@pytest.fixture
+def per_sample(monkeypatch) -> dict:
+    """``dawin-ext eval``'s per-sample scores, keyed by the method and set names it reports (eval_setup.py)."""
+    from eval_setup import capture_per_sample
+
+    return capture_per_sample(monkeypatch)
+
+
 def fit_tiny_dawin(temperatures: tuple[float, float]):
     """A DaWin (offset adjustment, K=3) fitted on the tiny open_clip ViT and a noisy fine-tuned copy, over 40 images
     of varied scale. Returns (dawin, classifier, theta_zs, theta_ft, images)."""
-    from dawin_ext import DaWin, openclip
+    from dawin_ext import DaWin
+    from dawin_ext.integrations import openclip
 
     openclip.register_tiny_configs()
     torch.manual_seed(3)

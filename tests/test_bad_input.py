@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from dawin_ext import blend, entropy_coefficients, interpolation, sample_combine, softmax_entropy
-from dawin_ext.reference import entropy_reference
-from dawin_ext.statedict import IncompatibleStateDictsError, as_state_dict, check_compatible
+from dawin_ext.ops.statedict import IncompatibleStateDictsError, as_state_dict, check_compatible
+from dawin_ext.testing.reference_ops import entropy_reference
 
 INF = float("inf")
 NAN = float("nan")
@@ -518,7 +518,7 @@ class _ClassCountFlipper(torch.nn.Module):
 
 
 def _dawin(**kw):
-    return _mod("dawin").DaWin(_tiny(0), _tiny_sd(1), _tiny_sd(2), **kw)
+    return _mod("methods.dawin").DaWin(_tiny(0), _tiny_sd(1), _tiny_sd(2), **kw)
 
 
 def _fitted_dawin():
@@ -531,7 +531,7 @@ def _tiny_prelu(seed: int) -> torch.nn.Module:
 
 
 def _interpolator():
-    return _mod("samplewise").SampleWiseInterpolator(_tiny_prelu(0), [_tiny_prelu(1), _tiny_prelu(2)])
+    return _mod("exact").SampleWiseInterpolator(_tiny_prelu(0), [_tiny_prelu(1), _tiny_prelu(2)])
 
 
 def _unsafe_checkpoint():
@@ -544,46 +544,51 @@ def _unsafe_checkpoint():
 
 HIGH_LEVEL_CASES = [
     # ---- wise_ft
-    ("wise-alpha-nan", lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), NAN), ValueError, r"alpha .*finite"),
+    (
+        "wise-alpha-nan",
+        lambda: _mod("methods.wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), NAN),
+        ValueError,
+        r"alpha .*finite",
+    ),
     (
         "wise-key-mismatch",
-        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1, **{"3.bias": None}), 0.5),
+        lambda: _mod("methods.wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1, **{"3.bias": None}), 0.5),
         IncompatibleStateDictsError,
         r"theta_1 is missing key '3\.bias'",
     ),
     (
         "wise-shape-mismatch",
-        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1, **{"3.bias": torch.zeros(5)}), 0.5),
+        lambda: _mod("methods.wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1, **{"3.bias": torch.zeros(5)}), 0.5),
         IncompatibleStateDictsError,
         r"'3\.bias': theta_0 has shape \(4,\) but theta_1 has \(5,\)",
     ),
     (
         "wise-nan-weight",
-        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _poisoned(1, "0.weight", (1, 2), NAN), 0.5),
+        lambda: _mod("methods.wise_ft").wise_ft(_tiny_sd(0), _poisoned(1, "0.weight", (1, 2), NAN), 0.5),
         ValueError,
         r"theta_1.*'0\.weight'",
     ),
     (
         "wise-inf-weight-alpha-0",
-        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _poisoned(1, "3.bias", 2, INF), 0.0),
+        lambda: _mod("methods.wise_ft").wise_ft(_tiny_sd(0), _poisoned(1, "3.bias", 2, INF), 0.0),
         ValueError,
         r"theta_1.*'3\.bias'",
     ),
     (
         "wise-fisher-alpha-out-of-range",
-        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), 1.5, fishers=({}, {})),
+        lambda: _mod("methods.wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), 1.5, fishers=({}, {})),
         ValueError,
         r"alpha in \[0, 1\], got 1\.5",
     ),
     (
         "wise-fisher-floor",
-        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), 0.5, fishers=({}, {}), fisher_floor=0.0),
+        lambda: _mod("methods.wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), 0.5, fishers=({}, {}), fisher_floor=0.0),
         ValueError,
         r"fisher_floor must be > 0",
     ),
     (
         "wise-fisher-nan",
-        lambda: _mod("wise_ft").wise_ft(
+        lambda: _mod("methods.wise_ft").wise_ft(
             _tiny_sd(0), _tiny_sd(1), 0.5, fishers=({"0.bias": torch.full((8,), NAN)}, {"0.bias": torch.ones(8)})
         ),
         ValueError,
@@ -591,13 +596,13 @@ HIGH_LEVEL_CASES = [
     ),
     (
         "wise-fisher-one-sided",
-        lambda: _mod("wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), 0.5, fishers=({}, {"0.bias": torch.ones(8)})),
+        lambda: _mod("methods.wise_ft").wise_ft(_tiny_sd(0), _tiny_sd(1), 0.5, fishers=({}, {"0.bias": torch.ones(8)})),
         ValueError,
         r"'0\.bias' has a Fisher only in fishers\[1\]",
     ),
     (
         "wise-fisher-shape",
-        lambda: _mod("wise_ft").wise_ft(
+        lambda: _mod("methods.wise_ft").wise_ft(
             _tiny_sd(0), _tiny_sd(1), 0.5, fishers=({"0.bias": torch.ones(7)}, {"0.bias": torch.ones(7)})
         ),
         ValueError,
@@ -605,7 +610,7 @@ HIGH_LEVEL_CASES = [
     ),
     (
         "wise-fisher-unknown-key",
-        lambda: _mod("wise_ft").wise_ft(
+        lambda: _mod("methods.wise_ft").wise_ft(
             _tiny_sd(0), _tiny_sd(1), 0.5, fishers=({"head.w": torch.ones(1)}, {"head.w": torch.ones(1)})
         ),
         ValueError,
@@ -613,37 +618,39 @@ HIGH_LEVEL_CASES = [
     ),
     (
         "wise-sweep-no-alphas",
-        lambda: _mod("wise_ft").wise_ft_sweep(_tiny(0), _tiny_sd(0), _tiny_sd(1), [], lambda m: 0),
+        lambda: _mod("methods.wise_ft").wise_ft_sweep(_tiny(0), _tiny_sd(0), _tiny_sd(1), [], lambda m: 0),
         ValueError,
         r"at least one alpha",
     ),
     (
         "output-ensemble-class-counts",
-        lambda: _mod("wise_ft").output_ensemble(torch.randn(3, 4), torch.randn(3, 5)),
+        lambda: _mod("methods.wise_ft").output_ensemble(torch.randn(3, 4), torch.randn(3, 5)),
         ValueError,
         r"shapes differ: \(3, 4\) vs \(3, 5\)",
     ),
     (
         "output-ensemble-temperature",
-        lambda: _mod("wise_ft").output_ensemble(torch.randn(3, 4), torch.randn(3, 4), temperatures=(0.0, 1.0)),
+        lambda: _mod("methods.wise_ft").output_ensemble(torch.randn(3, 4), torch.randn(3, 4), temperatures=(0.0, 1.0)),
         ValueError,
         r"temperatures must be finite and > 0",
     ),
     (
         "output-ensemble-nan-logits",
-        lambda: _mod("wise_ft").output_ensemble(torch.randn(3, 4), torch.tensor([[0.0] * 4, [0.0] * 4, [NAN] * 4])),
+        lambda: _mod("methods.wise_ft").output_ensemble(
+            torch.randn(3, 4), torch.tensor([[0.0] * 4, [0.0] * 4, [NAN] * 4])
+        ),
         ValueError,
         r"sample 2",
     ),
     (
         "output-ensemble-weight-shape",
-        lambda: _mod("wise_ft").output_ensemble(torch.randn(3, 4), torch.randn(3, 4), torch.rand(5)),
+        lambda: _mod("methods.wise_ft").output_ensemble(torch.randn(3, 4), torch.randn(3, 4), torch.rand(5)),
         ValueError,
         r"output_ensemble: .*weight",
     ),
     (
         "fisher-empty-loader",
-        lambda: _mod("wise_ft").diagonal_fisher(_tiny(0), []),
+        lambda: _mod("methods.wise_ft").diagonal_fisher(_tiny(0), []),
         ValueError,
         r"diagonal_fisher: the loader yielded no samples",
     ),
@@ -662,13 +669,13 @@ HIGH_LEVEL_CASES = [
     ("dawin-unknown-expertise", lambda: _dawin(expertise="vibes"), ValueError, r"unknown expertise 'vibes'"),
     (
         "dawin-key-mismatch",
-        lambda: _mod("dawin").DaWin(_tiny(0), _tiny_sd(1), _tiny_sd(2, **{"3.bias": None})),
+        lambda: _mod("methods.dawin").DaWin(_tiny(0), _tiny_sd(1), _tiny_sd(2, **{"3.bias": None})),
         IncompatibleStateDictsError,
         r"theta_ft is missing key '3\.bias'",
     ),
     (
         "dawin-dtype-mismatch",
-        lambda: _mod("dawin").DaWin(_tiny(0), _tiny_sd(1), _tiny_sd(2, **{"3.bias": torch.zeros(4).half()})),
+        lambda: _mod("methods.dawin").DaWin(_tiny(0), _tiny_sd(1), _tiny_sd(2, **{"3.bias": torch.zeros(4).half()})),
         IncompatibleStateDictsError,
         r"'3\.bias'.*torch\.float32.*torch\.float16",
     ),
@@ -686,13 +693,17 @@ HIGH_LEVEL_CASES = [
     ),
     (
         "dawin-nan-weight",
-        lambda: _mod("dawin").DaWin(_tiny(0), _tiny_sd(1), _poisoned(2, "0.weight", (1, 2), NAN)).fit(_batches()),
+        lambda: (
+            _mod("methods.dawin").DaWin(_tiny(0), _tiny_sd(1), _poisoned(2, "0.weight", (1, 2), NAN)).fit(_batches())
+        ),
         ValueError,
         r"theta_ft.*'0\.weight'",
     ),
     (
         "dawin-class-counts-change",
-        lambda: _mod("dawin").DaWin(_ClassCountFlipper(), *(_ClassCountFlipper().state_dict(),) * 2).fit(_batches()),
+        lambda: (
+            _mod("methods.dawin").DaWin(_ClassCountFlipper(), *(_ClassCountFlipper().state_dict(),) * 2).fit(_batches())
+        ),
         ValueError,
         r"batch \d has 3 classes but earlier logits had 4",
     ),
@@ -706,19 +717,19 @@ HIGH_LEVEL_CASES = [
     ),
     (
         "dawin-coefficients-class-counts",
-        lambda: _mod("dawin").dawin_coefficients(torch.randn(3, 4), torch.randn(3, 5)),
+        lambda: _mod("methods.dawin").dawin_coefficients(torch.randn(3, 4), torch.randn(3, 5)),
         ValueError,
         r"same number of classes",
     ),
     (
         "dawin-coefficients-no-samples",
-        lambda: _mod("dawin").dawin_coefficients(torch.randn(0, 4), torch.randn(0, 4)),
+        lambda: _mod("methods.dawin").dawin_coefficients(torch.randn(0, 4), torch.randn(0, 4)),
         ValueError,
         r"no samples",
     ),
     (
         "dawin-coefficients-all-minus-inf-row",
-        lambda: _mod("dawin").dawin_coefficients(
+        lambda: _mod("methods.dawin").dawin_coefficients(
             torch.randn(3, 4), torch.tensor([[0.0, 1, 2, 3], [0, 1, 2, 3], [-INF] * 4])
         ),
         ValueError,
@@ -726,51 +737,51 @@ HIGH_LEVEL_CASES = [
     ),
     (
         "dawin-coefficients-nan-offset",
-        lambda: _mod("dawin").dawin_coefficients(torch.randn(3, 4), torch.randn(3, 4), offset=(NAN, 2.0)),
+        lambda: _mod("methods.dawin").dawin_coefficients(torch.randn(3, 4), torch.randn(3, 4), offset=(NAN, 2.0)),
         ValueError,
         r"offset",
     ),
     (
         "dawin-coefficients-offset-one-sample",
-        lambda: _mod("dawin").dawin_coefficients(torch.randn(1, 4), torch.randn(1, 4), offset=True),
+        lambda: _mod("methods.dawin").dawin_coefficients(torch.randn(1, 4), torch.randn(1, 4), offset=True),
         ValueError,
         r"at least 2 samples",
     ),
     # ---- AdaWiSE
     (
         "adawise-n-init",
-        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2), n_init=0),
+        lambda: _mod("methods.adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2), n_init=0),
         ValueError,
         r"n_init must be >= 1",
     ),
     (
         "adawise-budget",
-        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2), n_evals=2, n_init=3),
+        lambda: _mod("methods.adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2), n_evals=2, n_init=3),
         ValueError,
         r"n_evals \(2\) must be >= n_init \(3\)",
     ),
     (
         "adawise-empty-batch",
-        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2)).predict(torch.randn(0, 6)),
+        lambda: _mod("methods.adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2)).predict(torch.randn(0, 6)),
         ValueError,
         r"empty batch",
     ),
     (
         "adawise-empty-loader",
-        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2)).predict_dataset([]),
+        lambda: _mod("methods.adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2)).predict_dataset([]),
         ValueError,
         r"no batches",
     ),
     (
         "adawise-nan-sample",
-        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2)).predict(_batches(nan_at=5)[0][0]),
+        lambda: _mod("methods.adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2)).predict(_batches(nan_at=5)[0][0]),
         ValueError,
         r"sample 5",
     ),
     (
         "adawise-nan-weight",
         lambda: (
-            _mod("adawise")
+            _mod("methods.adawise")
             .AdaWiSE(_tiny(0), _tiny_sd(1), _poisoned(2, "3.weight", (0, 0), INF))
             .predict(torch.randn(4, 6))
         ),
@@ -779,65 +790,77 @@ HIGH_LEVEL_CASES = [
     ),
     (
         "adawise-key-mismatch",
-        lambda: _mod("adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2, **{"0.bias": None})),
+        lambda: _mod("methods.adawise").AdaWiSE(_tiny(0), _tiny_sd(1), _tiny_sd(2, **{"0.bias": None})),
         IncompatibleStateDictsError,
         r"missing key '0\.bias'",
     ),
     # ---- multi-task DaWin
     (
         "multitask-no-tasks",
-        lambda: _mod("multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), []),
+        lambda: _mod("methods.multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), []),
         ValueError,
         r"got 0",
     ),
     (
         "multitask-both-task-forms",
-        lambda: _mod("multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0)),
+        lambda: _mod("methods.multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0)),
         ValueError,
         r"exactly one of task_thetas and task_vectors",
     ),
     (
         "multitask-key-mismatch",
-        lambda: _mod("multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), [_tiny_sd(1, **{"3.bias": None})]),
+        lambda: _mod("methods.multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), [_tiny_sd(1, **{"3.bias": None})]),
         IncompatibleStateDictsError,
         r"'3\.bias'",
     ),
     (
         "multitask-empty-loader",
-        lambda: _mod("multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), [_tiny_sd(1), _tiny_sd(2)]).fit([]),
+        lambda: _mod("methods.multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), [_tiny_sd(1), _tiny_sd(2)]).fit([]),
         ValueError,
         r"no samples",
     ),
     (
         "multitask-nan-sample",
         lambda: (
-            _mod("multitask").DaWinMultiTask(_tiny(0), _tiny_sd(0), [_tiny_sd(1), _tiny_sd(2)]).fit(_batches(nan_at=11))
+            _mod("methods.multitask")
+            .DaWinMultiTask(_tiny(0), _tiny_sd(0), [_tiny_sd(1), _tiny_sd(2)])
+            .fit(_batches(nan_at=11))
         ),
         ValueError,
         r"sample 11",
     ),
     # ---- mixtures
-    ("beta-no-components", lambda: _mod("mixture").BetaMixture(n_components=0), ValueError, r">= 1, got 0"),
+    ("beta-no-components", lambda: _mod("methods.mixture").BetaMixture(n_components=0), ValueError, r">= 1, got 0"),
     (
         "beta-more-components-than-samples",
-        lambda: _mod("mixture").BetaMixture(n_components=3).fit([0.1, 0.2]),
+        lambda: _mod("methods.mixture").BetaMixture(n_components=3).fit([0.1, 0.2]),
         ValueError,
         r"n_components=3 is more than the 2 samples",
     ),
-    ("beta-empty", lambda: _mod("mixture").BetaMixture().fit([]), ValueError, r"no samples"),
-    ("beta-nan", lambda: _mod("mixture").BetaMixture().fit([0.1, NAN, 0.3, 0.5]), ValueError, r"sample 1 is nan"),
-    ("beta-outside", lambda: _mod("mixture").BetaMixture().fit([0.1, 0.3, 1.5]), ValueError, r"sample 2 is 1\.5"),
-    ("beta-2d", lambda: _mod("mixture").BetaMixture().fit(np.zeros((3, 2))), ValueError, r"1-D.*\(3, 2\)"),
-    ("beta-unfitted", lambda: _mod("mixture").BetaMixture().predict([0.1]), RuntimeError, r"fit\(\)"),
+    ("beta-empty", lambda: _mod("methods.mixture").BetaMixture().fit([]), ValueError, r"no samples"),
+    (
+        "beta-nan",
+        lambda: _mod("methods.mixture").BetaMixture().fit([0.1, NAN, 0.3, 0.5]),
+        ValueError,
+        r"sample 1 is nan",
+    ),
+    (
+        "beta-outside",
+        lambda: _mod("methods.mixture").BetaMixture().fit([0.1, 0.3, 1.5]),
+        ValueError,
+        r"sample 2 is 1\.5",
+    ),
+    ("beta-2d", lambda: _mod("methods.mixture").BetaMixture().fit(np.zeros((3, 2))), ValueError, r"1-D.*\(3, 2\)"),
+    ("beta-unfitted", lambda: _mod("methods.mixture").BetaMixture().predict([0.1]), RuntimeError, r"fit\(\)"),
     (
         "dirichlet-not-simplex",
-        lambda: _mod("mixture").DirichletMixture().fit(np.array([[0.5, 0.6], [0.2, 0.8]])),
+        lambda: _mod("methods.mixture").DirichletMixture().fit(np.array([[0.5, 0.6], [0.2, 0.8]])),
         ValueError,
         r"sample 0 sums to 1\.1",
     ),
     (
         "dirichlet-negative",
-        lambda: _mod("mixture").DirichletMixture().fit(np.array([[0.2, 0.8], [1.5, -0.5]])),
+        lambda: _mod("methods.mixture").DirichletMixture().fit(np.array([[0.2, 0.8], [1.5, -0.5]])),
         ValueError,
         r"sample 1 has negative entry",
     ),
@@ -875,7 +898,7 @@ HIGH_LEVEL_CASES = [
     (
         # Integer entries cannot be interpolated; a PReLU slope that differs is now merged per sample instead.
         "samplewise-unsupported-parameter",
-        lambda: _mod("samplewise").SampleWiseInterpolator(
+        lambda: _mod("exact").SampleWiseInterpolator(
             _tiny_int_buffer(0, 1), [_tiny_int_buffer(1, 1).state_dict(), _tiny_int_buffer(2, 2).state_dict()]
         ),
         ValueError,  # UnsupportedParameterError
@@ -883,26 +906,26 @@ HIGH_LEVEL_CASES = [
     ),
     (
         "samplewise-key-mismatch",
-        lambda: _mod("samplewise").SampleWiseInterpolator(_tiny(0), [_tiny_sd(1), _tiny_sd(2, **{"3.bias": None})]),
+        lambda: _mod("exact").SampleWiseInterpolator(_tiny(0), [_tiny_sd(1), _tiny_sd(2, **{"3.bias": None})]),
         ValueError,
         r"source 1 is missing key '3\.bias'",
     ),
     # ---- checkpoints
     (
         "checkpoint-unsafe-pickle",
-        lambda: _mod("checkpoints").load_state_dict(_unsafe_checkpoint()),
+        lambda: _mod("integrations.checkpoints").load_state_dict(_unsafe_checkpoint()),
         pickle.UnpicklingError,
         r"trust_pickle=True",
     ),
     (
         "checkpoint-missing",
-        lambda: _mod("checkpoints").load_state_dict("/nonexistent/weights.safetensors"),
+        lambda: _mod("integrations.checkpoints").load_state_dict("/nonexistent/weights.safetensors"),
         FileNotFoundError,
         r"does not exist",
     ),
     (
         "checkpoint-empty-save",
-        lambda: _mod("checkpoints").save_state_dict("/tmp/never-written.safetensors", {}),
+        lambda: _mod("integrations.checkpoints").save_state_dict("/tmp/never-written.safetensors", {}),
         ValueError,
         r"empty state dict",
     ),
@@ -920,7 +943,7 @@ def test_bad_input_high_level(thunk, exc, match):
 def test_fisher_merge_of_float64_weights_is_computed_in_float64():
     # float64 weights get a real Fisher merge in float64 (never theta_0 copied through, never float32 rounding);
     # a key without a Fisher entry is plain interpolation.
-    wise_ft = _mod("wise_ft")
+    wise_ft = _mod("methods.wise_ft")
     sd0 = {k: v.double() if v.is_floating_point() else v for k, v in _tiny_sd(0).items()}
     sd1 = {k: v.double() if v.is_floating_point() else v for k, v in _tiny_sd(1).items()}
     g = torch.Generator().manual_seed(4)
@@ -957,14 +980,14 @@ class TestMixtureEdgeCases:
     @pytest.mark.parametrize("value", [0.0, 0.4, 0.5, 1.0])
     def test_all_lambda_equal(self, k, value):
         values = np.full(12, value)
-        bm = _mod("mixture").BetaMixture(n_components=k).fit(values)
+        bm = _mod("methods.mixture").BetaMixture(n_components=k).fit(values)
         _assert_sane_beta_mixture(bm, values, k)
         np.testing.assert_allclose(bm.means_[bm.predict(values)], value, atol=1e-3)
 
     @pytest.mark.parametrize("k", [2, 3])
     def test_lambda_exactly_zero_and_one(self, k):
         values = np.array([0.0] * 6 + [1.0] * 6 + [0.5] * (k - 2))
-        bm = _mod("mixture").BetaMixture(n_components=k).fit(values)
+        bm = _mod("methods.mixture").BetaMixture(n_components=k).fit(values)
         _assert_sane_beta_mixture(bm, values, k)
         means = bm.means_[bm.predict(np.array([0.0, 1.0]))]
         assert means[0] < 0.01 and means[1] > 0.99
@@ -974,19 +997,19 @@ class TestMixtureEdgeCases:
         # One tight cluster and a lone outlier: with K = 3 one component has (almost) nothing to explain.
         rng = np.random.default_rng(seed)
         values = np.concatenate([0.3 + 1e-4 * rng.standard_normal(40), [0.95]])
-        bm = _mod("mixture").BetaMixture(n_components=3, seed=seed).fit(values)
+        bm = _mod("methods.mixture").BetaMixture(n_components=3, seed=seed).fit(values)
         _assert_sane_beta_mixture(bm, values, 3)
         assert (bm.weights_ > 0).all()
 
     @pytest.mark.parametrize(("values", "k"), [([0.2, 0.7], 1), ([0.2, 0.7], 2), ([0.0, 1.0], 2), ([0.3, 0.3], 2)])
     def test_two_samples(self, values, k):
         values = np.array(values)
-        bm = _mod("mixture").BetaMixture(n_components=k).fit(values)
+        bm = _mod("methods.mixture").BetaMixture(n_components=k).fit(values)
         _assert_sane_beta_mixture(bm, values, k)
 
     def test_dawin_with_identical_models_fits(self):
         # theta_zs == theta_ft gives lambda = 1/2 for every sample: the default K = 3 must still work.
-        dawin = _mod("dawin")
+        dawin = _mod("methods.dawin")
         sd = _tiny_sd(1)
         d = dawin.DaWin(_tiny(0), sd, sd).fit(_batches())
         torch.testing.assert_close(d.coefficients_, torch.full((24,), 0.5))
@@ -999,10 +1022,10 @@ class TestMixtureEdgeCases:
     def test_dirichlet_degenerate_rows(self, k):
         # One-hot rows (exact zeros), repeated rows and only two samples.
         pi = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]] * 3)
-        dm = _mod("mixture").DirichletMixture(n_components=k).fit(pi)
+        dm = _mod("methods.mixture").DirichletMixture(n_components=k).fit(pi)
         assert np.isfinite(dm.params_).all() and np.isfinite(dm.weights_).all()
         assert np.isfinite(dm.predict_proba(pi)).all()
-        dm2 = _mod("mixture").DirichletMixture(n_components=1).fit(pi[:2])
+        dm2 = _mod("methods.mixture").DirichletMixture(n_components=1).fit(pi[:2])
         assert np.isfinite(dm2.params_).all()
 
 
@@ -1018,7 +1041,7 @@ def test_samplewise_refuses_nan_weights_naming_the_key() -> None:
 
 
 def test_dawin_oracle_labels_out_of_range_name_the_sample() -> None:
-    from dawin_ext.dawin import dawin_coefficients
+    from dawin_ext.methods.dawin import dawin_coefficients
 
     zs, ft = torch.randn(5, 3), torch.randn(5, 3)
     labels = torch.tensor([0, 1, 2, 3, 0])

@@ -1,7 +1,7 @@
 """The plain mirrors import nothing from the code they check.
 
-Tests compare the accelerated path against ``dawin_ext/reference.py`` and ``dawin_ext/reference_algorithms.py``;
-a helper shared by both sides (as the AdaWiSE mirror once shared ``make_gp``) would let a bug in it pass on both.
+Tests compare the accelerated path against ``dawin_ext/testing/reference_ops.py`` and
+``dawin_ext/testing/reference_methods.py``; a helper shared by both sides (as the AdaWiSE mirror once shared ``make_gp``) would let a bug in it pass on both.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "dawin_ext"
+MIRRORS = Path(__file__).resolve().parents[1] / "dawin_ext" / "testing"
 # What a mirror may import: the standard library, the numeric libraries, and the other mirror.
 ALLOWED_TOP_LEVEL = {"__future__", "collections", "copy", "warnings", "math", "numpy", "scipy", "sklearn"}
 ALLOWED_TOP_LEVEL |= {"threadpoolctl", "torch"}
-ALLOWED_RELATIVE = {"reference"}
+ALLOWED_RELATIVE = {"reference_ops"}
 
 
-@pytest.mark.parametrize("mirror", ["reference.py", "reference_algorithms.py"])
+@pytest.mark.parametrize("mirror", ["reference_ops.py", "reference_methods.py"])
 def test_mirror_imports_only_libraries_and_mirrors(mirror):
-    tree = ast.parse((PACKAGE / mirror).read_text())
+    tree = ast.parse((MIRRORS / mirror).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
             assert node.module in ALLOWED_RELATIVE, f"{mirror} imports .{node.module} (line {node.lineno})"
@@ -38,11 +38,11 @@ def test_adawise_mirror_runs_without_the_package_surrogate(monkeypatch):
     import numpy as np
     import torch
 
-    import dawin_ext.adawise as adawise
-    from dawin_ext.reference_algorithms import adawise_reference
+    import dawin_ext.methods.adawise as adawise
+    from dawin_ext.testing.reference_methods import adawise_reference
 
     def broken(*args, **kwargs):
-        raise AssertionError("the mirror called dawin_ext.adawise")
+        raise AssertionError("the mirror called dawin_ext.methods.adawise")
 
     monkeypatch.setattr(adawise, "make_gp", broken)
     monkeypatch.setattr(adawise, "expected_improvement", broken)

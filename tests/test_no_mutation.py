@@ -16,20 +16,20 @@ from torch import Tensor, nn
 
 import dawin_ext
 from dawin_ext import (
-    adawise,
     blend,
-    dawin,
     entropy_coefficients,
     interpolation,
-    mixture,
     sample_combine,
-    samplewise,
     samplewise_linear,
     samplewise_linear_weights,
     softmax_entropy,
 )
+from dawin_ext import (
+    exact as samplewise,
+)
+from dawin_ext.methods import adawise, dawin, mixture
+from dawin_ext.methods.wise_ft import diagonal_fisher, output_ensemble, wise_ft
 from dawin_ext.ops import samplewise_lora, samplewise_lora_factors
-from dawin_ext.wise_ft import diagonal_fisher, output_ensemble, wise_ft
 
 
 def _tensors(obj, path="arg"):

@@ -1,4 +1,4 @@
-// CPU grid emulator of the CUDA kernels, for tests only (tests/test_cuda_emulation.py).
+// CPU grid emulator of the CUDA kernels, for tests only (tests/ops/test_cuda_emulation.py).
 //
 // No GPU has run this project's CUDA kernels. Their per-thread work (which elements a thread owns,
 // the vector / scalar choice, head and tail, the accumulation) lives in common/*_kernel.h as

@@ -52,11 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import hf_clip
-from ..dawin import DaWin
-from ..multitask import DaWinMultiTask
-from ..openclip import get_templates
-from ..wise_ft import wise_ft
+from ..methods.dawin import DaWin
+from ..methods.inference import check_mode
+from ..methods.multitask import DaWinMultiTask
+from ..methods.wise_ft import wise_ft
+from ..ops.statedict import check_keys_and_shapes
+from . import hf_clip
+from .openclip import get_templates
 
 _EXTRA = "pip install 'dawin-ext[fusion_bench]'"
 
@@ -184,7 +186,7 @@ class _TowerOutputs(_Pooled):
 
 def _route_outputs(towers: Sequence[nn.Module], x: Tensor, assignment: Tensor) -> tuple[Tensor, Tensor]:
     """Each sample through ``towers[assignment[i]]`` (each tower once, on its sub-batch), like
-    :func:`dawin_ext.models.route` for a two-output module: (last_hidden_state, pooler_output) in ``x``'s order."""
+    :func:`dawin_ext.methods.inference.route` for a two-output module: (last_hidden_state, pooler_output) in ``x``'s order."""
     assignment = torch.as_tensor(assignment, dtype=torch.long).cpu()
     hidden = pooled = None
     for k in torch.unique(assignment).tolist():
@@ -244,7 +246,7 @@ class _TaskState:
             scales = f.multiplier * pi.to(torch.float64)
             rows = torch.cat([1.0 - scales.sum(dim=1, keepdim=True), scales], dim=1)
         if self._exact is None:
-            from ..samplewise import SampleWiseInterpolator
+            from ..exact import SampleWiseInterpolator
 
             # HFCLIPClassifier or _Pooled: both hold the tower as .vision_model, the sources' key prefix.
             self._exact = SampleWiseInterpolator(_TowerOutputs(copy.deepcopy(f.model.vision_model)), self.sources)
@@ -264,8 +266,7 @@ class DaWinCLIPVisionModel(nn.Module):
 
     def __init__(self, states: Mapping[str, _TaskState], mode: str, method: str) -> None:
         super().__init__()
-        if mode not in ("cluster", "exact"):
-            raise ValueError(f"{method}: mode must be 'cluster' or 'exact', got {mode!r}")
+        check_mode(mode, method)
         if not states:
             raise ValueError(f"{method}: no task was fitted")
         self._states = dict(states)
@@ -360,8 +361,7 @@ class _CLIPDaWinBase(BaseAlgorithm):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if mode not in ("cluster", "exact"):
-            raise ValueError(f"{self._name}: mode must be 'cluster' or 'exact', got {mode!r}")
+        check_mode(mode, self._name)
         if int(batch_size) < 1:
             raise ValueError(f"{self._name}: batch_size must be >= 1, got {batch_size}")
         self.mode = mode
@@ -488,8 +488,8 @@ class DaWinAlgorithm(_CLIPDaWinBase):
         hf_clip.check_same_vision_architecture(zs_model, ft_model, (f"'{_PRETRAINED}'", f"{name!r}"))
         zs_tower = _tower(zs_model).to(self.device).eval()
         ft_tower = _tower(ft_model).to(self.device).eval()
-        hf_clip._check_same_tower(
-            zs_tower.state_dict(), ft_tower.state_dict(), f"{self._name}: {name!r}", f"'{_PRETRAINED}'"
+        check_keys_and_shapes(
+            ft_tower.state_dict(), zs_tower.state_dict(), f"{self._name}: {name!r}", f"'{_PRETRAINED}'"
         )
         states = {}
         for task in tasks:
@@ -560,8 +560,8 @@ class DaWinMultiTaskAlgorithm(_CLIPDaWinBase):
             model = modelpool.load_model(n)
             hf_clip.check_same_vision_architecture(base_model, model, (f"'{_PRETRAINED}'", f"{n!r}"))
             tower = _tower(model).to(self.device).eval()
-            hf_clip._check_same_tower(
-                base.vision_model.state_dict(), tower.state_dict(), f"{self._name}: {n!r}", f"'{_PRETRAINED}'"
+            check_keys_and_shapes(
+                tower.state_dict(), base.vision_model.state_dict(), f"{self._name}: {n!r}", f"'{_PRETRAINED}'"
             )
             thetas.append(_plain_state_dict(_Pooled(tower)))
         states = {}

@@ -47,9 +47,9 @@ def load_bundle(bundle: str | Path, mode: str = "cluster", *, fused_experts: boo
     ``theta_ft.safetensors`` and ``dawin/`` (``DaWin.save``). ``DaWin.load`` checks that the weights are the fitted
     ones by content hash."""
     from dawin_ext import load_state_dict
-    from dawin_ext.dawin import DaWin
-    from dawin_ext.openclip import CLIPClassifier, create_clip_model, register_tiny_configs
-    from dawin_ext.serving import DaWinPredictor
+    from dawin_ext.integrations.openclip import CLIPClassifier, create_clip_model, register_tiny_configs
+    from dawin_ext.methods.dawin import DaWin
+    from dawin_ext.methods.serving import DaWinPredictor
 
     bundle = Path(bundle)
     meta = json.loads((bundle / "model.json").read_text())
@@ -118,7 +118,7 @@ def create_app(predictor, preprocess, classnames: list[str], request_threads: in
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
-    from dawin_ext.serving import BadRequestError
+    from dawin_ext.methods.serving import BadRequestError
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -18,8 +18,8 @@ import torch
 
 def make_bundle(out: str | Path, arch: str = "dawin-tiny-vit", n_classes: int = 10, seed: int = 0) -> Path:
     from dawin_ext import save_state_dict
-    from dawin_ext.dawin import DaWin
-    from dawin_ext.openclip import CLIPClassifier, create_clip_model, register_tiny_configs
+    from dawin_ext.integrations.openclip import CLIPClassifier, create_clip_model, register_tiny_configs
+    from dawin_ext.methods.dawin import DaWin
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
