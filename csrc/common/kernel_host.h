@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdint>
 #include <optional>
@@ -80,6 +81,22 @@ inline LinearPartials samplewise_linear_partials(const at::Tensor& input, const 
   P.coefficients = coefficients.to(at::kFloat).contiguous();
   P.bias = biases ? biases->contiguous() : at::Tensor();
   return P;
+}
+
+// samplewise_lora's output: [..., OUT] for an input [B, ..., IN], with its row count (all leading dims) and rows
+// per sample. Shared by the CPU and CUDA entry points.
+struct LoraShape {
+  std::vector<int64_t> out_shape;
+  int64_t rows = 0, per_sample = 0;
+};
+
+inline LoraShape samplewise_lora_shape(const at::Tensor& input, int64_t out_features) {
+  LoraShape L;
+  L.out_shape.assign(input.sizes().begin(), input.sizes().end() - 1);
+  L.out_shape.push_back(out_features);
+  L.rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
+  L.per_sample = input.size(0) > 0 ? L.rows / input.size(0) : 0;
+  return L;
 }
 
 }  // namespace kernels

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "../common/kernel_host.h"
 #include "../common/samplewise_lora_kernel.h"
 #include "../ops.h"
 
@@ -157,11 +158,11 @@ at::Tensor samplewise_lora_cpu(const at::Tensor& input, const at::Tensor& lora_a
                     input.device());
   const int64_t B = input.size(0), OUT = lora_b.size(1);
   const int64_t S = lora_a.size(0), R = lora_a.size(1);
-  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end() - 1);
-  out_shape.push_back(OUT);
-  const int64_t rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
+  const kernels::LoraShape shape = kernels::samplewise_lora_shape(input, OUT);
+  const std::vector<int64_t>& out_shape = shape.out_shape;
+  const int64_t rows = shape.rows;
   if (rows == 0) return at::empty(out_shape, input.options());
-  const int64_t M = rows / B, width = S * R;
+  const int64_t M = shape.per_sample, width = S * R;
   const at::Tensor x = input.contiguous();  // read by the base GEMM and the shrink: copy a strided input once
   at::Tensor out2d;
   if (weight.has_value() && weight->stride(0) == 1 && input.scalar_type() == at::kFloat && M >= kMinRowsForBrgemm &&

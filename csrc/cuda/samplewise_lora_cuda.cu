@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "../common/kernel_host.h"
 #include "../common/samplewise_lora_kernel.h"
 #include "../ops.h"
 #include "cuda_utils.cuh"
@@ -37,15 +38,14 @@ at::Tensor samplewise_lora_cuda(const at::Tensor& input, const at::Tensor& lora_
   check_samplewise_lora_args(input, lora_a, lora_b, coefficients, weight, bias);
   TORCH_CHECK_VALUE(input.is_cuda(), "samplewise_lora: expected CUDA tensors, got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  const int64_t B = input.size(0), OUT = lora_b.size(1);
+  const int64_t OUT = lora_b.size(1);
   const int64_t S = lora_a.size(0), R = lora_a.size(1);
-  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end() - 1);
-  out_shape.push_back(OUT);
-  const int64_t rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
-  if (rows == 0) return at::empty(out_shape, input.options());
+  const kernels::LoraShape shape = kernels::samplewise_lora_shape(input, OUT);
+  const int64_t rows = shape.rows;
+  if (rows == 0) return at::empty(shape.out_shape, input.options());
   at::Tensor out2d;
   at::Tensor h = samplewise_lora_base_and_shrink(input, lora_a, lora_b, weight, bias, out2d);
-  const int64_t M = rows / B, total = rows * S * R;
+  const int64_t M = shape.per_sample, total = rows * S * R;
   if (total > 0) {
     const at::Tensor c = coefficients.to(at::kFloat).contiguous();
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -58,7 +58,7 @@ at::Tensor samplewise_lora_cuda(const at::Tensor& input, const at::Tensor& lora_
     });
     samplewise_lora_expand(h, lora_b, out2d);
   }
-  return out2d.view(out_shape);
+  return out2d.view(shape.out_shape);
 }
 
 }  // namespace dawin_ext
