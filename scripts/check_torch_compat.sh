@@ -111,10 +111,10 @@ print("   build_info:", info)
 want_cuda = sys.argv[1] == "1"
 assert info["with_cuda"] is want_cuda, info
 if want_cuda:
-    ops = ("softmax_entropy", "entropy_coefficients", "blend_", "sample_combine", "samplewise_linear")
+    ops = ("softmax_entropy", "entropy_coefficients", "blend_", "sample_combine", "samplewise_linear", "samplewise_lora")
     missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dawin_ext::{op}", "CUDA")]
     assert not missing, f"no CUDA kernel for {missing}"
-    print("   CUDA kernels registered for all 5 ops (compiled, not run: no GPU here)")
+    print(f"   CUDA kernels registered for all {len(ops)} ops (compiled, not run: no GPU here)")
 PYEOF
 }
 
