@@ -247,6 +247,21 @@ def test_multi_task_rows_and_caller_untouched(tmp_path):
         assert torch.equal(v, before[k]), k
     assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in net.modules())
 
+    # Multi-task DaWin with the adapters as task vectors: its exact mode through the low-rank engine equals the
+    # full-weight engine over the merged state dicts.
+    from dawin_ext import DaWinMultiTask
+
+    xs = torch.randn(12, 6, 13)
+    merged = [sources.merged_state_dict(s) for s in range(4)]
+    mt = DaWinMultiTask(net, merged[0], merged[1:], n_clusters=2, seed=0).fit([xs])
+    full = mt.predict(xs, mode="exact")
+    lora.use_lora_exact(mt, sources, strict=True)
+    low_rank = mt.predict(xs, mode="exact")
+    torch.testing.assert_close(low_rank, full, rtol=1e-4, atol=1e-4)
+    assert mt._exact.last_materialized == []  # no merged weight was formed
+    with pytest.raises(ValueError, match="mixes 4 sources"):
+        lora.use_lora_exact(mt, lora.load_lora_sources(net, dirs[:2]))
+
 
 def test_open_clip_tiny_vit_and_dawin_exact(tmp_path):
     """open_clip's tiny ViT classifier (nn.MultiheadAttention blocks): LoRA on every attention and MLP linear, the
