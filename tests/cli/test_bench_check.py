@@ -32,8 +32,27 @@ def _cpu_rows(**ratio) -> list[dict]:
         "dawin-cluster-vs-reference": 2.4,
         "exact-x-plain": 0.65,
         "exact-vs-loop": 4.4,
+        "exact-vit-small": 0.97,
+        "exact-hf-clip-vision": 1.23,
+        "exact-convnext-atto": 1.9,
+        "exact-resnet18": 1.7,
         **ratio,
     }
+    if "exact-x-plain-vs-old-engine" in ratio:  # the same row as exact-x-plain, against the tighter bound
+        r["exact-x-plain"] = ratio["exact-x-plain-vs-old-engine"]
+    models = {
+        "exact-vit-small": "timm vit_small_patch16_224, batch 16, 224px: S=2",
+        "exact-hf-clip-vision": "transformers CLIPVisionModel ViT-B/32, batch 16, 224px: S=2",
+        "exact-convnext-atto": "timm convnext_atto, batch 16, 64px: S=2",
+        "exact-resnet18": "timm resnet18, batch 16, 64px: S=2",
+    }
+    exact_models = []
+    for key, case in models.items():
+        exact_models += [
+            _row("exact engine", case, r[key], "plain forward", 1.0, over_plain=r[key]),
+            # the one-source row of the same case must not stand in for the plain-forward one
+            _row("exact engine", case, r[key], "same engine, 1 source", 0.1, over_one_source=9.0),
+        ]
     plain = 3.0
     return [
         _row("softmax_entropy", "1024x1000 fp32", 1.0, "-(softmax*log_softmax).sum(-1)", 1.1),  # no target
@@ -51,6 +70,7 @@ def _cpu_rows(**ratio) -> list[dict]:
              1.1 * plain),  # no target
         _row("dawin exact", f"{PIPE}: per-sample weights, S=2", r["exact-x-plain"] * plain,
              "per-sample merge + forward loop", r["exact-x-plain"] * plain * r["exact-vs-loop"]),
+        *exact_models,
     ]  # fmt: skip
 
 
@@ -76,13 +96,20 @@ def test_every_cpu_target_met_passes():
         ("dawin-cluster-vs-reference", 1.09),
         ("exact-x-plain", 2.6),
         ("exact-vs-loop", 3.4),
+        ("exact-vit-small", 1.6),
+        ("exact-hf-clip-vision", 1.51),
+        ("exact-convnext-atto", 2.24),
+        ("exact-resnet18", 2.1),
+        ("exact-x-plain-vs-old-engine", 0.75),
     ],
 )
 def test_one_figure_across_its_target_is_flagged_alone(key, value):
     results = check_targets(_cpu_rows(**{key: value}), "cpu")
     status = _status(results)
     assert status[key] == "MISSED"
-    assert [k for k, s in status.items() if s not in ("met", "other device")] == [key]
+    # exact-x-plain's row also carries the tighter bound against the previous engine
+    also = ["exact-x-plain-vs-old-engine"] if key == "exact-x-plain" else []
+    assert [k for k, s in status.items() if s not in ("met", "other device")] == [key, *also]
     missed = next(r for r in results if r["target"].key == key)
     assert missed["value"] == pytest.approx(value)
     line = next(ln for ln in format_check(results).splitlines() if key in ln)
@@ -115,7 +142,8 @@ def test_gpu_targets_use_the_bandwidth_fraction():
 def test_cli_check_exit_status_names_the_target(monkeypatch, capsys, failing):
     rows = _cpu_rows(**({failing: 1.0} if failing else {}))
     monkeypatch.setattr(bench, "kernel_rows", lambda device, quick=False, repeats=None: rows[:6])
-    monkeypatch.setattr(bench, "pipeline_rows", lambda device, quick, repeats: rows[6:])
+    monkeypatch.setattr(bench, "pipeline_rows", lambda device, quick, repeats: rows[6:10])
+    monkeypatch.setattr(bench, "exact_engine_rows", lambda device, quick, repeats: rows[10:])
     rc = cli.main(["bench", "--check"])
     out = capsys.readouterr().out
     if failing:
