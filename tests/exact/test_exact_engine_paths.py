@@ -175,3 +175,46 @@ def test_conv_plans_are_per_input_shape():
             for b in range(len(x)):
                 ref.load_state_dict({k: rows[b, 0] * sources[0][k] + rows[b, 1] * sources[1][k] for k in sources[0]})
                 assert (got[b] - ref(x[b : b + 1])[0]).abs().max().item() <= 1e-4
+
+
+class _SmallParams(nn.Module):
+    """Layer norms, a layer scale and a class token: the small parameters an engine call merges per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(8)
+        self.norm2 = nn.LayerNorm(8)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.token = nn.Parameter(torch.randn(1, 8))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.cat([self.token.expand(x.shape[0], 1, 8), x], 1)
+        h = self.proj(self.norm1(h)) * self.scale
+        return self.norm2(h).exp().mean(1)
+
+
+def test_small_parameters_merged_in_groups_across_calls():
+    """Later calls merge the small parameters of earlier calls with one addmm per group (same active sources):
+    three sources where some parameters differ only in the last one make two groups; every call stays exact."""
+    torch.manual_seed(0)
+    model = _SmallParams().eval()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    s1 = {k: v + 0.3 * torch.randn(v.shape, generator=g) if k.startswith(("norm1", "scale")) else v.clone()
+          for k, v in sd.items()}  # fmt: skip
+    s2 = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    sources = [sd, s1, s2]
+    sw = SampleWiseInterpolator(model, sources)
+    ref = copy.deepcopy(model)
+    for call in range(3):
+        n = (5, 3, 5)[call]
+        x = torch.randn(n, 4, 8)
+        rows = torch.softmax(torch.randn(n, 3, generator=g), 1)
+        with torch.no_grad():
+            got = sw(x, rows)
+            for b in range(n):
+                ref.load_state_dict({k: sum(rows[b, s] * sources[s][k] for s in range(3)) for k in sd})
+                assert (got[b] - ref(x[b : b + 1])[0]).abs().max().item() <= 1e-5, (call, b)
+    groups = {id(gr): gr for gr in sw._engine.group_of.values()}
+    assert len(groups) == 2 and sum(len(gr.slots) for gr in groups.values()) == 6  # proj.bias goes to the kernel
