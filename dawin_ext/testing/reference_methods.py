@@ -83,8 +83,9 @@ def beta_mixture_reference(
             params[k, 1] = (f * (1 - m))[0]
         return weights, params, counts
 
-    # Deliberate independent mirror of BetaMixture._log_resp (its EM loop mirrors _EMMixture._run_em); the Dirichlet
-    # mirror below repeats it on purpose: each reference stands alone, like the reference code it follows.
+    # Deliberate independent mirror of BetaMixture._log_resp (the EM loop below mirrors _EMMixture._run_em). The
+    # Dirichlet mirror repeats this E-step and loop on purpose: each mirror follows its own upstream reference
+    # (DaWin's BetaMixtureModel, the multi-task DirichletMixtureModel) line by line, so it can be read against it.
     def e_step(weights, params):
         lp = np.empty((n, n_mixtures))
         for k in range(n_mixtures):
