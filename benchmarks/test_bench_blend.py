@@ -41,6 +41,14 @@ def vit(request):
     return device, sd0, sd1, out, sync
 
 
+@pytest.fixture
+def cpu_vit(vit):
+    """``vit`` on the CPU only (a skip elsewhere): for the rows that time page faults of fresh host memory."""
+    if vit[0].type != "cpu":
+        pytest.skip("page faults of fresh host memory are a CPU cost")
+    return vit
+
+
 def _reference(sd0, sd1):
     return [interpolation_reference(a, sd0, sd1) for a in CLUSTER_ALPHAS]
 
@@ -85,10 +93,8 @@ def test_blend_out(benchmark, vit, impl):
 
 
 @pytest.mark.parametrize("pages", ["huge_page_hint", "4k_pages"])
-def test_fresh_output_memory(benchmark, vit, pages):
-    device, sd0, _, _, _ = vit
-    if device.type != "cpu":
-        pytest.skip("page faults of fresh host memory are a CPU cost")
+def test_fresh_output_memory(benchmark, cpu_vit, pages):
+    _, sd0, _, _, _ = cpu_vit
     numel = sum(v.numel() for v in sd0.values()) * len(CLUSTER_ALPHAS)
 
     def run():
@@ -102,11 +108,9 @@ def test_fresh_output_memory(benchmark, vit, pages):
 
 
 @pytest.mark.parametrize("pages", ["huge_page_hint", "4k_pages"])
-def test_blend_into_fresh_outputs(benchmark, vit, pages):
+def test_blend_into_fresh_outputs(benchmark, cpu_vit, pages):
     """blend's own fresh outputs (huge-page hint) against fresh torch.empty_like outputs passed as out=."""
-    device, sd0, sd1, _, sync = vit
-    if device.type != "cpu":
-        pytest.skip("page faults of fresh host memory are a CPU cost")
+    _, sd0, sd1, _, _ = cpu_vit
 
     def run():
         if pages == "huge_page_hint":

@@ -17,8 +17,16 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SIZES = [(1024, 1000), (4096, 1000), (16384, 1000)]
 
 
-def _sync(device: str):
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def _synced(call, device: str):
+    """The timed body: ``call()`` and then, on CUDA, a synchronize, so the time is the kernel's, not its launch's."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        out = call()
+        sync()
+        return out
+
+    return run
 
 
 def _logits(shape, device, dtype=torch.float32):
@@ -32,12 +40,7 @@ def _logits(shape, device, dtype=torch.float32):
 def test_softmax_entropy(benchmark, impl, shape, device):
     x = _logits(shape, device)
     fn = entropy_reference if impl == "reference" else dawin_ext.softmax_entropy
-    sync = _sync(device)
-
-    def run():
-        out = fn(x, 0.9576)
-        sync()
-        return out
+    run = _synced(lambda: fn(x, 0.9576), device)
 
     benchmark.group = f"softmax_entropy {device} {shape[0]}x{shape[1]} fp32"
     benchmark.extra_info.update(bytes_read=x.numel() * x.element_size(), cpu_isa=_cpu_isa())
@@ -52,12 +55,7 @@ def test_softmax_entropy_reduced_precision(benchmark, impl, dtype, device):
     x = _logits((4096, 1000), device, dtype)
     # The reference promotes to fp32 first, as a user would for an fp32-accumulated entropy.
     fn = (lambda t, temp: entropy_reference(t.float(), temp)) if impl == "reference" else dawin_ext.softmax_entropy
-    sync = _sync(device)
-
-    def run():
-        out = fn(x, 1.0)
-        sync()
-        return out
+    run = _synced(lambda: fn(x, 1.0), device)
 
     benchmark.group = f"softmax_entropy {device} 4096x1000 {dtype}"
     benchmark(run)
@@ -68,20 +66,11 @@ def test_softmax_entropy_reduced_precision(benchmark, impl, dtype, device):
 def test_entropy_coefficients(benchmark, impl, device):
     zs, ft = _logits((4096, 1000), device), _logits((4096, 1000), device) * 1.5
     temps = (0.9576, 0.9733)
-    sync = _sync(device)
     if impl == "reference":
-
-        def run():
-            out = coefficient_reference(zs, ft, temps)
-            sync()
-            return out
+        run = _synced(lambda: coefficient_reference(zs, ft, temps), device)
     else:
         stacked = torch.stack([zs, ft])
-
-        def run():
-            out = dawin_ext.entropy_coefficients(stacked, temps).coefficients[:, 1]
-            sync()
-            return out
+        run = _synced(lambda: dawin_ext.entropy_coefficients(stacked, temps).coefficients[:, 1], device)
 
     benchmark.group = f"entropy_coefficients {device} M=2 4096x1000"
     benchmark(run)

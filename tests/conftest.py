@@ -120,22 +120,53 @@ def per_sample(monkeypatch) -> dict:
     return capture_per_sample(monkeypatch)
 
 
+def tiny_mlp(seed: int, n_in: int = 8, n_out: int = 6) -> torch.nn.Module:
+    """A small Linear-LayerNorm-GELU-Linear classifier, initialised under ``seed``."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(n_in, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, n_out))
+
+
+def mlp_pair(seed: int = 0, n_samples: int = 120):
+    """Two independently initialised :func:`tiny_mlp` as zero-shot and fine-tuned weights, and ``n_samples`` inputs
+    of varied scale (so that confidence, hence DaWin's lambda, spreads over (0, 1)) with labels.
+    Returns (model holding the zero-shot weights, theta_zs, theta_ft, x, y)."""
+    model = tiny_mlp(seed)
+    zs = {k: v.clone() for k, v in model.state_dict().items()}
+    ft = {k: v.clone() for k, v in tiny_mlp(seed + 1).state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 2)
+    x = torch.randn(n_samples, 8, generator=g) * torch.rand(n_samples, 1, generator=g).mul(6)
+    y = torch.randint(0, 6, (n_samples,), generator=g)
+    return model, zs, ft, x, y
+
+
+def tiny_clip_pair(classnames: list[str], *, seed: int, noise_seed: int, noise: float):
+    """The tiny open_clip ViT zero-shot classifier over ``classnames`` (initialised under ``seed``) and a fine-tuned
+    stand-in: each floating weight plus ``noise`` times its std of Gaussian noise drawn from a generator seeded
+    ``noise_seed``. Returns (classifier, theta_zs, theta_ft, generator), the generator for the caller's inputs."""
+    from dawin_ext.integrations import openclip
+
+    openclip.register_tiny_configs()
+    torch.manual_seed(seed)
+    model, _, tok = openclip.create_clip_model("dawin-tiny-vit")
+    clf = openclip.CLIPClassifier.from_clip(model, tok, classnames, templates="classname")
+    zs = {k: v.clone() for k, v in clf.state_dict().items()}
+    g = torch.Generator().manual_seed(noise_seed)
+    ft = {
+        k: v + noise * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g)
+        if v.is_floating_point()
+        else v.clone()
+        for k, v in zs.items()
+    }
+    return clf, zs, ft, g
+
+
 def fit_tiny_dawin(temperatures: tuple[float, float]):
     """A DaWin (offset adjustment, K=3) fitted on the tiny open_clip ViT and a noisy fine-tuned copy, over 40 images
     of varied scale. Returns (dawin, classifier, theta_zs, theta_ft, images)."""
     from dawin_ext import DaWin
-    from dawin_ext.integrations import openclip
 
-    openclip.register_tiny_configs()
-    torch.manual_seed(3)
-    model, _, tok = openclip.create_clip_model("dawin-tiny-vit")
-    clf = openclip.CLIPClassifier.from_clip(model, tok, ["cat", "dog", "car", "tree", "boat"], templates="classname")
-    zs = {k: v.clone() for k, v in clf.state_dict().items()}
-    g = torch.Generator().manual_seed(4)
-    ft = {
-        k: v + 0.3 * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-        for k, v in zs.items()
-    }
+    clf, zs, ft, g = tiny_clip_pair(["cat", "dog", "car", "tree", "boat"], seed=3, noise_seed=4, noise=0.3)
     x = torch.randn(40, 3, 32, 32, generator=g) * torch.rand(40, 1, 1, 1, generator=g).mul(3)
     dw = DaWin(clf, zs, ft, temperatures=temperatures, offset_adjustment=True, n_clusters=3, seed=1)
     return dw.fit([x[:20], x[20:]]), clf, zs, ft, x

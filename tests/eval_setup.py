@@ -96,6 +96,29 @@ class _StockClassifier(nn.Module):
         return self.head(F.normalize(self.visual(x), dim=-1))
 
 
+def write_test_sets(tmp: Path, n_sets: int = 2) -> list[Path]:
+    """The first ``n_sets`` of the test sets (set_a, set_b) as image folders under ``tmp``, each with its noise."""
+    sets = [tmp / name for name in ("set_a", "set_b")[:n_sets]]
+    for i, s in enumerate(sets):
+        write_images(s, seed=10 + i, noise=SET_NOISE[s.name])
+    return sets
+
+
+def run_eval_all_methods(argv: list[str], out_json: Path, capsys) -> tuple[dict, pytest.CaptureResult]:
+    """Runs the eval command (``argv`` from an ``eval_args``) with every method at :data:`ALPHA` and
+    :data:`ADAWISE_EVALS`, writing ``out_json``; asserts exit status 0, nothing skipped and every method reported,
+    and returns the JSON results and the captured output."""
+    from dawin_ext import cli
+
+    rc = cli.main([*argv, "--alpha", str(ALPHA), "--adawise-evals", str(ADAWISE_EVALS), "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    results = json.loads(out_json.read_text())
+    assert results["skipped"] == {}
+    assert list(results["accuracy"]) == ALL_METHODS
+    return results, captured
+
+
 def build_setup(tmp: Path, arch: str, tiny: str, n_sets: int, train_steps: int, train_lr: float) -> dict:
     cfg_path = tmp / f"{arch}.json"
     cfg_path.write_text(json.dumps(TINY_MODEL_CONFIGS[tiny]))
@@ -125,9 +148,7 @@ def build_setup(tmp: Path, arch: str, tiny: str, n_sets: int, train_steps: int, 
     theta_ft = {k: v.detach().clone() for k, v in ft_model.state_dict().items()}
     ft_path = tmp / "ft.pt"
     torch.save(theta_ft, ft_path)
-    sets = [tmp / name for name in ("set_a", "set_b")[:n_sets]]
-    for i, s in enumerate(sets):
-        write_images(s, seed=10 + i, noise=SET_NOISE[s.name])
+    sets = write_test_sets(tmp, n_sets)
     return {
         "arch": arch,
         "tmp": tmp,

@@ -843,14 +843,27 @@ class ExactMode(TorchFunctionMode):
         if only_first and unbatched_rest and (func in _VIEW_FUNCS or attr in _VIEW_ATTRS):
             return self._view(func, first, args, kwargs, attr)
         # Any other op: the merged value itself, per sample.
-        new = [self.materialize(s, op) if s is not None else t for s, t in zip(stacks, flat, strict=False)]
-        a, k = _unflatten_args(new, spec)
         try:
-            return func(*a, **k)
+            return self.call_on_merged(func, op, stacks, flat, spec)
         except RuntimeError as e:
             if "Batching rule not implemented" not in str(e):
                 raise
         return self.per_sample_loop(func, op, stacks, flat, spec)
+
+    def call_on_merged(self, func, op: str, stacks, flat, spec):
+        """Calls ``func`` on every placeholder's merged value itself, per sample: dense and low-rank stacks are
+        materialised alike, other arguments pass unchanged. A RuntimeError from ``func`` (e.g. no vmap batching
+        rule) reaches the caller, which decides whether a per-sample loop may take over."""
+        new = []
+        for s, t in zip(stacks, flat, strict=True):
+            if isinstance(s, LowRankStack):
+                new.append(self.materialize_low_rank(s, op))
+            elif s is not None:
+                new.append(self.materialize(s, op))
+            else:
+                new.append(t)
+        a, k = _unflatten_args(new, spec)
+        return func(*a, **k)
 
     def per_sample_loop(self, func, op: str, stacks, flat, spec):
         """Runs ``func`` once per sample on plain tensors (an op vmap cannot batch, e.g. aten::lstm): exact but a
@@ -968,17 +981,8 @@ class ExactMode(TorchFunctionMode):
             if out is not None:
                 return out
         # Any other use: the merged matrix itself, per sample (exact; refused above 1M entries).
-        new = []
-        for s, t in zip(stacks, flat, strict=True):
-            if isinstance(s, LowRankStack):
-                new.append(self.materialize_low_rank(s, op))
-            elif s is not None:
-                new.append(self.materialize(s, op))
-            else:
-                new.append(t)
-        a, k = _unflatten_args(new, spec)
         try:
-            return func(*a, **k)
+            return self.call_on_merged(func, op, stacks, flat, spec)
         except RuntimeError as e:
             if "Batching rule not implemented" not in str(e):
                 raise

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.statedict import StateDict, check_keys_and_shapes
-from .openclip import Template, _check_classnames, get_templates
+from .openclip import Template, _check_classnames, _HeadClassifier, get_templates
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
@@ -259,7 +259,7 @@ def build_hf_zero_shot_head(
     return weight, torch.zeros(len(names), device=weight.device, dtype=weight.dtype)
 
 
-class HFCLIPClassifier(nn.Module):
+class HFCLIPClassifier(_HeadClassifier):
     """HF CLIP vision tower + projection + linear head:
     ``logits = normalize(visual_projection(vision_model(x).pooler_output)) @ head.weight.T + head.bias``.
 
@@ -288,17 +288,12 @@ class HFCLIPClassifier(nn.Module):
         )
         self.vision_model = vision_model
         self.visual_projection = visual_projection
-        self.head = head  # registered last: the state dict keeps its key order
-        self.classnames = list(classnames) if classnames is not None else None
+        self._set_head(head, classnames)  # registered last: the state dict keeps its key order
 
-    @property
-    def num_classes(self) -> int:
-        return self.head.out_features
-
-    def forward(self, images: Tensor) -> Tensor:
+    def _image_features(self, images: Tensor) -> Tensor:
         out = self.vision_model(pixel_values=images)
         pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
-        return self.head(F.normalize(self.visual_projection(pooled), dim=-1))
+        return self.visual_projection(pooled)
 
     @classmethod
     def from_clip(

@@ -302,7 +302,30 @@ def linear_head(
     return head
 
 
-class CLIPClassifier(nn.Module):
+class _HeadClassifier(nn.Module):
+    """The contract both CLIP classifiers share: ``logits = head(normalize(image_features(x)))``, with ``head`` a
+    linear layer over ``classnames``. Subclasses register their towers, then call :meth:`_set_head` (the state
+    dict keeps registration order), and define :meth:`_image_features`."""
+
+    head: nn.Linear
+    classnames: list[str] | None
+
+    def _set_head(self, head: nn.Linear, classnames: Sequence[str] | None) -> None:
+        self.head = head
+        self.classnames = list(classnames) if classnames is not None else None
+
+    def _image_features(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(F.normalize(self._image_features(images), dim=-1))
+
+
+class CLIPClassifier(_HeadClassifier):
     """open_clip image encoder + linear head: ``logits = normalize(visual(x)) @ head.weight.T + head.bias``.
 
     Its state dict (``visual.*``, ``head.weight``, ``head.bias``) is what WiSE-FT / DaWin / AdaWiSE interpolate.
@@ -320,16 +343,10 @@ class CLIPClassifier(nn.Module):
         super().__init__()
         head = linear_head(head_weight, head_bias, classnames, getattr(visual, "output_dim", None), "the image encoder")
         self.visual = visual  # registered before the head: the state dict keeps its key order
-        self.head = head
-        self.classnames = list(classnames) if classnames is not None else None
+        self._set_head(head, classnames)
 
-    @property
-    def num_classes(self) -> int:
-        return self.head.out_features
-
-    def forward(self, images: Tensor) -> Tensor:
-        features = self.visual(images)
-        return self.head(F.normalize(features, dim=-1))
+    def _image_features(self, images: Tensor) -> Tensor:
+        return self.visual(images)
 
     @classmethod
     def from_clip(

@@ -525,18 +525,22 @@ def samplewise_linear_cpu_path() -> str:
     return _ops._samplewise_linear_cpu_path()
 
 
-@torch.library.register_fake("dawin_ext::samplewise_linear")
-def _samplewise_linear_fake(input: Tensor, weights: Tensor, biases: Tensor | None, coefficients: Tensor) -> Tensor:
-    torch._check(input.dim() >= 2, lambda: "samplewise_linear: input must be [B, ..., in_features]")
-    torch._check(
-        weights.dim() == 3, lambda: "samplewise_linear: weights must be [S sources, out_features, in_features]"
-    )
-    for name, t in (("weights", weights), ("coefficients", coefficients), ("biases", biases)):
+def _fake_check_devices(op: str, input: Tensor, **tensors: Tensor | None) -> None:
+    """A fake kernel's device check: every given (not None) tensor must be on ``input``'s device, as the real
+    kernel requires; the message names the first one that is not."""
+    for name, t in tensors.items():
         if t is not None:
             torch._check_value(
                 t.device == input.device,
-                lambda name=name, t=t: f"samplewise_linear: {name} are on {t.device} but input is on {input.device}",
+                lambda name=name, t=t: f"{op}: {name} are on {t.device} but input is on {input.device}",
             )
+
+
+@torch.library.register_fake("dawin_ext::samplewise_linear")
+def _samplewise_linear_fake(input: Tensor, weights: Tensor, biases: Tensor | None, coefficients: Tensor) -> Tensor:
+    torch._check(input.dim() >= 2, lambda: "samplewise_linear: input must be [B, ..., IN]")
+    torch._check(weights.dim() == 3, lambda: "samplewise_linear: weights must be [S, OUT, IN]")
+    _fake_check_devices("samplewise_linear", input, weights=weights, coefficients=coefficients, biases=biases)
     return input.new_empty((*input.shape[:-1], weights.shape[1]))
 
 
@@ -602,14 +606,10 @@ def _samplewise_lora_fake(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
-    torch._check(input.dim() >= 2, lambda: "samplewise_lora: input must be [B, ..., in_features]")
-    torch._check(lora_a.dim() == 3, lambda: "samplewise_lora: lora_a must be [S, rank, in_features]")
-    torch._check(lora_b.dim() == 3, lambda: "samplewise_lora: lora_b must be [S, out_features, rank]")
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("coefficients", coefficients), ("weight", weight),
-                    ("bias", bias)):  # fmt: skip
-        if t is not None:
-            torch._check_value(
-                t.device == input.device,
-                lambda name=name, t=t: f"samplewise_lora: {name} are on {t.device} but input is on {input.device}",
-            )
+    torch._check(input.dim() >= 2, lambda: "samplewise_lora: input must be [B, ..., IN]")
+    torch._check(lora_a.dim() == 3, lambda: "samplewise_lora: lora_a must be [S, R, IN]")
+    torch._check(lora_b.dim() == 3, lambda: "samplewise_lora: lora_b must be [S, OUT, R]")
+    _fake_check_devices(
+        "samplewise_lora", input, lora_a=lora_a, lora_b=lora_b, coefficients=coefficients, weight=weight, bias=bias
+    )
     return input.new_empty((*input.shape[:-1], lora_b.shape[1]))

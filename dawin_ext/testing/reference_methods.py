@@ -47,6 +47,7 @@ _EPS10 = 10 * np.finfo(np.float64).eps
 
 # ------------------------------------------------------------------------------------------ mixtures
 def _kmeans_onehot(data: np.ndarray, k: int, random_state: int) -> np.ndarray:
+    # Deliberate independent mirror of dawin_ext.methods.mixture._kmeans_responsibilities (tests compare the two).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         lab = KMeans(n_clusters=k, n_init=1, random_state=random_state).fit(data).labels_
@@ -82,6 +83,9 @@ def beta_mixture_reference(
             params[k, 1] = (f * (1 - m))[0]
         return weights, params, counts
 
+    # Deliberate independent mirror of BetaMixture._log_resp (the EM loop below mirrors _EMMixture._run_em). The
+    # Dirichlet mirror repeats this E-step and loop on purpose: each mirror follows its own upstream reference
+    # (DaWin's BetaMixtureModel, the multi-task DirichletMixtureModel) line by line, so it can be read against it.
     def e_step(weights, params):
         lp = np.empty((n, n_mixtures))
         for k in range(n_mixtures):
@@ -138,6 +142,7 @@ def dirichlet_mixture_reference(
             params[k] = (resp[:, k] @ x) / nk[k]
         return nk / nk.sum(), params
 
+    # Deliberate independent mirror of DirichletMixture._log_resp (see the Beta mirror's e_step above).
     def e_step(weights, params):
         lp = np.empty((n, n_clusters))
         for k in range(n_clusters):
@@ -287,6 +292,7 @@ def _adawise_gp(previous_kernel, seed: int) -> GaussianProcessRegressor:
     ``Constant * Matern(nu=2.5) + White`` kernel with ``normalize_y=True`` and 2 optimizer restarts; the bounds
     and starting values restate the design of ``dawin_ext/methods/adawise.py``, so a change there fails the tests that
     compare against this mirror. A warm start passes the previous batch's fitted kernel."""
+    # Deliberate independent mirror of dawin_ext.methods.adawise.make_gp: written out, never imported.
     kernel = previous_kernel
     if kernel is None:
         kernel = ConstantKernel(1.0, (1e-3, 1e3)) * Matern(

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 from eval_setup import (
-    ADAWISE_EVALS,
     ALL_METHODS,
     ALPHA,
     ARCH,
@@ -34,6 +33,7 @@ from eval_setup import (
     build_setup,
     eval_args,
     expected_outputs,
+    run_eval_all_methods,
 )
 from torch import nn
 
@@ -58,15 +58,7 @@ def setup_rn(tmp_path_factory):
 
 
 def test_eval_all_methods_match_plain_computation(setup, capsys, per_sample):
-    out_json = setup["tmp"] / "results.json"
-    rc = cli.main(
-        eval_args(setup, "--alpha", str(ALPHA), "--adawise-evals", str(ADAWISE_EVALS), "--json", str(out_json))
-    )
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    results = json.loads(out_json.read_text())
-    assert results["skipped"] == {}
-    assert list(results["accuracy"]) == ALL_METHODS
+    results, captured = run_eval_all_methods(eval_args(setup), setup["tmp"] / "results.json", capsys)
     assert_methods_differ([expected_outputs(setup, root) for root in setup["sets"]], ALL_METHODS)
     for root in setup["sets"]:
         expected = expected_outputs(setup, root)

@@ -11,7 +11,6 @@ recomputed with test_cli_eval's plain computations on a stock module built from 
 from __future__ import annotations
 
 import copy
-import json
 import sys
 
 import pytest
@@ -22,24 +21,22 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from eval_setup import (  # noqa: E402  (tests/ is on sys.path under pytest: tests/eval_setup.py)
-    ADAWISE_EVALS,
     ALL_METHODS,
-    ALPHA,
     ARCH,
     BATCH,
     CLASSNAMES,
     PER_CLASS,
-    SET_NOISE,
     TRAIN_NOISE,
     assert_matches_expected,
     assert_methods_differ,
     expected_outputs,
     image_batch,
     load_set,
+    run_eval_all_methods,
     tiny_hf_clip,
     train_adam,
     vision_tower,
-    write_images,
+    write_test_sets,
 )
 
 from dawin_ext import cli  # noqa: E402
@@ -106,9 +103,7 @@ def setup(tmp_path_factory):
     vision_tower(vision).load_state_dict(ft_model.vision_model.state_dict())
     ft_dir = tmp / "ft"
     vision.save_pretrained(ft_dir)
-    sets = [tmp / name for name in ("set_a", "set_b")]
-    for i, s in enumerate(sets):
-        write_images(s, seed=10 + i, noise=SET_NOISE[s.name])
+    sets = write_test_sets(tmp)
     # test_cli_eval's expected_outputs computes every method with this module; arch=ARCH asks it for AdaWiSE too.
     return {
         "arch": ARCH,
@@ -149,15 +144,7 @@ def eval_args(setup, *extra, zs=None, ft=None, data=None) -> list[str]:
 
 
 def test_eval_hf_all_methods_match_plain_computation(setup, capsys, per_sample):  # noqa: F811
-    out_json = setup["tmp"] / "results.json"
-    rc = cli.main(
-        eval_args(setup, "--alpha", str(ALPHA), "--adawise-evals", str(ADAWISE_EVALS), "--json", str(out_json))
-    )
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    results = json.loads(out_json.read_text())
-    assert results["skipped"] == {}
-    assert list(results["accuracy"]) == ALL_METHODS
+    results, captured = run_eval_all_methods(eval_args(setup), setup["tmp"] / "results.json", capsys)
     assert results["model"] == f"hf:{setup['zs'].resolve()}"
     expected = [expected_outputs(setup, root) for root in setup["sets"]]
     assert_methods_differ(expected, ALL_METHODS)

@@ -223,19 +223,30 @@ def test_wise_ft_on_hf_classifier_matches_plain_torch(hf_pair) -> None:
     assert not torch.allclose(_forward_with(clf, zs, x), _forward_with(clf, plain, x))
 
 
-def test_dawin_cluster_on_hf_classifier_matches_plain_torch(hf_pair) -> None:
+def _fitted_dawin(hf_pair, seed: int, batch: int, n_batches: int):
+    """DaWin (K=2) fitted on ``n_batches`` random 32x32 image batches drawn under ``seed``; returns it and them."""
     clf, zs, ft = hf_pair
-    g = torch.Generator().manual_seed(16)
-    loader = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(3)]
-    dw = DaWin(clf, zs, ft, n_clusters=2, seed=1).fit(loader)
-    got = dw.predict_dataset(loader, mode="cluster")
-    x = torch.cat(loader)
+    g = torch.Generator().manual_seed(seed)
+    loader = [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(n_batches)]
+    return DaWin(clf, zs, ft, n_clusters=2, seed=1).fit(loader), loader
+
+
+def _merged_per_sample(clf, zs, ft, lam, x):
+    """The plain computation: each sample through ``clf`` with its own merged weights ``(1 - lam_i) zs + lam_i ft``."""
     ref = []
     for i in range(x.shape[0]):
-        a = float(dw.cluster_coefficients_[dw.labels_[i]])
+        a = float(lam[i])
         sd = {k: (1 - a) * zs[k] + a * ft[k] for k in zs}
         ref.append(_forward_with(clf, sd, x[i : i + 1]))
-    torch.testing.assert_close(got, torch.cat(ref), atol=1e-5, rtol=1e-5)
+    return torch.cat(ref)
+
+
+def test_dawin_cluster_on_hf_classifier_matches_plain_torch(hf_pair) -> None:
+    clf, zs, ft = hf_pair
+    dw, loader = _fitted_dawin(hf_pair, seed=16, batch=8, n_batches=3)
+    got = dw.predict_dataset(loader, mode="cluster")
+    lam = dw.cluster_coefficients_[dw.labels_]
+    torch.testing.assert_close(got, _merged_per_sample(clf, zs, ft, lam, torch.cat(loader)), atol=1e-5, rtol=1e-5)
     # Streaming prediction routes the same way.
     torch.testing.assert_close(dw.predict(loader[0], mode="cluster"), got[:8], atol=1e-5, rtol=1e-5)
 
@@ -243,19 +254,11 @@ def test_dawin_cluster_on_hf_classifier_matches_plain_torch(hf_pair) -> None:
 def test_dawin_exact_on_hf_classifier_matches_per_sample_merging(hf_pair) -> None:
     # HF uses class_embedding through expand(); the exact engine runs HF's own forward with per-sample weights.
     clf, zs, ft = hf_pair
-    g = torch.Generator().manual_seed(19)
-    loader = [torch.randn(6, 3, 32, 32, generator=g) for _ in range(2)]
-    dw = DaWin(clf, zs, ft, n_clusters=2, seed=1).fit(loader)
+    dw, loader = _fitted_dawin(hf_pair, seed=19, batch=6, n_batches=2)
     got = dw.predict_dataset(loader, mode="exact")
-    x = torch.cat(loader)
     lam = dw.coefficients_
     assert float(lam.max() - lam.min()) > 1e-3  # samples really get different weights
-    ref = []
-    for i in range(x.shape[0]):
-        a = float(lam[i])
-        sd = {k: (1 - a) * zs[k] + a * ft[k] for k in zs}
-        ref.append(_forward_with(clf, sd, x[i : i + 1]))
-    torch.testing.assert_close(got, torch.cat(ref), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, _merged_per_sample(clf, zs, ft, lam, torch.cat(loader)), atol=1e-4, rtol=1e-4)
 
 
 def test_load_hf_classifier_pair_from_vision_model_dir(tmp_path, tokenizer) -> None:

@@ -7,24 +7,18 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from conftest import tiny_clip_pair, tiny_mlp
 
-from dawin_ext.integrations import openclip
 from dawin_ext.methods.adawise import AdaWiSE, expected_improvement
 from dawin_ext.ops.statedict import IncompatibleStateDictsError
 from dawin_ext.testing.reference_methods import adawise_reference
 from dawin_ext.testing.reference_ops import entropy_reference, interpolation_reference
 
 
-def _mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 6))
-
-
 def _setup(seed: int = 0):
-    model = _mlp(seed)
+    model = tiny_mlp(seed)
     zs = {k: v.clone() for k, v in model.state_dict().items()}
-    ft = {k: v.clone() * 1.5 for k, v in _mlp(seed + 1).state_dict().items()}
+    ft = {k: v.clone() * 1.5 for k, v in tiny_mlp(seed + 1).state_dict().items()}
     g = torch.Generator().manual_seed(seed + 2)
     batches = [torch.randn(16, 8, generator=g) * (1 + i) for i in range(3)]
     return model, zs, ft, batches
@@ -92,13 +86,7 @@ def test_adawise_candidates_in_one_pass(q: int) -> None:
 
 
 def test_adawise_on_tiny_open_clip() -> None:
-    openclip.register_tiny_configs()
-    torch.manual_seed(4)
-    model, _, tok = openclip.create_clip_model("dawin-tiny-vit")
-    clf = openclip.CLIPClassifier.from_clip(model, tok, ["a", "b", "c", "d", "e"], templates="classname")
-    zs = {k: v.clone() for k, v in clf.state_dict().items()}
-    g = torch.Generator().manual_seed(5)
-    ft = {k: v + 0.3 * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g) for k, v in zs.items()}
+    clf, zs, ft, g = tiny_clip_pair(["a", "b", "c", "d", "e"], seed=4, noise_seed=5, noise=0.3)
     batches = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
     ada = AdaWiSE(clf, zs, ft, n_evals=5, n_init=3, seed=3)
     ours = ada.predict_dataset(batches)

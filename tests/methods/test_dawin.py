@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import mlp_pair
 
 from dawin_ext.methods.dawin import DaWin, dawin_coefficients
 from dawin_ext.methods.inference import collect_logits
@@ -21,22 +21,6 @@ from dawin_ext.testing.reference_methods import (
 from dawin_ext.testing.reference_ops import interpolation_reference
 
 TEMPS = (0.9576, 0.9733)
-
-
-def _mlp(seed: int, n_in: int = 8, n_out: int = 6) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(n_in, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, n_out))
-
-
-def _mlp_setup(seed: int = 0):
-    model = _mlp(seed)
-    zs = {k: v.clone() for k, v in model.state_dict().items()}
-    ft = {k: v.clone() for k, v in _mlp(seed + 1).state_dict().items()}
-    # Vary confidence across samples so that lambda spreads over (0, 1).
-    g = torch.Generator().manual_seed(seed + 2)
-    x = torch.randn(120, 8, generator=g) * torch.rand(120, 1, generator=g).mul(6)
-    y = torch.randint(0, 6, (120,), generator=g)
-    return model, zs, ft, x, y
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor | None, bs: int):
@@ -77,16 +61,8 @@ def test_coefficients_match_reference(expertise: str, offset: bool, pseudo: str)
         zs, ft = zs.abs() + 0.1, ft.abs() + 0.1
     merged = torch.randn(300, 11, generator=g)
     labels = torch.randint(0, 11, (300,), generator=g)
-    lam, used = dawin_coefficients(
-        zs,
-        ft,
-        expertise=expertise,
-        temperatures=TEMPS,
-        offset=offset,
-        pseudo_label=pseudo,
-        merged_logits=merged,
-        labels=labels,
-    )
+    settings = dict(expertise=expertise, temperatures=TEMPS, pseudo_label=pseudo, merged_logits=merged, labels=labels)
+    lam, used = dawin_coefficients(zs, ft, offset=offset, **settings)
     ref = dawin_coefficients_reference(
         zs.double(), ft.double(), expertise, TEMPS, offset, pseudo, merged.double(), labels
     )
@@ -94,16 +70,7 @@ def test_coefficients_match_reference(expertise: str, offset: bool, pseudo: str)
     assert (used is not None) == offset
     if offset:
         # Streaming: the stored offset statistics reproduce the same lambdas.
-        again, _ = dawin_coefficients(
-            zs,
-            ft,
-            expertise=expertise,
-            temperatures=TEMPS,
-            offset=used,
-            pseudo_label=pseudo,
-            merged_logits=merged,
-            labels=labels,
-        )
+        again, _ = dawin_coefficients(zs, ft, offset=used, **settings)
         torch.testing.assert_close(again, lam, rtol=0, atol=1e-6)
 
 
@@ -124,7 +91,7 @@ def test_coefficient_validation() -> None:
 # --------------------------------------------------------------------------------------------- pipeline
 @pytest.mark.parametrize("expertise", ["entropy", "cross_entropy", "max_logit"])
 def test_dawin_cluster_pipeline_matches_reference_loop(expertise: str) -> None:
-    model, zs, ft, x, y = _mlp_setup(0)
+    model, zs, ft, x, y = mlp_pair(0)
     if expertise == "max_logit":  # needs positive max logits: shift the last layer's bias
         for sd in (zs, ft):
             sd["3.bias"] = sd["3.bias"] + 10.0
@@ -189,7 +156,7 @@ def test_dawin_on_open_clip_matches_reference_loop(arch: str, tiny_clip) -> None
 
 
 def test_output_space_modes_match_reference() -> None:
-    model, zs, ft, x, y = _mlp_setup(3)
+    model, zs, ft, x, y = mlp_pair(3)
     loader = _batches(x, y, 50)
     m = copy.deepcopy(model)
     with torch.no_grad():
@@ -210,7 +177,7 @@ def test_output_space_modes_match_reference() -> None:
 
 
 def test_dawin_streaming_uses_calibration_statistics() -> None:
-    model, zs, ft, x, y = _mlp_setup(5)
+    model, zs, ft, x, y = mlp_pair(5)
     dw = DaWin(model, zs, ft, offset_adjustment=True).fit(_batches(x[:80], None, 40))
     lam = dw.coefficients(x[80:])
     b, w = dw.offset_
@@ -233,7 +200,7 @@ def test_dawin_streaming_uses_calibration_statistics() -> None:
 
 
 def test_dawin_validation() -> None:
-    model, zs, ft, x, y = _mlp_setup(6)
+    model, zs, ft, x, y = mlp_pair(6)
     bad = dict(ft)
     bad["3.weight"] = torch.zeros(7, 32)
     with pytest.raises(IncompatibleStateDictsError, match="3.weight"):
@@ -274,7 +241,7 @@ def test_dawin_exact_mode_matches_per_sample_merges() -> None:
 
     if not hasattr(samplewise, "SampleWiseInterpolator"):
         pytest.skip("dawin_ext.exact has no SampleWiseInterpolator yet")
-    model, zs, ft, x, y = _mlp_setup(8)
+    model, zs, ft, x, y = mlp_pair(8)
     dw = DaWin(model, zs, ft).fit(_batches(x, None, 60))
     out = dw.predict(x[:20], mode="exact")
     lam = dw.coefficients(x[:20])
@@ -287,7 +254,7 @@ def test_dawin_exact_mode_matches_per_sample_merges() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dawin_on_cuda_matches_cpu() -> None:
-    model, zs, ft, x, y = _mlp_setup(9)
+    model, zs, ft, x, y = mlp_pair(9)
     loader = _batches(x, y, 40)
     cpu = DaWin(model, zs, ft, offset_adjustment=True).fit(loader)
 

@@ -77,15 +77,9 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 # ------------------------------------------------------------------------------------------------ API workers
 def _tiny_problem():
     """The tiny open_clip classifier, a fine-tuned copy and N_SAMPLES inputs: identical in every process."""
-    from dawin_ext.integrations import openclip
+    from conftest import tiny_clip_pair  # here, not at the top: spawned workers build the same problem
 
-    openclip.register_tiny_configs()
-    torch.manual_seed(0)
-    model, _, tok = openclip.create_clip_model("dawin-tiny-vit")
-    clf = openclip.CLIPClassifier.from_clip(model, tok, ["cat", "dog", "car", "tree", "boat"], templates="classname")
-    zs = {k: v.clone() for k, v in clf.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    ft = {k: v + 0.5 * v.std().nan_to_num(0.1) * torch.randn(v.shape, generator=g) for k, v in zs.items()}
+    clf, zs, ft, _ = tiny_clip_pair(["cat", "dog", "car", "tree", "boat"], seed=0, noise_seed=1, noise=0.5)
     x = torch.randn(N_SAMPLES, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # dawin-tiny-vit: 32 px
     y = torch.arange(N_SAMPLES) % 5
     return clf, zs, ft, x, y

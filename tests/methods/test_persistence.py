@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import fit_tiny_dawin
+from conftest import fit_tiny_dawin, mlp_pair
 from torch import nn
 
 from dawin_ext.methods.adawise import AdaWiSE
@@ -24,21 +24,6 @@ from dawin_ext.methods.persistence import (
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 TEMPS = (0.9576, 0.9733)
-
-
-def _mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 6))
-
-
-def _mlp_setup(seed: int = 0):
-    model = _mlp(seed)
-    zs = {k: v.clone() for k, v in model.state_dict().items()}
-    ft = {k: v.clone() for k, v in _mlp(seed + 1).state_dict().items()}
-    g = torch.Generator().manual_seed(seed + 2)
-    x = torch.randn(96, 8, generator=g) * torch.rand(96, 1, generator=g).mul(6)
-    y = torch.randint(0, 6, (96,), generator=g)
-    return model, zs, ft, x, y
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +58,7 @@ def test_dawin_round_trip_gives_identical_logits(fitted_clip, mode: str) -> None
      ("output_ensemble", True, "ensemble_soft"), ("selective", False, "ensemble_soft")],
 )  # fmt: skip
 def test_dawin_round_trip_settings(tmp_path, expertise: str, offset: bool, pseudo: str) -> None:
-    model, zs, ft, x, y = _mlp_setup()
+    model, zs, ft, x, y = mlp_pair(n_samples=96)
     loader = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 96, 32)]
     dw = DaWin(model, zs, ft, expertise=expertise, temperatures=TEMPS, offset_adjustment=offset, pseudo_label=pseudo)
     dw.fit(loader)
@@ -114,7 +99,7 @@ def test_multitask_round_trip(tmp_path) -> None:
 
 
 def test_adawise_warm_start_round_trip(tmp_path) -> None:
-    model, zs, ft, x, _ = _mlp_setup(5)
+    model, zs, ft, x, _ = mlp_pair(5, n_samples=96)
     ft = {k: v * 1.5 for k, v in ft.items()}
     batches = [x[:32], x[32:64], x[64:]]
     ada = AdaWiSE(model, zs, ft, n_evals=5, n_init=2, seed=0)
@@ -171,7 +156,7 @@ def test_digests_cover_names_dtype_shape_and_values() -> None:
 
 @pytest.fixture
 def saved_mlp(tmp_path):
-    model, zs, ft, x, _ = _mlp_setup()
+    model, zs, ft, x, _ = mlp_pair(n_samples=96)
     DaWin(model, zs, ft, temperatures=TEMPS).fit([x]).save(tmp_path / "d")
     return tmp_path / "d", model, zs, ft
 
@@ -223,7 +208,7 @@ def test_damaged_meta_and_other_versions_are_refused(saved_mlp) -> None:
 
 
 def test_save_needs_a_fit_and_leaves_no_temporary_files(tmp_path) -> None:
-    model, zs, ft, x, _ = _mlp_setup()
+    model, zs, ft, x, _ = mlp_pair(n_samples=96)
     dw = DaWin(model, zs, ft)
     with pytest.raises(RuntimeError, match="fit"):
         dw.save(tmp_path / "d")
