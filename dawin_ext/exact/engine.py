@@ -1058,12 +1058,43 @@ class ExactMode(TorchFunctionMode):
         if st is None or st.parts.dim() != 3:
             return NotImplemented
         x = self._resolve(x, "F.linear")
-        bst = self.stack_of(bias)
-        fused = bst is not None and bst.active == st.active and bst.parts.dtype == st.parts.dtype
-        out = self._samplewise_linear(x, st, bst.parts if fused else None)
-        if bias is not None and not fused:
+        biases, _ = self._fusable_biases(st, bias)
+        out = self._samplewise_linear(x, st, biases)
+        if bias is not None and biases is None:
             out = out + self._resolve(bias, "F.linear")
         return out
+
+    def _fusable_biases(self, st: Stack, bias) -> tuple[Tensor | None, bool]:
+        """``bias`` as the ``[G, OUT]`` biases the kernels add with the weight's rows ``[1, c_a, ...]`` (None when it
+        cannot be fused), and whether they live as long as the engine. Fusable: a stack with the weight's active
+        sources (its parts), or a bias shared by every sample (``[b, 0, ...]``: the kernel adds b exactly, sparing a
+        pass over the output)."""
+        if bias is None:
+            return None, True
+        bst = self.stack_of(bias)
+        if bst is not None:
+            if bst.active == st.active and bst.parts.dtype == st.parts.dtype:
+                return bst.parts, self.engine.is_lasting(bst)
+            return None, True
+        if (
+            not isinstance(bias, Tensor)
+            or bias.dim() != 1
+            or bias.dtype != st.parts.dtype
+            or bias.device != st.parts.device
+            or bias.shape[0] != st.parts.shape[1]
+            or torch._C._functorch.is_batchedtensor(bias)
+            or (bias.requires_grad and torch.is_grad_enabled())
+        ):
+            return None, True
+        key = (id(bias), st.parts.shape[0])
+        got = self.engine.shared_bias_parts.get(key)
+        if got is not None and got[0] is bias:
+            return got[1], True
+        parts = torch.cat([bias.detach().unsqueeze(0), bias.new_zeros(st.parts.shape[0] - 1, bias.shape[0])])
+        lasting = id(bias) in self.engine.shared_names  # the module's own tensor: lives as long as the engine
+        if lasting:
+            self.engine.shared_bias_parts[key] = (bias, parts)
+        return parts, lasting
 
     def _samplewise_linear(self, x: Tensor, st: Stack, biases: Tensor | None, parts: Tensor | None = None):
         """``F.linear(x, merged weight)`` per sample: the whole batch in one samplewise_linear call."""
@@ -1093,27 +1124,30 @@ class ExactMode(TorchFunctionMode):
 
         pad_str = padding if isinstance(padding, str) else ""
         pad = [0] * nd if isinstance(padding, str) else lst(padding)
-        bst = self.stack_of(bias)
-        fused = bst is not None and bst.active == st.active
-        biases = bst.parts if fused else None
+        biases, lasting = self._fusable_biases(st, bias)
+        fused = biases is not None
         xp = self.physical(x)
         if xp is None:
             out = _conv_op(x, st.parts, biases, self.coef(st), lst(stride), pad, pad_str, lst(dilation), groups)
         else:
             xb, rows, lead = _fold_batch(xp, 0, self.coef_rows(st), 0, self.call.batch, nd + 1)
-            y = self._conv_plan(st, fused, xb, biases, lst(stride), pad_str or pad, lst(dilation), groups)(xb, rows)
+            args = (xb, biases, lasting, lst(stride), pad_str or pad, lst(dilation), groups)
+            y = self._conv_plan(st, *args)(xb, rows)
             out = self.wrap(y.reshape(self.call.batch, *lead, *y.shape[1:]))
         if bias is not None and not fused:
             b = self._resolve(bias, f"F.conv{nd}d")
             out = out + b.view(-1, *([1] * nd))
         return out
 
-    def _conv_plan(self, st: Stack, fused: bool, xb: Tensor, biases, stride, padding, dilation, groups) -> ConvPlan:
-        """samplewise_conv's plan for this layer and input shape: kept for the engine's lifetime when the weights are
-        (a layer's route, padding, tap crop and weight layout are the same every call)."""
+    def _conv_plan(
+        self, st: Stack, xb: Tensor, biases, biases_lasting: bool, stride, padding, dilation, groups
+    ) -> ConvPlan:
+        """samplewise_conv's plan for this layer and input shape: kept for the engine's lifetime when the weights and
+        biases are (a layer's route, padding, tap crop and weight layout are the same every call)."""
         grad = torch.is_grad_enabled()
         key = None
-        if self.engine.is_lasting(st) and len(self.engine.conv_plans) < _MAX_CACHED_VIEWS:
+        fused = id(biases) if biases is not None else None  # the plan holds the biases: key on which ones
+        if self.engine.is_lasting(st) and biases_lasting and len(self.engine.conv_plans) < _MAX_CACHED_VIEWS:
             # Not the batch size: a plan serves any batch, and a server sees many.
             key = (id(st.placeholder), fused, tuple(xb.shape[1:]), xb.dtype, xb.device, str(padding), tuple(stride))
             key = (*key, tuple(dilation), groups, grad)
@@ -1234,6 +1268,7 @@ class Engine:
         self.stacks_by_id = {id(s.placeholder): s for s in stacks.values()}
         self.views: dict[tuple, Tensor | tuple] = {}  # lasting views of lasting stacks (see ExactMode._view)
         self.conv_plans: dict[tuple, ConvPlan] = {}  # samplewise_conv's plans per layer and input shape
+        self.shared_bias_parts: dict[tuple, tuple[Tensor, Tensor]] = {}  # see ExactMode._fusable_biases
         self.group_members: list[Stack] = []  # small parameters merged by one addmm per call (see _MergeGroup)
         self.group_of: dict[int, _MergeGroup] = {}
         self.pending_group_members: list[Stack] = []

@@ -218,3 +218,38 @@ def test_small_parameters_merged_in_groups_across_calls():
                 assert (got[b] - ref(x[b : b + 1])[0]).abs().max().item() <= 1e-5, (call, b)
     groups = {id(gr): gr for gr in sw._engine.group_of.values()}
     assert len(groups) == 2 and sum(len(gr.slots) for gr in groups.values()) == 6  # proj.bias goes to the kernel
+
+
+class _OneWeightTwoBiases(nn.Module):
+    """One convolution weight and one linear weight used with two different biases each (one varying, one the same
+    in every source): each call must add its own bias, whether fused into the kernel or added after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(0.3 * torch.randn(6, 4, 3, 3))
+        self.b1 = nn.Parameter(torch.randn(6))
+        self.b2 = nn.Parameter(torch.randn(6))
+        self.lin = nn.Linear(6, 5)
+        self.lin_b2 = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        h = nn.functional.conv2d(x, self.w, self.b1, padding=1) - nn.functional.conv2d(x, self.w, self.b2, padding=1)
+        h = h.mean((2, 3))
+        return self.lin(h) * nn.functional.linear(h, self.lin.weight, self.lin_b2)
+
+
+def test_biases_fused_per_call_not_per_layer():
+    torch.manual_seed(0)
+    model = _OneWeightTwoBiases().eval()
+    keys = {"w", "b1", "lin.weight", "lin.bias"}  # b2 and lin_b2 are the same in both sources
+    sources = sources_varying(model, keys)
+    rows = torch.stack([torch.linspace(1.2, -0.2, B), torch.linspace(-0.2, 1.2, B)], 1)
+    sw = SampleWiseInterpolator(model, sources)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for _ in range(2):  # the second call runs on the kept conv plans
+            x = torch.randn(B, 4, 8, 8)
+            got = sw(x, rows)
+            for b in range(B):
+                ref.load_state_dict({k: rows[b, 0] * sources[0][k] + rows[b, 1] * sources[1][k] for k in sources[0]})
+                assert (got[b] - ref(x[b : b + 1])[0]).abs().max().item() <= 1e-4
