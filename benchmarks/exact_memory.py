@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import gc
 
-import open_clip
 import torch
+from exact_vit_b32 import batch_and_rows, vit_b32_pair  # this folder: run as python benchmarks/exact_memory.py
 
 from dawin_ext import SampleWiseInterpolator
 
@@ -37,18 +37,9 @@ def peak_extra_mib(fn) -> float:
 
 def main() -> None:
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
-    theta0 = {k: v.clone() for k, v in visual.state_dict().items()}
-    gen = torch.Generator().manual_seed(1)
-    theta1 = {
-        k: v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v.clone()
-        for k, v in theta0.items()
-    }
+    visual, theta0, theta1, gen = vit_b32_pair()
     sw = SampleWiseInterpolator(visual, [theta0, theta1])
-    x = torch.randn(64, 3, 224, 224, generator=gen)
-    lam = torch.rand(64, generator=gen)
-    rows = torch.stack([1 - lam, lam], 1)
+    x, rows = batch_and_rows(gen)
     with torch.inference_mode():
         visual(x)
         sw(x, rows)

@@ -17,8 +17,9 @@ import torch
 import dawin_ext
 
 
-def main(label: str) -> None:
-    torch.set_num_threads(2)
+def vit_b32_pair() -> tuple[torch.nn.Module, dict, dict, torch.Generator]:
+    """open_clip ViT-B-32's image tower at random init, its state dict and a perturbed copy (the benchmarks' two
+    sources), and the generator to draw inputs from next."""
     torch.manual_seed(0)
     visual = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
     theta0 = {k: v.clone() for k, v in visual.state_dict().items()}
@@ -27,10 +28,21 @@ def main(label: str) -> None:
         k: v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v.clone()
         for k, v in theta0.items()
     }
+    return visual, theta0, theta1, gen
+
+
+def batch_and_rows(gen: torch.Generator, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random image batch and its coefficient rows ``[1 - lam, lam]``."""
+    x = torch.randn(batch, 3, 224, 224, generator=gen)
+    lam = torch.rand(batch, generator=gen)
+    return x, torch.stack([1 - lam, lam], 1)
+
+
+def main(label: str) -> None:
+    torch.set_num_threads(2)
+    visual, theta0, theta1, gen = vit_b32_pair()
     sw = dawin_ext.SampleWiseInterpolator(visual, [theta0, theta1])
-    x = torch.randn(64, 3, 224, 224, generator=gen)
-    lam = torch.rand(64, generator=gen)
-    rows = torch.stack([1 - lam, lam], 1)
+    x, rows = batch_and_rows(gen)
     exact, plain = [], []
     with torch.inference_mode():
         sw(x, rows)

@@ -42,14 +42,9 @@ def _timed(fn, device: str) -> float:
 
 
 def _vit_b32_sources(device: str):
-    torch.manual_seed(0)
-    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
-    theta0 = {k: v.clone() for k, v in visual.state_dict().items()}
-    gen = torch.Generator().manual_seed(1)
-    theta1 = {
-        k: v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v.clone()
-        for k, v in theta0.items()
-    }
+    from exact_vit_b32 import vit_b32_pair  # this folder (pytest puts it on sys.path)
+
+    visual, theta0, theta1, _ = vit_b32_pair()
     visual = visual.to(device)
     return visual, [{k: v.to(device) for k, v in sd.items()} for sd in (theta0, theta1)]
 
