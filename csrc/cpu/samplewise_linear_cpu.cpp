@@ -1,6 +1,6 @@
 // CPU samplewise_linear: out[b] = x[b] @ (sum_s c[b, s] W_s)^T + sum_s c[b, s] bias_s.
 //
-// Fast path (fp32, oneDNN's brgemm micro-kernel available): work items are (block of kBlockOut output
+// Fast path (fp32, oneDNN's brgemm micro-kernel available): work items are (block of block_out output
 // features, sample b), samples innermost so that the sources' weight block stays in L2 across samples.
 // For each item the sample's merged weights of that block are formed in a thread-local buffer
 // (cpu::blend_rows_f32, blend's row kernel) and multiplied by the sample's rows with brgemm straight from L2. Forming
@@ -26,11 +26,15 @@
 namespace dawin_ext {
 
 namespace {
-// Output features per work item. 256 rather than 64: with few rows per sample (16 output positions of a
-// convolution) four times fewer, larger brgemm calls ran a [B=16, 16, 2304] x [2304, 256] layer 1.2-1.4x a
-// plain GEMM instead of 2.0x, and 64 rows or more per sample were unchanged (1 thread, 2-core AVX512 VM).
-constexpr int64_t kBlockOut = 256;
-constexpr int64_t kBlockIn = 384;  // input features per brgemm call: the [kBlockIn, kBlockOut] block is 384 KiB
+// Output features per work item. With few rows per sample (16 output positions of a convolution) 256 wide:
+// four times fewer, larger brgemm calls ran a [B=16, 16, 2304] x [2304, 256] layer 1.2-1.4x a plain GEMM
+// instead of 2.0x. With many rows 64 wide: the S sources' [kBlockIn, 256] blocks and the merged one (1.15 MiB
+// for S = 2) overflow a 1 MiB L2, and ViT-B-32's MLP output layer (50 rows, 3072 -> 768) ran 1.4-1.8x a plain GEMM
+// against 1.15-1.3x with 64 (1 thread, 2-core AVX512 VM).
+constexpr int64_t kBlockOutFewRows = 256;
+constexpr int64_t kBlockOutManyRows = 64;
+constexpr int64_t kManyRows = 32;
+constexpr int64_t kBlockIn = 384;  // input features per brgemm call
 constexpr int64_t kBlockM = 256;   // rows per brgemm call
 // Below this many rows per sample, forming merged weights costs more than the concatenated-K GEMM (S x the
 // FLOPs of one GEMM on brgemm): on a 2-core AVX512 VM, 1 thread, S = 2, batch 16, layers of 160-1280 features,
@@ -59,12 +63,13 @@ void samplewise_linear_brgemm(const at::Tensor& x, const at::Tensor& wt, const a
   const float* cp = c.const_data_ptr<float>();
   const float* bp = bias_rows ? bias_rows->const_data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t blocks = (OUT + kBlockOut - 1) / kBlockOut;
+  const int64_t block_out = M >= kManyRows ? kBlockOutManyRows : kBlockOutFewRows;
+  const int64_t blocks = (OUT + block_out - 1) / block_out;
   at::parallel_for(0, blocks * B, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> merged(static_cast<size_t>(std::min(kBlockIn, IN) * std::min(kBlockOut, OUT)));
+    std::vector<float> merged(static_cast<size_t>(std::min(kBlockIn, IN) * std::min(block_out, OUT)));
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t j = item / B, b = item % B;
-      const int64_t out0 = j * kBlockOut, nout = std::min(kBlockOut, OUT - out0);
+      const int64_t out0 = j * block_out, nout = std::min(block_out, OUT - out0);
       float* ob = op + b * M * OUT + out0;
       if (bp) {
         for (int64_t m = 0; m < M; ++m) std::copy(bp + b * OUT + out0, bp + b * OUT + out0 + nout, ob + m * OUT);
@@ -114,11 +119,11 @@ void samplewise_linear_kstacked(const at::Tensor& x, const at::Tensor& wt, const
   const float* wp = w2.const_data_ptr<float>();
   const int64_t ldb = w2.stride(0);
   float* op = out2.data_ptr<float>();
-  const int64_t row_blocks = (R + kBlockM - 1) / kBlockM, out_blocks = (OUT + kBlockOut - 1) / kBlockOut;
+  const int64_t row_blocks = (R + kBlockM - 1) / kBlockM, out_blocks = (OUT + kBlockOutFewRows - 1) / kBlockOutFewRows;
   at::parallel_for(0, row_blocks * out_blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t r0 = (item % row_blocks) * kBlockM, out0 = (item / row_blocks) * kBlockOut;
-      const int64_t mm = std::min(kBlockM, R - r0), nout = std::min(kBlockOut, OUT - out0);
+      const int64_t r0 = (item % row_blocks) * kBlockM, out0 = (item / row_blocks) * kBlockOutFewRows;
+      const int64_t mm = std::min(kBlockM, R - r0), nout = std::min(kBlockOutFewRows, OUT - out0);
       for (int64_t k0 = 0; k0 < K; k0 += kBlockIn) {
         const int64_t nk = std::min(kBlockIn, K - k0);
         at::native::cpublas::brgemm(mm, nout, nk, /*ld_a=*/K, /*ld_b=*/ldb, /*ld_c=*/OUT,

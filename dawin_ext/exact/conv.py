@@ -47,7 +47,7 @@ resnet18 at batch 16 (``benchmarks/test_bench_samplewise_conv.py``). With ``P`` 
    and ``C_in >= 16`` (forming the weights is then negligible and the convolution library beats im2col); else
    ``"linear"`` when forming each sample's weights in cache costs less than the stacked convolution's extra
    ``(S - 1)`` GEMMs (``P * (S - 1) >= a * S``, ``a`` = 2 when the sources' weight block fits in L2,
-   ``S * K <= 2048``, else 32), otherwise ``"stacked"``;
+   ``S * K <= 2048``, else 24), otherwise ``"stacked"``;
 3. elsewhere (CUDA, half precision, float64, autograd: not measured yet): ``"fold"`` if ``n <= 1M`` and ``P >= 64``,
    else ``"stacked"``.
 """
@@ -82,9 +82,10 @@ MAX_PER_SAMPLE_WEIGHT_NUMEL = 1 << 20
 # Cost of forming one sample's merged weight entry, in units of one multiply-add of the GEMM, when the sources'
 # [S, K, 64] block that samplewise_linear mixes stays in L2 across samples (S * K <= _L2_BLOCK_SK: 512 KiB of fp32)
 # and when it does not (read again from L3/memory for every sample). Fitted to the convnext_atto/resnet18 layer
-# shapes at batch 16 (benchmarks/test_bench_samplewise_conv.py).
+# shapes at batch 16 (benchmarks/test_bench_samplewise_conv.py) and to ViT-B-32's patch embedding (K = 3072,
+# P = 49, batch 64: "linear" 1.4x a plain convolution, "stacked" 2.5x), which 32 sent to "stacked".
 _MIX_COST_IN_CACHE = 2
-_MIX_COST_OUT_OF_CACHE = 32
+_MIX_COST_OUT_OF_CACHE = 24
 _L2_BLOCK_SK = 2048
 # Grouped and depthwise convolutions fold the batch from this many output positions per sample; below it, one
 # stock convolution per source is cheaper than the folded call's fixed cost (convnext_atto's 7x7 depthwise layers
@@ -230,7 +231,7 @@ def samplewise_conv_route(
     2. ``groups == 1``, CPU, float32, no autograd, samplewise_linear's brgemm path present: ``"linear"`` for 1x1
        kernels; ``"fold"`` when one sample's weight has at most 1M entries, ``P >= 256`` and ``C_in >= 16``; else
        ``"linear"`` when ``P * (S - 1) >= a * S``, else ``"stacked"``. ``a`` is 2 if the sources' ``[S, K, 64]``
-       weight block (``K = C_in * prod(k)``) that samplewise_linear mixes fits in L2 (``S * K <= 2048``) and 32 if
+       weight block (``K = C_in * prod(k)``) that samplewise_linear mixes fits in L2 (``S * K <= 2048``) and 24 if
        it does not. The form follows the costs (forming a sample's weights ~ ``S`` per weight entry, the stacked
        convolution's extra ``(S - 1) * P``); the constants are fitted to the measured routes, not derived.
     3. otherwise (CUDA, float16/bfloat16/float64, autograd; not measured): ``"fold"`` when one sample's weight has

@@ -285,6 +285,7 @@ def test_auto_route_linear_where_mixing_in_cache_pays():
     cpu, f32 = "cpu", torch.float32
     assert samplewise_conv_route((2, 640, 160, 1, 1), 16, 1, f32, cpu) == "linear"  # block fits L2
     assert samplewise_conv_route((2, 256, 256, 3, 3), 16, 1, f32, cpu) == "stacked"  # S*K = 4608: re-read per sample
+    assert samplewise_conv_route((2, 768, 3, 32, 32), 49, 1, f32, cpu) == "linear"  # ViT-B-32's patch embedding
     assert samplewise_conv_route((2, 128, 128, 3, 3), 64, 1, f32, cpu) == "linear"
     assert samplewise_conv_route((1, 128, 128, 3, 3), 16, 1, f32, cpu) == "stacked"  # S = 1: nothing to mix
     assert samplewise_conv_route((2, 320, 1280, 1, 1), 4, 1, f32, cpu) == "linear"  # 1x1: no im2col

@@ -42,6 +42,8 @@ SHAPES = [
     (2, (2, 3), 33, 129, 4),
     (4, (5,), 17, 9, 9),
     (2, (300,), 40, 70, 2),  # more rows per sample than one brgemm call takes (256)
+    (2, (12,), 50, 270, 3),  # the CPU mixing path's wide output blocks (10-31 rows), S = 3
+    (2, (40,), 33, 75, 5),  # its narrow blocks (>= 32 rows) with a runtime source count
     (2, (7,), 0, 5, 2),  # no input features: the output is the merged bias
     (2, (7,), 6, 0, 2),  # no output features
 ]
