@@ -77,6 +77,19 @@ struct BlendPlan {
   }
 };
 
+// samplewise_lora's shrink -> scale -> expand for rows [r0, r1) (see common/samplewise_lora_kernel.h):
+// h = A x_r ([S * R]), h[s * R + k] *= coef[(r / M) * S + s], out_r += Bt^T h, in fp32, out rounded once.
+// x and out contiguous [rows, IN] / [rows, OUT] of `dtype`; a [S * R, IN] and bt [S * R, OUT] contiguous fp32.
+struct LoraRowsArgs {
+  at::ScalarType dtype;  // kFloat, kHalf or kBFloat16
+  const void* x;
+  const float* a;
+  const float* bt;
+  const float* coef;  // [B, S]
+  void* out;
+  int64_t M, IN, OUT, S, R;
+};
+
 enum class Level { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // The instruction set the kernels run with in this process.
@@ -90,6 +103,7 @@ const char* level_name(Level l);
   void blend_items(const BlendPlan& plan, int64_t i0, int64_t i1);                                           \
   void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride, const float* coef, int S, \
                       int64_t rows, int64_t cols, float* dst);                                               \
+  void lora_rows(const LoraRowsArgs& args, int64_t r0, int64_t r1);                                          \
   }
 
 DAWIN_EXT_DECLARE_CPU_KERNELS(isa_default)
@@ -107,6 +121,8 @@ void blend_items(const BlendPlan& plan, int64_t i0, int64_t i1);
 // forms one sample's merged weight block with it.
 void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride, const float* coef, int S, int64_t rows,
                     int64_t cols, float* dst);
+// Serial over rows [r0, r1): call it inside a parallel region.
+void lora_rows(const LoraRowsArgs& args, int64_t r0, int64_t r1);
 
 }  // namespace cpu
 }  // namespace dawin_ext

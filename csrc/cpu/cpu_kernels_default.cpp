@@ -91,5 +91,16 @@ void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride,
   }
 }
 
+void lora_rows(const LoraRowsArgs& args, int64_t r0, int64_t r1) {
+  switch (level()) {
+    case Level::kAvx512:
+      return isa_avx512::lora_rows(args, r0, r1);
+    case Level::kAvx2:
+      return isa_avx2::lora_rows(args, r0, r1);
+    default:
+      return isa_default::lora_rows(args, r0, r1);
+  }
+}
+
 }  // namespace cpu
 }  // namespace dawin_ext

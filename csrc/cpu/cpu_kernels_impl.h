@@ -451,6 +451,90 @@ void blend_rows_f32(const float* src0, int64_t source_stride, int64_t row_stride
   blend_rows_fixed<0>(src0, source_stride, row_stride, coef, S, rows, cols, dst);
 }
 
+namespace {
+// lora_rows' row group: rows that share each load of A and Bt (kLoraRows accumulators per vector step).
+constexpr int64_t kLoraRows = 4;
+
+template <typename scalar_t>
+void lora_rows_typed(const LoraRowsArgs& a, int64_t r0, int64_t r1) {
+  constexpr int64_t W = Vec::size();
+  const int64_t IN = a.IN, OUT = a.OUT, width = a.S * a.R;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x);
+  scalar_t* out = static_cast<scalar_t*>(a.out);
+  std::vector<float> xf(kLoraRows * IN), h(kLoraRows * width), of(kLoraRows * OUT);
+  for (int64_t g0 = r0; g0 < r1; g0 += kLoraRows) {
+    const int64_t n = std::min(kLoraRows, r1 - g0);
+    // fp32 copies of the group's rows (x, and out for the accumulation); fp32 inputs are read in place.
+    const float* xr[kLoraRows];
+    float* orow[kLoraRows];
+    for (int64_t r = 0; r < kLoraRows; ++r) {
+      const int64_t row = g0 + std::min(r, n - 1);  // a short group repeats its last row; only n are written
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        xr[r] = x + row * IN;
+      } else {
+        for (int64_t i = 0; i < IN; ++i) xf[r * IN + i] = static_cast<float>(x[row * IN + i]);
+        xr[r] = xf.data() + r * IN;
+      }
+      for (int64_t j = 0; j < OUT; ++j) of[r * OUT + j] = static_cast<float>(out[row * OUT + j]);
+      orow[r] = of.data() + r * OUT;
+    }
+    // Shrink: h[r, k] = A_k . x_r, each A_k chunk loaded once for the group.
+    for (int64_t k = 0; k < width; ++k) {
+      const float* ak = a.a + k * IN;
+      Vec acc[kLoraRows];
+      for (int64_t r = 0; r < kLoraRows; ++r) acc[r] = Vec(0.f);
+      int64_t i = 0;
+      for (; i + W <= IN; i += W) {
+        const Vec av = Vec::loadu(ak + i);
+        for (int64_t r = 0; r < kLoraRows; ++r) acc[r] = at::vec::fmadd(av, Vec::loadu(xr[r] + i), acc[r]);
+      }
+      for (int64_t r = 0; r < kLoraRows; ++r) {
+        float sum = lane_sum(acc[r]);
+        for (int64_t t = i; t < IN; ++t) sum += ak[t] * xr[r][t];
+        h[r * width + k] = sum;
+      }
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      kernels::samplewise_lora::scale_row(h.data() + r * width, a.coef + ((g0 + r) / a.M) * a.S, a.S, a.R);
+    }
+    // Expand: out_r += sum_k h[r, k] Bt_k, each Bt_k chunk loaded once for the group, out chunks in registers.
+    int64_t j = 0;
+    for (; j + W <= OUT; j += W) {
+      Vec acc[kLoraRows];
+      for (int64_t r = 0; r < kLoraRows; ++r) acc[r] = Vec::loadu(orow[r] + j);
+      for (int64_t k = 0; k < width; ++k) {
+        const Vec bv = Vec::loadu(a.bt + k * OUT + j);
+        for (int64_t r = 0; r < kLoraRows; ++r) acc[r] = at::vec::fmadd(Vec(h[r * width + k]), bv, acc[r]);
+      }
+      for (int64_t r = 0; r < kLoraRows; ++r) acc[r].store(orow[r] + j);
+    }
+    for (; j < OUT; ++j) {
+      for (int64_t r = 0; r < kLoraRows; ++r) {
+        float o = orow[r][j];
+        for (int64_t k = 0; k < width; ++k) o += h[r * width + k] * a.bt[k * OUT + j];
+        orow[r][j] = o;
+      }
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t t = 0; t < OUT; ++t) out[(g0 + r) * OUT + t] = static_cast<scalar_t>(orow[r][t]);
+    }
+  }
+}
+}  // namespace
+
+void lora_rows(const LoraRowsArgs& a, int64_t r0, int64_t r1) {
+  switch (a.dtype) {
+    case at::kFloat:
+      return lora_rows_typed<float>(a, r0, r1);
+    case at::kHalf:
+      return lora_rows_typed<at::Half>(a, r0, r1);
+    case at::kBFloat16:
+      return lora_rows_typed<at::BFloat16>(a, r0, r1);
+    default:
+      TORCH_CHECK(false, "dawin_ext cpu kernels: unsupported dtype ", a.dtype);
+  }
+}
+
 }  // namespace DAWIN_EXT_ISA_NS
 }  // namespace cpu
 }  // namespace dawin_ext

@@ -33,6 +33,7 @@
 
 #include "../common/blend_math.h"
 #include "../common/entropy_math.h"
+#include "../common/samplewise_lora_kernel.h"
 #include "cpu_kernels.h"
 
 // The x86 ISA-specific copies are built with GCC only (`#pragma GCC target` semantics); other

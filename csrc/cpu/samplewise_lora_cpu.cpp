@@ -2,7 +2,7 @@
 //   out[b] = x[b] @ W^T + bias + sum_s c[b, s] * (x[b] @ A_s^T) @ B_s^T,
 // without ever forming a merged [OUT, IN] weight (see common/samplewise_lora_kernel.h for the structure).
 // The base GEMM goes through samplewise_linear's brgemm (fp32, weight in [IN, OUT] storage) or ATen; shrink,
-// per-sample scaling of the rank blocks and expand are one fused pass per row (lora_fused_rows).
+// per-sample scaling of the rank blocks and expand are one fused pass per group of rows (cpu::lora_rows).
 // The argument checks are here too and are shared with the CUDA kernel, so both devices raise the same messages.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,6 +17,7 @@
 #include "../common/kernel_host.h"
 #include "../common/samplewise_lora_kernel.h"
 #include "../ops.h"
+#include "cpu_kernels.h"
 
 namespace dawin_ext {
 
@@ -37,47 +38,6 @@ at::Tensor base_output(const at::Tensor& x, const std::optional<at::Tensor>& wei
   return out;
 }
 }  // namespace
-
-// Shrink, scale and expand fused per row, in fp32: h = A x (S*R dot products), h *= c[sample] block-wise, then
-// out_row += sum_k h[k] Bt[k, :]. BLAS is slow on these skinny shapes (rows x IN by IN x S*R, with S*R ~ 16: measured
-// 20x below its large-GEMM rate on the 2-core dev VM), while here A and Bt stay in L2 across rows and every loop is a
-// contiguous, vectorisable one. Rows are split across threads; each thread keeps h and one fp32 output row.
-template <typename scalar_t>
-void lora_fused_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ a, const scalar_t* __restrict__ bt,
-                     const float* __restrict__ coef, scalar_t* __restrict__ out, int64_t rows, int64_t M, int64_t IN,
-                     int64_t OUT, int64_t S, int64_t R) {
-  constexpr int64_t kLanes = 16;  // independent partial sums, so the dot product vectorises without fast-math
-  const int64_t width = S * R;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, width * (IN + OUT)));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> h(width), orow(OUT), xf(IN);
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* xr = x + r * IN;
-      for (int64_t i = 0; i < IN; ++i) xf[i] = static_cast<float>(xr[i]);
-      for (int64_t k = 0; k < width; ++k) {
-        const scalar_t* ak = a + k * IN;
-        float acc[kLanes] = {};
-        int64_t i = 0;
-        for (; i + kLanes <= IN; i += kLanes) {
-          for (int64_t l = 0; l < kLanes; ++l) acc[l] += static_cast<float>(ak[i + l]) * xf[i + l];
-        }
-        float sum = 0.f;
-        for (; i < IN; ++i) sum += static_cast<float>(ak[i]) * xf[i];
-        for (int64_t l = 0; l < kLanes; ++l) sum += acc[l];
-        h[k] = sum;
-      }
-      kernels::samplewise_lora::scale_row(h.data(), coef + (r / M) * S, S, R);
-      scalar_t* outr = out + r * OUT;
-      for (int64_t j = 0; j < OUT; ++j) orow[j] = static_cast<float>(outr[j]);
-      for (int64_t k = 0; k < width; ++k) {
-        const float hk = h[k];
-        const scalar_t* bk = bt + k * OUT;
-        for (int64_t j = 0; j < OUT; ++j) orow[j] += hk * static_cast<float>(bk[j]);
-      }
-      for (int64_t j = 0; j < OUT; ++j) outr[j] = static_cast<scalar_t>(orow[j]);
-    }
-  });
-}
 
 void check_samplewise_lora_args(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                 const at::Tensor& coefficients, const std::optional<at::Tensor>& weight,
@@ -178,15 +138,26 @@ at::Tensor samplewise_lora_cpu(const at::Tensor& input, const at::Tensor& lora_a
     out2d = base_output(x, weight, bias, OUT);
   }
   if (width > 0 && x.size(-1) > 0) {
+    // Shrink, scaling and expand fused per group of rows in fp32 (cpu::lora_rows, one copy per instruction set):
+    // BLAS is slow on these skinny shapes (rows x IN by IN x S*R, with S*R ~ 16: measured 20x below its
+    // large-GEMM rate on the 2-core dev VM), while A and Bt stay in L2 and each of their loads serves 4 rows.
     const at::Tensor c = coefficients.to(at::kFloat).contiguous();
-    const at::Tensor a = lora_a.reshape({width, x.size(-1)}).contiguous();
-    const at::Tensor bt = lora_b.transpose(1, 2).reshape({width, OUT}).contiguous();  // free in the factors' layout
-    simt::dispatch_float_types(x.scalar_type(), "samplewise_lora_cpu", [&](auto tag) {
-      using scalar_t = decltype(tag);
-      lora_fused_rows<scalar_t>(x.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
-                                bt.const_data_ptr<scalar_t>(), c.const_data_ptr<float>(), out2d.data_ptr<scalar_t>(),
-                                rows, M, x.size(-1), OUT, S, R);
-    });
+    const at::Tensor a = lora_a.reshape({width, x.size(-1)}).to(at::kFloat).contiguous();
+    // [S*R, OUT]: free in the factors' layout (lora_b stored as [S, R, OUT]).
+    const at::Tensor bt = lora_b.transpose(1, 2).reshape({width, OUT}).to(at::kFloat).contiguous();
+    const cpu::LoraRowsArgs args{x.scalar_type(),
+                                 x.const_data_ptr(),
+                                 a.const_data_ptr<float>(),
+                                 bt.const_data_ptr<float>(),
+                                 c.const_data_ptr<float>(),
+                                 out2d.data_ptr(),
+                                 M,
+                                 x.size(-1),
+                                 OUT,
+                                 S,
+                                 R};
+    const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, width * (x.size(-1) + OUT)));
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { cpu::lora_rows(args, r0, r1); });
   }
   return out2d.view(out_shape);
 }
