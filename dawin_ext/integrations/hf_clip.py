@@ -170,7 +170,9 @@ def clip_tokenizer_from_open_clip(directory: str | os.PathLike[str]) -> Callable
     d.mkdir(parents=True, exist_ok=True)
     (d / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
     (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return tf.CLIPTokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"))
+    # from_pretrained on the directory rather than the constructor: its file arguments were renamed in
+    # transformers 5 (vocab_file/merges_file -> vocab/merges), and fusion_bench still needs 4.x.
+    return tf.CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
 
 
 class _ProcessorTransform:

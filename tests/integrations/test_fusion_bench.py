@@ -170,6 +170,18 @@ def test_wise_ft_through_fusion_bench_equals_dawin_ext(pool):
     assert any(not torch.equal(merged[k], pre[k]) for k in pre if pre[k].is_floating_point())
 
 
+def _assert_same_clusters(labels_a, labels_b, centres_a, centres_b):
+    """The same partition of the samples and the same cluster centres, up to the clusters' order: a mixture fitted
+    on coefficients that differ by ~1e-5 (another process, another transformers) may number its clusters
+    differently (seen under transformers 4.57)."""
+    mapping = {}
+    for a, b in zip(labels_a.tolist(), labels_b.tolist(), strict=True):
+        assert mapping.setdefault(a, b) == b, f"cluster {a} holds samples of clusters {mapping[a]} and {b}"
+    assert len(set(mapping.values())) == len(mapping), f"two clusters merged: {mapping}"
+    used = sorted(mapping)
+    torch.testing.assert_close(centres_a[used], centres_b[[mapping[a] for a in used]], rtol=0, atol=1e-4)
+
+
 def test_dawin_through_fusion_bench_equals_dawin_ext(pool):
     # The fit (what is saved) does not depend on the mode; the exact mode's outputs are checked in process below.
     mode = "exact"
@@ -193,9 +205,10 @@ def test_dawin_through_fusion_bench_equals_dawin_ext(pool):
         direct = DaWin(zs, _sd(zs), _sd(ft), n_clusters=3, seed=1).fit(batches)
         # Loading checks the saved content hashes of theta_zs and theta_ft: fusion_bench's run used these weights.
         saved = DaWin.load(out / task, zs, _sd(zs), _sd(ft))
-        torch.testing.assert_close(saved.coefficients_, direct.coefficients_, rtol=0, atol=1e-5)
-        assert torch.equal(saved.labels_, direct.labels_), task
-        torch.testing.assert_close(saved.cluster_coefficients_, direct.cluster_coefficients_, rtol=0, atol=1e-6)
+        # 1e-4: fusion_bench's run is another process on its own model loading; under transformers 4.57 its
+        # entropies differed from this process's by up to 3e-5 (1e-5 held under transformers 5).
+        torch.testing.assert_close(saved.coefficients_, direct.coefficients_, rtol=0, atol=1e-4)
+        _assert_same_clusters(saved.labels_, direct.labels_, saved.cluster_coefficients_, direct.cluster_coefficients_)
         assert float(direct.coefficients_.max() - direct.coefficients_.min()) > 1e-3  # lambda really varies
 
 
@@ -218,9 +231,8 @@ def test_dawin_multitask_through_fusion_bench_equals_dawin_ext(pool):
         batches = _batches(pool, processor, task)
         direct = DaWinMultiTask(base, _sd(base), thetas, head=head, n_clusters=2, seed=0).fit(batches)
         saved = DaWinMultiTask.load(out / task, base, _sd(base), thetas, head=head)
-        torch.testing.assert_close(saved.pi_, direct.pi_, rtol=0, atol=1e-5)
-        assert torch.equal(saved.labels_, direct.labels_), task
-        torch.testing.assert_close(saved.cluster_pi_, direct.cluster_pi_, rtol=0, atol=1e-6)
+        torch.testing.assert_close(saved.pi_, direct.pi_, rtol=0, atol=1e-4)  # as the coefficients above
+        _assert_same_clusters(saved.labels_, direct.labels_, saved.cluster_pi_, direct.cluster_pi_)
         assert float((direct.pi_ - direct.pi_.mean(0)).abs().max()) > 1e-3  # pi really varies per sample
 
 
