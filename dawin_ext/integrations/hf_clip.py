@@ -297,6 +297,7 @@ class HFCLIPClassifier(_HeadClassifier):
         pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
         return self.visual_projection(pooled)
 
+    # The same call shape as the open_clip CLIPClassifier.from_clip on purpose: one way to build either family.
     @classmethod
     def from_clip(
         cls,

@@ -216,6 +216,7 @@ class AdaWiSE:
 
         return save_adawise(self, path)
 
+    # The same signature as DaWin.load on purpose: every fitted method reloads from (path, model, weights).
     @classmethod
     def load(
         cls,

@@ -597,6 +597,7 @@ def samplewise_lora_factors(lora_a: Sequence[Tensor], lora_b: Sequence[Tensor]) 
     return a, b
 
 
+# A fake kernel takes the op's schema, hence the same signature as samplewise_lora above.
 @torch.library.register_fake("dawin_ext::samplewise_lora")
 def _samplewise_lora_fake(
     input: Tensor,
