@@ -26,13 +26,13 @@
 namespace dawin_ext {
 
 namespace {
-// Output features per work item. With few rows per sample (16 output positions of a convolution) 256 wide:
-// four times fewer, larger brgemm calls ran a [B=16, 16, 2304] x [2304, 256] layer 1.2-1.4x a plain GEMM
-// instead of 2.0x. With many rows 64 wide: the S sources' [kBlockIn, 256] blocks and the merged one (1.15 MiB
-// for S = 2) overflow a 1 MiB L2, and ViT-B-32's MLP output layer (50 rows, 3072 -> 768) ran 1.4-1.8x a plain GEMM
-// against 1.15-1.3x with 64 (1 thread, 2-core AVX512 VM).
-constexpr int64_t kBlockOutFewRows = 256;
-constexpr int64_t kBlockOutManyRows = 64;
+// Output features per work item. Wide (256) for the concatenated-K GEMM and for mixing with few rows per sample
+// (16 output positions of a convolution): four times fewer, larger brgemm calls ran a [B=16, 16, 2304] x [2304, 256]
+// layer 1.2-1.4x a plain GEMM instead of 2.0x. Narrow (64) for mixing from kManyRows rows per sample: there the S
+// sources' [kBlockIn, 256] blocks and the merged one (1.15 MiB for S = 2) overflow a 1 MiB L2, and ViT-B-32's MLP
+// output layer (50 rows, 3072 -> 768) ran 1.4-1.8x a plain GEMM against 1.15-1.3x with 64 (1 thread, 2-core AVX512 VM).
+constexpr int64_t kBlockOutWide = 256;
+constexpr int64_t kBlockOutNarrow = 64;
 constexpr int64_t kManyRows = 32;
 constexpr int64_t kBlockIn = 384;  // input features per brgemm call
 constexpr int64_t kBlockM = 256;   // rows per brgemm call
@@ -63,7 +63,7 @@ void samplewise_linear_brgemm(const at::Tensor& x, const at::Tensor& wt, const a
   const float* cp = c.const_data_ptr<float>();
   const float* bp = bias_rows ? bias_rows->const_data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t block_out = M >= kManyRows ? kBlockOutManyRows : kBlockOutFewRows;
+  const int64_t block_out = M >= kManyRows ? kBlockOutNarrow : kBlockOutWide;
   const int64_t blocks = (OUT + block_out - 1) / block_out;
   at::parallel_for(0, blocks * B, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> merged(static_cast<size_t>(std::min(kBlockIn, IN) * std::min(block_out, OUT)));
@@ -119,11 +119,11 @@ void samplewise_linear_kstacked(const at::Tensor& x, const at::Tensor& wt, const
   const float* wp = w2.const_data_ptr<float>();
   const int64_t ldb = w2.stride(0);
   float* op = out2.data_ptr<float>();
-  const int64_t row_blocks = (R + kBlockM - 1) / kBlockM, out_blocks = (OUT + kBlockOutFewRows - 1) / kBlockOutFewRows;
+  const int64_t row_blocks = (R + kBlockM - 1) / kBlockM, out_blocks = (OUT + kBlockOutWide - 1) / kBlockOutWide;
   at::parallel_for(0, row_blocks * out_blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t r0 = (item % row_blocks) * kBlockM, out0 = (item / row_blocks) * kBlockOutFewRows;
-      const int64_t mm = std::min(kBlockM, R - r0), nout = std::min(kBlockOutFewRows, OUT - out0);
+      const int64_t r0 = (item % row_blocks) * kBlockM, out0 = (item / row_blocks) * kBlockOutWide;
+      const int64_t mm = std::min(kBlockM, R - r0), nout = std::min(kBlockOutWide, OUT - out0);
       for (int64_t k0 = 0; k0 < K; k0 += kBlockIn) {
         const int64_t nk = std::min(kBlockIn, K - k0);
         at::native::cpublas::brgemm(mm, nout, nk, /*ld_a=*/K, /*ld_b=*/ldb, /*ld_c=*/OUT,
