@@ -15,6 +15,8 @@ also a correctness check. The paths:
 - sample_combine: the 16-byte vector path and the scalar path (N not a multiple of the vector width);
 - samplewise_linear: with and without biases, fp32 and bf16 (cuBLAS GEMMs + the blend_partials kernel).
 - samplewise_lora: with and without a base weight, fp32 and bf16 (cuBLAS GEMMs + the per-sample scaling kernel).
+- samplewise_depthwise_conv2d: with and without biases, fp32 and fp16, a 7x7 kernel larger than the map and a
+  strided, dilated one (the mix kernel + the per-output kernel).
 
     python benchmarks/gpu_sanitize_cases.py --device cuda             # what the sanitizer runs
     python benchmarks/gpu_sanitize_cases.py --device cuda --coverage  # + which kernels ran (torch.profiler)
@@ -51,6 +53,8 @@ KERNEL_PATHS = [
     ("sample_combine scalar", r"sample_combine_kernel<[^,]+, 1>"),
     ("samplewise_linear blend of partials", r"blend_partials_kernel"),
     ("samplewise_lora per-sample scaling", r"samplewise_lora_scale_kernel"),
+    ("samplewise_depthwise_conv2d mix", r"depthwise_mix_kernel"),
+    ("samplewise_depthwise_conv2d outputs", r"depthwise_conv_kernel"),
 ]
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -191,6 +195,30 @@ def samplewise_lora_cases(device: str, gen: torch.Generator) -> None:
             check(f"samplewise_lora base={with_base} {dtype}", got, want, dtype)
 
 
+def samplewise_depthwise_cases(device: str, gen: torch.Generator) -> None:
+    from dawin_ext.testing.reference_ops import samplewise_depthwise_conv2d_reference
+
+    for dtype in (torch.float32, torch.float16):
+        geometries = (((3, 40, 2, 2), 7, [1, 1], [3, 3], [1, 1]), ((2, 17, 9, 11), 3, [2, 1], [1, 2], [1, 2]))
+        for with_bias, (shape, k, stride, padding, dilation) in zip((True, False), geometries, strict=True):
+            x = torch.randn(shape, generator=gen).to(dtype=dtype, device=device)
+            w = (torch.randn(2, shape[1], 1, k, k, generator=gen) / k).to(dtype=dtype, device=device)
+            b = torch.randn(2, shape[1], generator=gen).to(dtype=dtype, device=device) if with_bias else None
+            c = torch.rand(shape[0], 2, generator=gen).to(device)
+            want = samplewise_depthwise_conv2d_reference(
+                x.double().cpu(),
+                w.double().cpu(),
+                c.double().cpu(),
+                b if b is None else b.double().cpu(),
+                stride,
+                padding,
+                dilation,
+            )
+            with torch.no_grad():
+                got = ops.samplewise_depthwise_conv2d(x, w, b, c, stride, padding, dilation)
+            check(f"samplewise_depthwise_conv2d bias={with_bias} {dtype}", got, want, dtype)
+
+
 def run_all(device: str) -> None:
     gen = torch.Generator().manual_seed(0)
     entropy_cases(device, gen)
@@ -199,6 +227,7 @@ def run_all(device: str) -> None:
     sample_combine_cases(device, gen)
     samplewise_linear_cases(device, gen)
     samplewise_lora_cases(device, gen)
+    samplewise_depthwise_cases(device, gen)
     if device == "cuda":
         torch.cuda.synchronize()
 

@@ -5,7 +5,8 @@ Run: PYTHONPATH=. python -m pytest benchmarks/test_bench_samplewise_conv.py --be
 
 The layer shapes are read off the models themselves (timm.create_model(name, pretrained=False), forward hooks on every
 Conv2d, one 16x3x64x64 input). For each distinct shape: one plain ``F.conv2d`` with a single source's weight, and
-:func:`samplewise_conv` with S = 2 sources along each route (``fold``, ``stacked``, ``linear`` where groups == 1) and
+:func:`samplewise_conv` with S = 2 sources along each route (``fold``, ``stacked``, ``linear`` where groups == 1,
+``depthwise`` for 2-D depthwise layers) and
 ``auto``. Figures of one shape are interleaved round by round and the minimum is kept (the machine is shared).
 The printed table gives each route's time over the plain conv; the summary line gives, per model, the sums over all
 its conv layers (each shape times its count) of the auto route and of the best route per layer, over the plain sum,
@@ -39,7 +40,7 @@ ROUNDS = int(os.environ.get("DAWIN_BENCH_ROUNDS", "7"))
 _CLOCK = time.process_time if os.environ.get("DAWIN_BENCH_CLOCK") == "cpu" else time.perf_counter
 BATCH, NUM_SOURCES = 16, 2
 _CL = torch.channels_last
-_ROUTE_COLUMNS = ("auto", "fold", "stacked", "linear")
+_ROUTE_COLUMNS = ("auto", "fold", "stacked", "linear", "depthwise")
 
 
 def conv_layer_shapes(name: str) -> tuple[torch.nn.Module, list[tuple[dict, int]]]:
@@ -128,7 +129,9 @@ def test_conv_layers(benchmark, model_name):
             fns = {"plain": lambda x=x, w0=w0, b0=b0, geo=geo: F.conv2d(x, w0, b0, *geo[:4])}
             # "fold" refuses weights over the per-sample copy budget; "linear" is for dense convolutions
             foldable = math.prod(shape["w"]) <= MAX_PER_SAMPLE_WEIGHT_NUMEL
+            depthwise = shape["w"][1] == 1 and shape["w"][0] == shape["groups"]
             routes = ["auto", *(["fold"] if foldable else []), "stacked", *(["linear"] if shape["groups"] == 1 else [])]
+            routes += ["depthwise"] if depthwise else []
             for r in routes:
                 fns[r] = lambda r=r, x=x, w=w, c=c, b=b, geo=geo: samplewise_conv(x, w, c, b, *geo, route=r)
             t = _interleaved_min(fns, ROUNDS)

@@ -233,4 +233,69 @@ void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& wei
   }
 }
 
+kernels::depthwise::Geometry check_samplewise_depthwise_args(const at::Tensor& input, const at::Tensor& weights,
+                                                             const std::optional<at::Tensor>& biases,
+                                                             const at::Tensor& coefficients, c10::IntArrayRef stride,
+                                                             c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  const char* op = "samplewise_depthwise_conv2d";
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be [B, C, H, W], got shape ", input.sizes());
+  TORCH_CHECK_VALUE(weights.dim() == 5 && weights.size(2) == 1, op,
+                    ": weights must be [S sources, C, 1, KH, KW] (S depthwise weights), got shape ", weights.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), op, ": input must be float32, float16 or bfloat16, got ",
+                   input.scalar_type());
+  TORCH_CHECK_TYPE(weights.scalar_type() == input.scalar_type(), op, ": weights are ", weights.scalar_type(),
+                   " but input is ", input.scalar_type(), "; they must match");
+  TORCH_CHECK_VALUE(weights.size(0) >= 1 && weights.size(0) <= math::kMaxSources, op, ": need 1 to ", math::kMaxSources,
+                    " weight sources, got ", weights.size(0));
+  TORCH_CHECK_VALUE(weights.size(1) == input.size(1), op, ": weights have ", weights.size(1),
+                    " channels but input has ", input.size(1), " (input shape ", input.sizes(), ")");
+  TORCH_CHECK_VALUE(weights.size(3) >= 1 && weights.size(4) >= 1, op, ": the kernel must not be empty, got weights ",
+                    weights.sizes());
+  TORCH_CHECK_VALUE(
+      coefficients.dim() == 2 && coefficients.size(0) == input.size(0) && coefficients.size(1) == weights.size(0), op,
+      ": coefficients must be [B, S] = [", input.size(0), ", ", weights.size(0), "], got shape ", coefficients.sizes());
+  TORCH_CHECK_TYPE(coefficients.is_floating_point(), op, ": coefficients must be floating point, got ",
+                   coefficients.scalar_type());
+  TORCH_CHECK_VALUE(weights.device() == input.device(), op, ": weights are on ", weights.device(), " but input is on ",
+                    input.device());
+  TORCH_CHECK_VALUE(coefficients.device() == input.device(), op, ": coefficients are on ", coefficients.device(),
+                    " but input is on ", input.device());
+  if (biases) {
+    TORCH_CHECK_VALUE(biases->dim() == 2 && biases->size(0) == weights.size(0) && biases->size(1) == weights.size(1),
+                      op, ": biases must be [S, C] = [", weights.size(0), ", ", weights.size(1), "], got shape ",
+                      biases->sizes());
+    TORCH_CHECK_TYPE(biases->scalar_type() == input.scalar_type(), op, ": biases are ", biases->scalar_type(),
+                     " but input is ", input.scalar_type(), "; they must match");
+    TORCH_CHECK_VALUE(biases->device() == input.device(), op, ": biases are on ", biases->device(), " but input is on ",
+                      input.device());
+  }
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    ": stride, padding and dilation must have 2 entries each, got ", stride, ", ", padding, ", ",
+                    dilation);
+  TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK_VALUE(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
+  TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
+  kernels::depthwise::Geometry g{};
+  g.B = input.size(0);
+  g.C = input.size(1);
+  g.H = input.size(2);
+  g.W = input.size(3);
+  g.KH = weights.size(3);
+  g.KW = weights.size(4);
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.S = weights.size(0);
+  const int64_t span_h = g.dh * (g.KH - 1) + 1, span_w = g.dw * (g.KW - 1) + 1;
+  TORCH_CHECK_VALUE(g.H + 2 * g.ph >= span_h && g.W + 2 * g.pw >= span_w, op, ": the padded input (", g.H + 2 * g.ph,
+                    " x ", g.W + 2 * g.pw, ") is smaller than the dilated kernel (", span_h, " x ", span_w,
+                    "); input shape ", input.sizes(), ", weights ", weights.sizes());
+  g.OH = (g.H + 2 * g.ph - span_h) / g.sh + 1;
+  g.OW = (g.W + 2 * g.pw - span_w) / g.sw + 1;
+  return g;
+}
+
 }  // namespace dawin_ext

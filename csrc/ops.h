@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common/samplewise_depthwise_kernel.h"
+
 namespace dawin_ext {
 
 // H(softmax(logits / T)) along the last dim, fp32 output of shape logits.shape[:-1].
@@ -39,6 +41,13 @@ at::Tensor samplewise_lora_base_and_shrink(const at::Tensor& input, const at::Te
                                            const std::optional<at::Tensor>& weight,
                                            const std::optional<at::Tensor>& bias, at::Tensor& out2d, bool base = true);
 void samplewise_lora_expand(const at::Tensor& h, const at::Tensor& lora_b, at::Tensor& out2d);
+// input [B, C, H, W], weights [S, C, 1, KH, KW], biases [S, C] or none, coefficients [B, S] -> the depthwise
+// convolution (groups = C, zero padding) of sample b with sum_s c[b, s] W_s and sum_s c[b, s] bias_s, channels-last
+// [B, C, OH, OW] in input's dtype.
+at::Tensor samplewise_depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weights,
+                                           const std::optional<at::Tensor>& biases, const at::Tensor& coefficients,
+                                           c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                           c10::IntArrayRef dilation);
 // Whether torch's oneDNN brgemm micro-kernel (samplewise_linear's fp32 fast path) works in this process.
 bool samplewise_linear_has_brgemm();
 
@@ -54,6 +63,10 @@ at::Tensor samplewise_linear_cuda(const at::Tensor& input, const at::Tensor& wei
 at::Tensor samplewise_lora_cuda(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                 const at::Tensor& coefficients, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias);
+at::Tensor samplewise_depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weights,
+                                            const std::optional<at::Tensor>& biases, const at::Tensor& coefficients,
+                                            c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                            c10::IntArrayRef dilation);
 int cuda_runtime_version();
 #endif
 
@@ -84,6 +97,11 @@ void check_samplewise_linear_args(const at::Tensor& input, const at::Tensor& wei
 void check_samplewise_lora_args(const at::Tensor& input, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                 const at::Tensor& coefficients, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias);
+// Checks samplewise_depthwise_conv2d's arguments and returns the convolution's geometry.
+kernels::depthwise::Geometry check_samplewise_depthwise_args(const at::Tensor& input, const at::Tensor& weights,
+                                                             const std::optional<at::Tensor>& biases,
+                                                             const at::Tensor& coefficients, c10::IntArrayRef stride,
+                                                             c10::IntArrayRef padding, c10::IntArrayRef dilation);
 // coefficients_from_entropies.cpp. Coefficients from entropies [M, B] (any device): softmax over models of -H, or
 // DaWin's offset adjustment for M == 2. Composite of ATen ops, shared by the CPU and CUDA paths.
 at::Tensor coefficients_from_entropies(const at::Tensor& entropies, bool offset_adjustment);
@@ -99,6 +117,10 @@ std::tuple<at::Tensor, std::string> emulate_sample_combine(const at::Tensor& sta
 at::Tensor emulate_samplewise_linear(const at::Tensor& input, const at::Tensor& weights,
                                      const std::optional<at::Tensor>& biases, const at::Tensor& coefficients,
                                      int64_t num_sms);
+at::Tensor emulate_samplewise_depthwise(const at::Tensor& input, const at::Tensor& weights,
+                                        const std::optional<at::Tensor>& biases, const at::Tensor& coefficients,
+                                        c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                        int64_t num_sms);
 }  // namespace emulation
 
 }  // namespace dawin_ext

@@ -32,6 +32,9 @@ TORCH_LIBRARY(dawin_ext, m) {
   m.def(
       "samplewise_lora(Tensor input, Tensor lora_a, Tensor lora_b, Tensor coefficients, Tensor? weight=None,"
       " Tensor? bias=None) -> Tensor");
+  m.def(
+      "samplewise_depthwise_conv2d(Tensor input, Tensor weights, Tensor? biases, Tensor coefficients, int[2] stride,"
+      " int[2] padding, int[2] dilation) -> Tensor");
 
   // Private ops (leading underscore): not public API.
   // Behind dawin_ext.blend's own aliasing analysis (which names state-dict keys): the pairs of
@@ -67,6 +70,10 @@ TORCH_LIBRARY(dawin_ext, m) {
       "_emulate_samplewise_linear_cuda(Tensor input, Tensor weights, Tensor? biases, Tensor coefficients, "
       "int num_sms) -> Tensor",
       &dawin_ext::emulation::emulate_samplewise_linear);
+  m.def(
+      "_emulate_samplewise_depthwise_conv2d_cuda(Tensor input, Tensor weights, Tensor? biases, Tensor coefficients, "
+      "int[2] stride, int[2] padding, int[2] dilation, int num_sms) -> Tensor",
+      &dawin_ext::emulation::emulate_samplewise_depthwise);
 }
 
 TORCH_LIBRARY_IMPL(dawin_ext, CPU, m) {
@@ -76,6 +83,7 @@ TORCH_LIBRARY_IMPL(dawin_ext, CPU, m) {
   m.impl("sample_combine", &dawin_ext::sample_combine_cpu);
   m.impl("samplewise_linear", &dawin_ext::samplewise_linear_cpu);
   m.impl("samplewise_lora", &dawin_ext::samplewise_lora_cpu);
+  m.impl("samplewise_depthwise_conv2d", &dawin_ext::samplewise_depthwise_conv2d_cpu);
 }
 
 namespace {

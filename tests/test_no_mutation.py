@@ -20,6 +20,7 @@ from dawin_ext import (
     entropy_coefficients,
     interpolation,
     sample_combine,
+    samplewise_depthwise_conv2d,
     samplewise_linear,
     samplewise_linear_weights,
     softmax_entropy,
@@ -162,6 +163,15 @@ def test_samplewise_linear():
     call_and_check(samplewise_linear, x, w, c, b)
     call_and_check(samplewise_linear, x, samplewise_linear_weights(list(w)), c.double())
     call_and_check(samplewise_linear_weights, [w[0], w[1]])
+
+
+def test_samplewise_depthwise_conv2d():
+    x = torch.randn(3, 6, 7, 8)[:, ::2]  # strided channels
+    w = torch.randn(2, 3, 1, 3, 3)
+    c = torch.rand(3, 2)
+    b = torch.randn(2, 3)
+    call_and_check(samplewise_depthwise_conv2d, x, w, c, b, 1, 1)
+    call_and_check(samplewise_depthwise_conv2d, x.contiguous(memory_format=torch.channels_last), w, c.double())
 
 
 def test_outputs_do_not_alias_inputs():

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "blend_kernel.h"
+#include "samplewise_depthwise_kernel.h"
 
 namespace dawin_ext {
 namespace kernels {
@@ -97,6 +98,19 @@ inline LoraShape samplewise_lora_shape(const at::Tensor& input, int64_t out_feat
   L.rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
   L.per_sample = input.size(0) > 0 ? L.rows / input.size(0) : 0;
   return L;
+}
+
+// samplewise_depthwise_conv2d's weight and bias strides (elements), read by the mixed table's entries.
+inline depthwise::SourceStrides depthwise_source_strides(const at::Tensor& weights,
+                                                         const std::optional<at::Tensor>& biases) {
+  depthwise::SourceStrides st{};
+  st.s = weights.stride(0);
+  st.c = weights.stride(1);
+  st.kh = weights.stride(3);
+  st.kw = weights.stride(4);
+  st.bias_s = biases ? biases->stride(0) : 0;
+  st.bias_c = biases ? biases->stride(1) : 0;
+  return st;
 }
 
 }  // namespace kernels

@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../common/samplewise_depthwise_kernel.h"
+
 namespace dawin_ext {
 namespace cpu {
 
@@ -90,6 +92,20 @@ struct LoraRowsArgs {
   int64_t M, IN, OUT, S, R;
 };
 
+// samplewise_depthwise_conv2d (see common/samplewise_depthwise_kernel.h). depthwise_mix_rows fills rows
+// r = b * (T + 1) + t of the fp32 table `mixed` [B, T + 1, C] from weights_t (the S weights as contiguous fp32
+// [S, T, C]), bias_t (contiguous fp32 [S, C], or null for no biases) and coef (fp32 [B, S]); depthwise_rows then
+// computes output rows r = b * OH + oh from x (channels-last fp32 [B, C, H, W]) into out (channels-last fp32).
+struct DepthwiseArgs {
+  const float* weights_t;
+  const float* bias_t;
+  const float* coef;
+  float* mixed;
+  const float* x;
+  float* out;
+  kernels::depthwise::Geometry g;
+};
+
 enum class Level { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // The instruction set the kernels run with in this process.
@@ -104,6 +120,8 @@ const char* level_name(Level l);
   void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride, const float* coef, int S, \
                       int64_t rows, int64_t cols, float* dst);                                               \
   void lora_rows(const LoraRowsArgs& args, int64_t r0, int64_t r1);                                          \
+  void depthwise_mix_rows(const DepthwiseArgs& args, int64_t r0, int64_t r1);                                \
+  void depthwise_rows(const DepthwiseArgs& args, int64_t r0, int64_t r1);                                    \
   }
 
 DAWIN_EXT_DECLARE_CPU_KERNELS(isa_default)
@@ -123,6 +141,9 @@ void blend_rows_f32(const float* src, int64_t source_stride, int64_t row_stride,
                     int64_t cols, float* dst);
 // Serial over rows [r0, r1): call it inside a parallel region.
 void lora_rows(const LoraRowsArgs& args, int64_t r0, int64_t r1);
+// Serial over rows [r0, r1): call them inside a parallel region.
+void depthwise_mix_rows(const DepthwiseArgs& args, int64_t r0, int64_t r1);
+void depthwise_rows(const DepthwiseArgs& args, int64_t r0, int64_t r1);
 
 }  // namespace cpu
 }  // namespace dawin_ext

@@ -20,5 +20,11 @@ void blend_rows_f32(const float*, int64_t, int64_t, const float*, int, int64_t, 
   TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built");
 }
 void lora_rows(const LoraRowsArgs&, int64_t, int64_t) { TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built"); }
+void depthwise_mix_rows(const DepthwiseArgs&, int64_t, int64_t) {
+  TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built");
+}
+void depthwise_rows(const DepthwiseArgs&, int64_t, int64_t) {
+  TORCH_CHECK(false, "dawin_ext: AVX512 kernels not built");
+}
 }  // namespace dawin_ext::cpu::isa_avx512
 #endif

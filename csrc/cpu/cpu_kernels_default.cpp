@@ -102,5 +102,27 @@ void lora_rows(const LoraRowsArgs& args, int64_t r0, int64_t r1) {
   }
 }
 
+void depthwise_mix_rows(const DepthwiseArgs& args, int64_t r0, int64_t r1) {
+  switch (level()) {
+    case Level::kAvx512:
+      return isa_avx512::depthwise_mix_rows(args, r0, r1);
+    case Level::kAvx2:
+      return isa_avx2::depthwise_mix_rows(args, r0, r1);
+    default:
+      return isa_default::depthwise_mix_rows(args, r0, r1);
+  }
+}
+
+void depthwise_rows(const DepthwiseArgs& args, int64_t r0, int64_t r1) {
+  switch (level()) {
+    case Level::kAvx512:
+      return isa_avx512::depthwise_rows(args, r0, r1);
+    case Level::kAvx2:
+      return isa_avx2::depthwise_rows(args, r0, r1);
+    default:
+      return isa_default::depthwise_rows(args, r0, r1);
+  }
+}
+
 }  // namespace cpu
 }  // namespace dawin_ext

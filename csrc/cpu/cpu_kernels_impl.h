@@ -522,6 +522,158 @@ void lora_rows(const LoraRowsArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---- samplewise_depthwise_conv2d ----
+// Work is one output row; within it, runs of 4 output pixels that reach the same taps (the interior columns) share
+// each load of a tap's mixed weights (kDepthwiseBlockVecs vectors of channels per pass, 4 x that many accumulators
+// in registers); the edge pixels go one at a time (up to kDepthwiseMaxVecs vectors of channels per pass). Each lane
+// (one channel) adds its terms in the order of common/samplewise_depthwise_kernel.h: bias, then taps row-major.
+namespace {
+namespace dwk = kernels::depthwise;
+constexpr int kDepthwiseMaxVecs = 8;
+constexpr int kDepthwiseBlockVecs = 4;
+constexpr int kDepthwiseBlockPixels = 4;
+
+template <bool kFull>
+inline Vec depthwise_load(const float* p, int64_t lanes) {
+  if constexpr (kFull) {
+    return Vec::loadu(p);
+  } else {
+    return Vec::loadu(p, lanes);
+  }
+}
+
+// NP consecutive output pixels (ow .. ow + NP - 1, all reaching taps [h0, h1) x [w0, w1)), channels [c0, c0 + n)
+// in NV vectors; the last one has n - (NV - 1) * V lanes (all of them when kFullLast).
+template <int NV, int NP, bool kFullLast>
+void depthwise_pixels(const DepthwiseArgs& a, const float* xb, const float* mb, int64_t oh, int64_t ow, int64_t h0,
+                      int64_t h1, int64_t w0, int64_t w1, int64_t c0, int64_t n, float* o) {
+  constexpr int64_t V = Vec::size();
+  const dwk::Geometry& g = a.g;
+  const int64_t last = n - (NV - 1) * V;
+  const int64_t xstep = g.sw * g.C;  // from one output pixel's input to the next one's
+  Vec acc[NP][NV];
+  const float* bias = mb + g.taps() * g.C + c0;
+  DAWIN_UNROLL
+  for (int v = 0; v < NV - 1; ++v) {
+    const Vec bv = Vec::loadu(bias + v * V);
+    DAWIN_UNROLL
+    for (int p = 0; p < NP; ++p) acc[p][v] = bv;
+  }
+  {
+    const Vec bv = depthwise_load<kFullLast>(bias + (NV - 1) * V, last);
+    DAWIN_UNROLL
+    for (int p = 0; p < NP; ++p) acc[p][NV - 1] = bv;
+  }
+  for (int64_t kh = h0; kh < h1; ++kh) {
+    const float* xrow = xb + (oh * g.sh - g.ph + kh * g.dh) * g.W * g.C + c0;
+    for (int64_t kw = w0; kw < w1; ++kw) {
+      const float* wp = mb + (kh * g.KW + kw) * g.C + c0;
+      const float* xp = xrow + (ow * g.sw - g.pw + kw * g.dw) * g.C;
+      DAWIN_UNROLL
+      for (int v = 0; v < NV - 1; ++v) {
+        const Vec wv = Vec::loadu(wp + v * V);
+        DAWIN_UNROLL
+        for (int p = 0; p < NP; ++p) acc[p][v] = at::vec::fmadd(Vec::loadu(xp + p * xstep + v * V), wv, acc[p][v]);
+      }
+      const Vec wv = depthwise_load<kFullLast>(wp + (NV - 1) * V, last);
+      DAWIN_UNROLL
+      for (int p = 0; p < NP; ++p) {
+        acc[p][NV - 1] =
+            at::vec::fmadd(depthwise_load<kFullLast>(xp + p * xstep + (NV - 1) * V, last), wv, acc[p][NV - 1]);
+      }
+    }
+  }
+  DAWIN_UNROLL
+  for (int p = 0; p < NP; ++p) {
+    DAWIN_UNROLL
+    for (int v = 0; v < NV - 1; ++v) acc[p][v].store(o + p * g.C + v * V);
+    if constexpr (kFullLast) {
+      acc[p][NV - 1].store(o + p * g.C + (NV - 1) * V);
+    } else {
+      acc[p][NV - 1].store(o + p * g.C + (NV - 1) * V, last);
+    }
+  }
+}
+
+using DepthwisePixelsFn = void (*)(const DepthwiseArgs&, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                   int64_t, int64_t, int64_t, int64_t, float*);
+template <int NP, bool kFullLast, int... NV>
+constexpr std::array<DepthwisePixelsFn, sizeof...(NV)> depthwise_table(std::integer_sequence<int, NV...>) {
+  return {depthwise_pixels<NV + 1, NP, kFullLast>...};
+}
+// [full last vector][vectors - 1]
+constexpr std::array<std::array<DepthwisePixelsFn, kDepthwiseMaxVecs>, 2> kDepthwiseOne = {
+    depthwise_table<1, false>(std::make_integer_sequence<int, kDepthwiseMaxVecs>{}),
+    depthwise_table<1, true>(std::make_integer_sequence<int, kDepthwiseMaxVecs>{})};
+constexpr std::array<std::array<DepthwisePixelsFn, kDepthwiseBlockVecs>, 2> kDepthwiseBlock = {
+    depthwise_table<kDepthwiseBlockPixels, false>(std::make_integer_sequence<int, kDepthwiseBlockVecs>{}),
+    depthwise_table<kDepthwiseBlockPixels, true>(std::make_integer_sequence<int, kDepthwiseBlockVecs>{})};
+}  // namespace
+
+void depthwise_mix_rows(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
+  // Row r = b * (T + 1) + t of the mixed table: sum_s coef[b, s] * src_s (fp32 multiply-adds from 0, s ascending,
+  // as dwk::mixed_entry), src_s the tap's [C] row of the [S, T, C] weights or (t == T) the bias row.
+  constexpr int64_t V = Vec::size();
+  const dwk::Geometry& g = a.g;
+  const int64_t T = g.taps(), C = g.C;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / (T + 1), t = r - b * (T + 1);
+    float* dst = a.mixed + r * C;
+    if (t == T && a.bias_t == nullptr) {
+      std::fill(dst, dst + C, 0.f);
+      continue;
+    }
+    const float* cb = a.coef + b * g.S;
+    const auto src = [&](int64_t s) { return t == T ? a.bias_t + s * C : a.weights_t + (s * T + t) * C; };
+    int64_t j = 0;
+    for (; j + V <= C; j += V) {
+      Vec acc(0.f);
+      for (int64_t s = 0; s < g.S; ++s) acc = at::vec::fmadd(Vec(cb[s]), Vec::loadu(src(s) + j), acc);
+      acc.store(dst + j);
+    }
+    for (; j < C; ++j) {
+      float acc = 0.f;
+      for (int64_t s = 0; s < g.S; ++s) acc = std::fma(cb[s], src(s)[j], acc);
+      dst[j] = acc;
+    }
+  }
+}
+
+void depthwise_rows(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
+  constexpr int64_t V = Vec::size();
+  const dwk::Geometry& g = a.g;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / g.OH, oh = r - b * g.OH;
+    int64_t h0, h1;
+    dwk::tap_range(oh, g.sh, g.ph, g.dh, g.KH, g.H, h0, h1);
+    const float* xb = a.x + b * g.H * g.W * g.C;
+    const float* mb = a.mixed + b * (g.taps() + 1) * g.C;
+    float* orow = a.out + r * g.OW * g.C;
+    int64_t ow = 0;
+    while (ow < g.OW) {
+      int64_t w0, w1;
+      dwk::tap_range(ow, g.sw, g.pw, g.dw, g.KW, g.W, w0, w1);
+      int64_t run = 1;  // following pixels that reach the same taps
+      while (run < kDepthwiseBlockPixels && ow + run < g.OW) {
+        int64_t u0, u1;
+        dwk::tap_range(ow + run, g.sw, g.pw, g.dw, g.KW, g.W, u0, u1);
+        if (u0 != w0 || u1 != w1) break;
+        ++run;
+      }
+      const bool block = run == kDepthwiseBlockPixels;
+      const int64_t chunk = (block ? kDepthwiseBlockVecs : kDepthwiseMaxVecs) * V;
+      for (int64_t c0 = 0; c0 < g.C; c0 += chunk) {
+        const int64_t n = std::min(chunk, g.C - c0);
+        const int64_t nv = (n + V - 1) / V;
+        const bool full = n == nv * V;
+        const DepthwisePixelsFn fn = block ? kDepthwiseBlock[full][nv - 1] : kDepthwiseOne[full][nv - 1];
+        fn(a, xb, mb, oh, ow, h0, h1, w0, w1, c0, n, orow + ow * g.C + c0);
+      }
+      ow += block ? kDepthwiseBlockPixels : 1;
+    }
+  }
+}
+
 }  // namespace DAWIN_EXT_ISA_NS
 }  // namespace cpu
 }  // namespace dawin_ext

@@ -29,10 +29,12 @@
 #include <ostream>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common/blend_math.h"
 #include "../common/entropy_math.h"
+#include "../common/samplewise_depthwise_kernel.h"
 #include "../common/samplewise_lora_kernel.h"
 #include "cpu_kernels.h"
 

@@ -20,6 +20,8 @@
 //   _emulate_blend_cuda(sources, coefficients, out, outputs_overlap_sources, kernel) -> kernel
 //   _emulate_sample_combine_cuda(stacked, weights, num_sms) -> (out, kernel)
 //   _emulate_samplewise_linear_cuda(input, weights, biases, coefficients, num_sms) -> out
+//   _emulate_samplewise_depthwise_conv2d_cuda(input, weights, biases, coefficients, stride, padding, dilation,
+//                                             num_sms) -> out
 // num_sms stands for the device's multiprocessor count, which sizes the grids (simt::grid_size):
 // a small count makes every thread walk its grid-stride loop several times. `kernel` names the
 // specialisation that ran (or, for blend, may force one).
@@ -35,6 +37,7 @@
 #include "../common/blend_kernel.h"
 #include "../common/kernel_host.h"
 #include "../common/sample_combine_kernel.h"
+#include "../common/samplewise_depthwise_kernel.h"
 #include "../common/samplewise_linear_kernel.h"
 #include "../common/simt.h"
 #include "../common/softmax_entropy_kernel.h"
@@ -298,6 +301,57 @@ at::Tensor emulate_samplewise_linear(const at::Tensor& input, const at::Tensor& 
         }
       }
     }
+  });
+  return out;
+}
+
+namespace {
+// A grid-stride kernel of kThreads-thread blocks over `total` items, thread by thread.
+template <typename F>
+void run_grid(int64_t total, int threads, int64_t num_sms, F&& item) {
+  const int grid = simt::grid_size(total, threads, num_sms, 8);
+  for (int64_t block = 0; block < grid; ++block) {
+    for (int tid = 0; tid < threads; ++tid) {
+      for (int64_t i = simt::grid_stride_first(block, threads, tid); i < total;
+           i += simt::grid_stride_step(grid, threads)) {
+        item(i);
+      }
+    }
+  }
+}
+}  // namespace
+
+// samplewise_depthwise_conv2d: depthwise_mix_kernel, then depthwise_conv_kernel (samplewise_depthwise_cuda.cu).
+at::Tensor emulate_samplewise_depthwise(const at::Tensor& input, const at::Tensor& weights,
+                                        const std::optional<at::Tensor>& biases, const at::Tensor& coefficients,
+                                        c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                        int64_t num_sms) {
+  namespace dwk = kernels::depthwise;
+  const char* op = "_emulate_samplewise_depthwise_conv2d_cuda";
+  const dwk::Geometry g =
+      check_samplewise_depthwise_args(input, weights, biases, coefficients, stride, padding, dilation);
+  check_cpu(input, op, "input");
+  check_sms(num_sms, op);
+  // As samplewise_depthwise_conv2d_cuda.
+  at::Tensor out = at::empty({g.B, g.C, g.OH, g.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor coef = coefficients.to(at::kFloat).contiguous();
+  at::Tensor mixed = at::empty({g.B, g.taps() + 1, g.C}, input.options().dtype(at::kFloat));
+  mixed.fill_(kNaN);  // device memory starts as garbage
+  const dwk::SourceStrides st = kernels::depthwise_source_strides(weights, biases);
+  simt::dispatch_float_types(input.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* w = weights.const_data_ptr<scalar_t>();
+    const scalar_t* bp = biases ? biases->const_data_ptr<scalar_t>() : nullptr;
+    const float* cp = coef.const_data_ptr<float>();
+    float* mp = mixed.data_ptr<float>();
+    run_grid(mixed.numel(), dwk::kThreads, num_sms,
+             [&](int64_t i) { mp[i] = dwk::mixed_table_entry(w, bp, st, cp, g, i); });
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    run_grid(out.numel(), dwk::kThreads, num_sms,
+             [&](int64_t i) { outp[i] = static_cast<scalar_t>(dwk::output_entry(xp, mp, g, i)); });
   });
   return out;
 }

@@ -545,6 +545,69 @@ def _samplewise_linear_fake(input: Tensor, weights: Tensor, biases: Tensor | Non
 
 
 # --------------------------------------------------------------------------------------------
+# samplewise_depthwise_conv2d
+# --------------------------------------------------------------------------------------------
+def _pair(value: int | Sequence[int], name: str) -> list[int]:
+    pair = [int(value)] * 2 if isinstance(value, int) else [int(v) for v in value]
+    if len(pair) != 2:
+        raise ValueError(f"samplewise_depthwise_conv2d: {name} must be an int or 2 ints, got {value!r}")
+    return pair
+
+
+def samplewise_depthwise_conv2d(
+    input: Tensor,
+    weights: Tensor,
+    coefficients: Tensor,
+    biases: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> Tensor:
+    """A depthwise 2-D convolution (``groups = C``) whose weights are interpolated per sample.
+
+    ``input`` is ``[B, C, H, W]``, ``weights`` ``[S, C, 1, KH, KW]`` (S depthwise ``nn.Conv2d`` weights),
+    ``coefficients`` ``[B, S]`` and ``biases`` ``[S, C]`` or None; zero padding. Sample ``b`` gets
+    ``F.conv2d(input[b], sum_s c[b, s] W_s, sum_s c[b, s] bias_s, stride, padding, dilation, groups=C)``, up to
+    rounding. Returns a channels-last ``[B, C, OH, OW]`` tensor in ``input``'s dtype (float32, float16, bfloat16).
+
+    Each sample's taps are mixed once into a small fp32 table (``B * (KH * KW + 1) * C`` entries, never a per-sample
+    copy of anything larger), then every output sums its taps in fp32: on the CPU one vectorized pass over a
+    channels-last input (other layouts and reduced precision are converted once), on CUDA one thread per output.
+    Inference only: no backward.
+    """
+    _refuse_autograd("samplewise_depthwise_conv2d", input, weights, coefficients, biases)
+    return _ops.samplewise_depthwise_conv2d(
+        input,
+        weights,
+        biases,
+        coefficients,
+        _pair(stride, "stride"),
+        _pair(padding, "padding"),
+        _pair(dilation, "dilation"),
+    )
+
+
+@torch.library.register_fake("dawin_ext::samplewise_depthwise_conv2d")
+def _samplewise_depthwise_conv2d_fake(input, weights, biases, coefficients, stride, padding, dilation) -> Tensor:
+    torch._check(input.dim() == 4, lambda: "samplewise_depthwise_conv2d: input must be [B, C, H, W]")
+    torch._check(
+        weights.dim() == 5 and weights.shape[2] == 1 and weights.shape[1] == input.shape[1],
+        lambda: "samplewise_depthwise_conv2d: weights must be [S sources, C, 1, KH, KW]",
+    )
+    _fake_check_devices("samplewise_depthwise_conv2d", input, weights=weights, coefficients=coefficients, biases=biases)
+    size = [
+        (input.shape[2 + i] + 2 * padding[i] - dilation[i] * (weights.shape[3 + i] - 1) - 1) // stride[i] + 1
+        for i in range(2)
+    ]
+    return torch.empty(
+        (input.shape[0], input.shape[1], *size),
+        dtype=input.dtype,
+        device=input.device,
+        memory_format=torch.channels_last,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # samplewise_lora
 # --------------------------------------------------------------------------------------------
 def samplewise_lora(

@@ -84,3 +84,22 @@ def samplewise_linear_reference(
 def sample_combine_reference(stacked: Tensor, weights: Tensor) -> Tensor:
     """``out[b, m, n] = sum_s weights[b, s] * stacked[b, m, s, n]``."""
     return torch.einsum("bmsn,bs->bmn", stacked, weights.to(stacked.dtype))
+
+
+def samplewise_depthwise_conv2d_reference(
+    input: Tensor,
+    weights: Tensor,
+    coefficients: Tensor,
+    biases: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+) -> Tensor:
+    """Merge the ``[S, C, 1, KH, KW]`` weights for each sample, then ``F.conv2d(groups=C)`` that sample alone."""
+    outs = []
+    for b in range(input.shape[0]):
+        c = coefficients[b].to(weights.dtype)
+        w = sum(c[s] * weights[s] for s in range(weights.shape[0]))
+        bias = None if biases is None else sum(c[s] * biases[s] for s in range(biases.shape[0]))
+        outs.append(F.conv2d(input[b : b + 1], w, bias, stride, padding, dilation, input.shape[1]))
+    return torch.cat(outs)

@@ -78,6 +78,14 @@ _GEOMETRIES = [
 _CHANNELS = [(5, 7, 1), (6, 4, 2), (6, 6, 6), (3, 6, 3)]
 
 
+def _skip_unless_route_applies(route, n, c_in, c_out, groups, dtype=torch.float32):
+    """The "linear" route takes dense fp32/fp16/bf16 convolutions, "depthwise" 2-D depthwise ones (same dtypes)."""
+    if route == "linear" and (groups > 1 or dtype == torch.float64):
+        pytest.skip("linear route: dense fp32/fp16/bf16 only (samplewise_linear computes in fp32)")
+    if route == "depthwise" and not (n == 2 and c_in == c_out == groups and dtype != torch.float64):
+        pytest.skip("depthwise route: 2-D depthwise fp32/fp16/bf16 only (samplewise_depthwise_conv2d)")
+
+
 def _geometry(g, n):
     def per_dim(v):
         return tuple(v[:n]) if isinstance(v, tuple) else v
@@ -91,8 +99,7 @@ def _geometry(g, n):
 @pytest.mark.parametrize("route", ["auto", *ROUTES])
 def test_matches_per_sample_merging(gen, n, channels, route):
     c_in, c_out, groups = channels
-    if route == "linear" and groups > 1:
-        pytest.skip("the linear route is for dense convolutions")
+    _skip_unless_route_applies(route, n, c_in, c_out, groups)
     kernel = (3, 2, 3)[:n]
     spatial = (11, 9, 7)[:n]
     for gi, geom in enumerate(_GEOMETRIES):
@@ -109,18 +116,20 @@ def test_matches_per_sample_merging(gen, n, channels, route):
 @pytest.mark.parametrize("route", ["auto", *ROUTES])
 @pytest.mark.parametrize("batch", [0, 1])
 def test_tiny_batches(gen, route, batch):
-    x, w, c, b = _case(gen, 2, batch, 4, 5, 1, (3, 3), (6, 5), 2)
+    c_in, c_out, groups = (5, 5, 5) if route == "depthwise" else (4, 5, 1)
+    x, w, c, b = _case(gen, 2, batch, c_in, c_out, groups, (3, 3), (6, 5), 2)
     with torch.no_grad():
-        y = samplewise_conv(x, w, c, b, 1, 1, route=route)
+        y = samplewise_conv(x, w, c, b, 1, 1, groups=groups, route=route)
     assert y.shape == (batch, 5, 6, 5)
     if batch:
-        _check(y, _reference(x, w, c, b, 1, 1, 1, 1), 1e-5)
+        _check(y, _reference(x, w, c, b, 1, 1, 1, groups), 1e-5)
 
 
 @pytest.mark.parametrize("route", ["auto", *ROUTES])
 def test_non_contiguous_inputs_and_weight_layouts(gen, route):
-    x, w, c, b = _case(gen, 2, 4, 6, 8, 1, (3, 3), (9, 10), 3)
-    ref = _reference(x, w, c, b, 2, 1, 1, 1)
+    c_in, c_out, groups = (6, 6, 6) if route == "depthwise" else (6, 8, 1)
+    x, w, c, b = _case(gen, 2, 4, c_in, c_out, groups, (3, 3), (9, 10), 3)
+    ref = _reference(x, w, c, b, 2, 1, 1, groups)
     xs = [
         x.contiguous(memory_format=torch.channels_last),
         x.transpose(2, 3).contiguous().transpose(2, 3),  # spatial dims swapped in memory
@@ -137,7 +146,7 @@ def test_non_contiguous_inputs_and_weight_layouts(gen, route):
             for ci in cs:
                 before = [t.clone() for t in (xi, wi, ci, b)]
                 with torch.no_grad():
-                    y = samplewise_conv(xi, wi, ci, b, 2, 1, route=route)
+                    y = samplewise_conv(xi, wi, ci, b, 2, 1, groups=groups, route=route)
                 _check(y, ref, 1e-5)
                 for t0, t in zip(before, (xi, wi, ci, b), strict=True):
                     assert torch.equal(t0, t), "samplewise_conv modified an input"
@@ -163,8 +172,7 @@ def test_samplewise_conv_weights_layout(gen):
 @pytest.mark.parametrize("channels", [(8, 12, 1), (8, 8, 8)], ids=["dense", "depthwise"])
 def test_other_dtypes(gen, dtype, tol, route, channels):
     c_in, c_out, groups = channels
-    if route == "linear" and (groups > 1 or dtype == torch.float64):
-        pytest.skip("linear route: dense fp32/fp16/bf16 only (samplewise_linear computes in fp32)")
+    _skip_unless_route_applies(route, 2, c_in, c_out, groups, dtype)
     x, w, c, b = _case(gen, 2, 3, c_in, c_out, groups, (3, 3), (7, 6), 2, dtype=dtype)
     with torch.no_grad():
         y = samplewise_conv(x, w, c, b, 1, "same", groups=groups, route=route)
@@ -211,10 +219,11 @@ def test_linear_route_refuses_autograd(gen):
 
 @pytest.mark.parametrize("route", ["auto", *ROUTES])
 def test_nan_coefficients_poison_only_their_sample(gen, route):
-    x, w, c, b = _case(gen, 2, 3, 4, 6, 1, (3, 3), (8, 8), 2)
+    c_in, c_out, groups = (6, 6, 6) if route == "depthwise" else (4, 6, 1)
+    x, w, c, b = _case(gen, 2, 3, c_in, c_out, groups, (3, 3), (8, 8), 2)
     c[1, 0] = float("nan")
     with torch.no_grad():
-        y = samplewise_conv(x, w, c, b, 1, 1, route=route)
+        y = samplewise_conv(x, w, c, b, 1, 1, groups=groups, route=route)
     assert torch.isnan(y[1]).all()
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
 
@@ -247,6 +256,13 @@ def test_errors_name_the_problem(gen):
         samplewise_conv(x, w, c, b, padding_mode="mirror")
     with pytest.raises(ValueError, match="route 'linear' needs groups == 1"):
         samplewise_conv(x, w[:, :, :2], c, b, groups=2, route="linear")
+    with pytest.raises(ValueError, match=r"route 'depthwise' needs a 2-D depthwise convolution.*groups = 1"):
+        samplewise_conv(x, w, c, b, route="depthwise")
+    xd, wd, cd, bd = _case(gen, 2, 2, 4, 4, 4, (3, 3), (5, 5), 2)
+    with pytest.raises(TypeError, match="route 'depthwise' takes float32, float16 or bfloat16"):
+        samplewise_conv(xd.double(), wd.double(), cd, bd.double(), groups=4, route="depthwise")
+    with pytest.raises(RuntimeError, match="route 'depthwise' has no backward"):
+        samplewise_conv(xd.requires_grad_(True), wd, cd, bd, groups=4, route="depthwise")
     with pytest.raises(ValueError, match="does not fit the padded input"):
         samplewise_conv(x[..., :2, :2], w, c, b)
     with pytest.raises(ValueError, match="route must be 'auto' or one of"):
@@ -260,10 +276,19 @@ def test_errors_name_the_problem(gen):
 
 def test_auto_route_follows_the_documented_rule():
     cpu, f32 = "cpu", torch.float32
-    # depthwise and grouped: fold while one sample's weight is small and the map is not tiny, never above the
-    # 1M-entry budget; one convolution per source on tiny maps
-    assert samplewise_conv_route((2, 160, 1, 7, 7), 64, 160, f32, cpu) == "fold"
-    assert samplewise_conv_route((2, 160, 1, 7, 7), 16, 160, f32, cpu) == "stacked"
+    # 2-D depthwise on the CPU (fp32/fp16/bf16, no autograd): the depthwise kernel, whatever the map size
+    for dtype in (f32, torch.float16, torch.bfloat16):
+        for p in (4, 16, 64, 256):
+            assert samplewise_conv_route((2, 160, 1, 7, 7), p, 160, dtype, cpu) == "depthwise"
+    assert samplewise_conv_route((2, 6, 1, 7, 7), 4, 3, f32, cpu) != "depthwise"  # channel multiplier 2
+    assert samplewise_conv_route((2, 6, 1, 3), 4, 6, f32, cpu) != "depthwise"  # 1-D
+    # depthwise elsewhere, and grouped: fold while one sample's weight is small and the map is not tiny, never
+    # above the 1M-entry budget; one convolution per source on tiny maps
+    for kw in ({"dtype": f32, "device": "cuda"}, {"dtype": torch.float64, "device": cpu}):
+        assert samplewise_conv_route((2, 160, 1, 7, 7), 64, 160, **kw) == "fold"
+        assert samplewise_conv_route((2, 160, 1, 7, 7), 16, 160, **kw) == "stacked"
+    assert samplewise_conv_route((2, 160, 1, 7, 7), 64, 160, f32, cpu, needs_grad=True) == "fold"
+    assert samplewise_conv_route((2, 160, 2, 7, 7), 64, 80, f32, cpu) == "fold"
     assert samplewise_conv_route((2, 4096, 512, 1, 1), 16, 2, f32, cpu) == "stacked"
     # dense convolutions never fold above the budget, whatever the device or dtype
     for dtype in (torch.float32, torch.float16, torch.float64):
@@ -309,8 +334,7 @@ def test_auto_route_linear_where_mixing_in_cache_pays():
 )
 def test_taps_reading_only_padding(gen, route, spatial, kernel, stride, padding, dilation, groups):
     """Kernels much larger than the input: the taps that only see zero padding are dropped, the result is unchanged."""
-    if route == "linear" and groups > 1:
-        pytest.skip("the linear route is for dense convolutions")
+    _skip_unless_route_applies(route, 2, 8, 8, groups)
     x, w, c, b = _case(gen, 2, 3, 8, 8, groups, kernel, spatial, 2)
     with torch.no_grad():
         y = samplewise_conv(x, w, c, b, stride, padding, dilation, groups, route=route)

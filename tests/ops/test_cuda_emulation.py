@@ -368,3 +368,51 @@ def test_samplewise_linear_blend_kernel(dtype, bias, shape, sms, gen):
     tol = 1e-5 if dtype == torch.float32 else (4e-3 if dtype == torch.float16 else 3e-2)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, atol=tol * G, rtol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# samplewise_depthwise_conv2d: depthwise_mix_kernel, then depthwise_conv_kernel
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        ((2, 40, 6, 6), (7, 7), 1, 3, 1),
+        ((3, 17, 9, 11), (3, 5), (2, 1), (1, 2), (1, 2)),
+        ((1, 3, 2, 2), (7, 7), 1, 3, 1),
+        ((2, 5, 4, 7), (1, 1), 2, 0, 1),
+    ],
+)
+@pytest.mark.parametrize("sms", [1, H200_SMS])
+def test_samplewise_depthwise_kernels(dtype, bias, geometry, sms, gen):
+    (b, c, h, w), (kh, kw), stride, padding, dilation = geometry
+    x = torch.randn(b, c, h, w, generator=gen).to(dtype)
+    weights = (torch.randn(3, c, 1, kh, kw, generator=gen) / kh).to(dtype)
+    biases = torch.randn(3, c, generator=gen).to(dtype) if bias else None
+    coef = torch.randn(b, 3, generator=gen)
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    args = (x, weights, biases, coef, pair(stride), pair(padding), pair(dilation))
+    got = ops._emulate_samplewise_depthwise_conv2d_cuda(*args, sms)
+    want = torch.cat(
+        [
+            torch.nn.functional.conv2d(
+                x[i : i + 1].double(),
+                torch.einsum("s,s...->...", coef[i].double(), weights.double()),
+                None if biases is None else coef[i].double() @ biases.double(),
+                stride,
+                padding,
+                dilation,
+                c,
+            )
+            for i in range(b)
+        ]
+    )
+    assert got.dtype == dtype and got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    tol = 1e-5 if dtype == torch.float32 else (4e-3 if dtype == torch.float16 else 3e-2)
+    torch.testing.assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+    # The CPU kernel adds the same fp32 terms in the same order (common/samplewise_depthwise_kernel.h).
+    cpu = ops.samplewise_depthwise_conv2d(*args)
+    if ops._cpu_isa() != "DEFAULT":  # the baseline copy's vector multiply-add is not fused
+        assert torch.equal(got, cpu)
