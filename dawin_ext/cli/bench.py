@@ -234,6 +234,49 @@ def samplewise_linear_rows(device: torch.device, quick: bool, repeats: int) -> l
     return rows
 
 
+def samplewise_depthwise_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]:
+    """samplewise_depthwise_conv2d on convnext_atto's 7x7 depthwise shapes (batch 16 at 64 px, two sources) against
+    the per-sample reference (merge each sample's weights, one stock convolution per sample). The note gives one
+    plain depthwise convolution of a single source on the same channels-last input (the honest floor) and the same
+    kernel with one source (no mixing)."""
+    import torch.nn.functional as F
+
+    import dawin_ext
+    from dawin_ext.testing.reference_ops import samplewise_depthwise_conv2d_reference
+
+    sync = _sync(device)
+    gen = torch.Generator().manual_seed(6)
+    batch = 4 if quick else 16
+    rows = []
+    for c, size in ((40, 16), (160, 4))[: 1 if quick else 2]:
+        x = torch.randn(batch, c, size, size, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(2, c, 1, 7, 7, generator=gen) / 7).to(device)
+        b = torch.randn(2, c, generator=gen).to(device)
+        lam = torch.rand(batch, generator=gen).to(device)
+        coef = torch.stack([1 - lam, lam], 1)
+        with torch.inference_mode():
+            ours, ref = _time_pair(
+                lambda x=x, w=w, c=coef, b=b: dawin_ext.samplewise_depthwise_conv2d(x, w, c, b, 1, 3),
+                lambda x=x, w=w, c=coef, b=b: samplewise_depthwise_conv2d_reference(x, w, c, b, 1, 3),
+                repeats,
+                sync,
+            )
+            plain, one = _time_pair(
+                lambda x=x, w=w[0], b=b[0], c=c: F.conv2d(x, w, b, 1, 3, 1, c),
+                lambda x=x, w=w[:1], b=b[:1]: dawin_ext.samplewise_depthwise_conv2d(
+                    x, w, torch.ones(batch, 1, device=x.device), b, 1, 3
+                ),
+                repeats,
+                sync,
+            )
+        note = (
+            f"per-sample merge + conv loop; ours {ours / plain:.2f}x one plain depthwise conv ({plain * 1e3:.3f} ms), "
+            f"same kernel with one source {one * 1e3:.3f} ms"
+        )
+        rows.append(_row("samplewise_dw", f"7x7 depthwise C={c} {size}x{size}, batch {batch}, S=2", ours, note, ref))
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # CPU memory bandwidth: the machine's copy rate, measured in the same run, and each memory-bound
 # kernel's achieved GB/s as a fraction of it.
@@ -459,6 +502,7 @@ def kernel_rows(device: str | torch.device = "cpu", quick: bool = False, repeats
     rows += entropy_rows(device, quick, repeats, bandwidth)
     rows += blend_rows(device, quick, repeats, bandwidth)
     rows += samplewise_linear_rows(device, quick, repeats)
+    rows += samplewise_depthwise_rows(device, quick, repeats)
     if device.type == "cpu":
         rows += cpu_bandwidth_rows(quick, repeats)
     return rows

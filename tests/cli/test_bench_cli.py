@@ -41,3 +41,11 @@ def test_bench_cli_writes_json(tmp_path, monkeypatch) -> None:
     data = json.loads(out.read_text())
     assert data["quick"] is True and data["rows"][0]["op"] == "softmax_entropy"
     assert data["environment"]["dawin_ext"]["version"]
+
+
+def test_samplewise_depthwise_row() -> None:
+    import dawin_ext.cli.bench as bench
+
+    (row,) = bench.samplewise_depthwise_rows(torch.device("cpu"), True, 1)
+    assert row["op"] == "samplewise_dw" and "C=40 16x16" in row["case"]
+    assert row["ours_s"] > 0 and row["reference_s"] > 0 and "one plain depthwise conv" in row["reference"]
