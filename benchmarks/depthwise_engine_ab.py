@@ -11,12 +11,10 @@ the two exact passes are timed in turn for several rounds (medians), batch 16 at
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
-import timm
 import torch
+from _timing import interleaved_medians_ms, timm_model_with_sources
 
 import dawin_ext.exact.conv as conv
 from dawin_ext import SampleWiseInterpolator
@@ -24,17 +22,8 @@ from dawin_ext import SampleWiseInterpolator
 
 def main(rounds: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = timm.create_model("convnext_atto", pretrained=False).eval()
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ft = {
-        k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() and v.numel() > 1 else v.clone()
-        for k, v in sd.items()
-    }
-    x = torch.randn(16, 3, 64, 64)
-    lam = torch.rand(16)
-    rows = torch.stack([1 - lam, lam], 1)
-    new, old = SampleWiseInterpolator(model, [sd, ft]), SampleWiseInterpolator(model, [sd, ft])
+    model, sources, x, rows = timm_model_with_sources("convnext_atto")
+    new, old = SampleWiseInterpolator(model, sources), SampleWiseInterpolator(model, sources)
     with torch.inference_mode():
         kept = conv._DEPTHWISE_DTYPES
         conv._DEPTHWISE_DTYPES = ()
@@ -45,13 +34,7 @@ def main(rounds: int, threads: int) -> None:
         y_new = new(x, rows)
         diff = (y_old - y_new).abs().max().item()
         passes = {"plain": lambda: model(x), "depthwise route": lambda: new(x, rows), "before": lambda: old(x, rows)}
-        times: dict[str, list[float]] = {k: [] for k in passes}
-        for _ in range(rounds):
-            for k, f in passes.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        med = interleaved_medians_ms(passes, rounds)
     print(", ".join(f"{k} {v:.1f} ms" for k, v in med.items()), end="; ")
     print(
         f"exact / plain: depthwise route {med['depthwise route'] / med['plain']:.2f}, before "

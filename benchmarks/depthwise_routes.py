@@ -8,12 +8,11 @@ timm forward has it). Medians over interleaved rounds in one process, wall time,
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from _timing import interleaved_medians_ms
 
 from dawin_ext.exact.conv import samplewise_conv_plan
 
@@ -39,19 +38,11 @@ def main(threads: int, rounds: int) -> None:
             "plain channels-last": lambda x=x, w=w, b=b, c=c: F.conv2d(x, w[0], b[0], 1, 3, 1, c),
             **{r: (lambda p=p, x=x, coef=coef: p(x, coef)) for r, p in plans.items()},
         }
-        times: dict[str, list[float]] = {k: [] for k in passes}
         with torch.inference_mode():
             ref = plans["fold"](x, coef)
             err = (plans["depthwise"](x, coef) - ref).abs().max().item()
             assert err <= 1e-4 * ref.abs().max().item(), f"routes disagree: {err}"
-            for f in passes.values():
-                f()
-            for _ in range(rounds):
-                for k, f in passes.items():
-                    t0 = time.perf_counter()
-                    f()
-                    times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            med = interleaved_medians_ms(passes, rounds)
         cells = " | ".join(f"{v:.3f}" for v in med.values())
         print(f"| {c} | {size}x{size} | {cells} | {med['depthwise'] / med['plain channels-last']:.2f} |")
 

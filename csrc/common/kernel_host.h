@@ -100,6 +100,12 @@ inline LoraShape samplewise_lora_shape(const at::Tensor& input, int64_t out_feat
   return L;
 }
 
+// samplewise_depthwise_conv2d's output: [B, C, OH, OW] channels-last in input's dtype (every path writes element
+// (b, c, oh, ow) at ((b * OH + oh) * OW + ow) * C + c).
+inline at::Tensor depthwise_output(const at::Tensor& input, const depthwise::Geometry& g) {
+  return at::empty({g.B, g.C, g.OH, g.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
 // samplewise_depthwise_conv2d's weight and bias strides (elements), read by the mixed table's entries.
 inline depthwise::SourceStrides depthwise_source_strides(const at::Tensor& weights,
                                                          const std::optional<at::Tensor>& biases) {

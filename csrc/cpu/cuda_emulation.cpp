@@ -62,6 +62,21 @@ void check_sms(int64_t sms, const char* op) {
   TORCH_CHECK_VALUE(sms >= 1 && sms <= 4096, op, ": num_sms must be in [1, 4096], got ", sms);
 }
 
+// A grid-stride kernel (the launchers' grid: simt::grid_size(total, threads, num_sms, 8) blocks of `threads`) over
+// `total` items, thread after thread: item(i) for every index each thread visits, in the threads' order.
+template <typename F>
+void run_grid(int64_t total, int threads, int64_t num_sms, F&& item) {
+  const int grid = simt::grid_size(total, threads, num_sms, 8);
+  for (int64_t block = 0; block < grid; ++block) {
+    for (int tid = 0; tid < threads; ++tid) {
+      for (int64_t i = simt::grid_stride_first(block, threads, tid); i < total;
+           i += simt::grid_stride_step(grid, threads)) {
+        item(i);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // softmax_entropy: entropy_warp_rows_kernel and entropy_block_rows_kernel.
 // ---------------------------------------------------------------------------------------------
@@ -209,27 +224,9 @@ std::string emulate_blend(at::TensorList sources, const at::Tensor& coefficients
   return name;
 }
 
-namespace {
-
 // ---------------------------------------------------------------------------------------------
 // sample_combine: sample_combine_kernel<scalar_t, V>.
 // ---------------------------------------------------------------------------------------------
-
-template <typename scalar_t, int V>
-void sample_combine_grid(const scalar_t* x, const float* w, scalar_t* out, int64_t rows, int64_t M, int64_t S,
-                         int64_t N, int grid) {
-  const int64_t total = rows * (N / V);
-  for (int64_t block = 0; block < grid; ++block) {
-    for (int tid = 0; tid < sck::kThreads; ++tid) {
-      for (int64_t idx = simt::grid_stride_first(block, sck::kThreads, tid); idx < total;
-           idx += simt::grid_stride_step(grid, sck::kThreads)) {
-        sck::combine_group<scalar_t, V>(x, w, out, M, S, N, idx);
-      }
-    }
-  }
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, std::string> emulate_sample_combine(const at::Tensor& stacked, const at::Tensor& weights,
                                                            int64_t num_sms) {
@@ -252,26 +249,20 @@ std::tuple<at::Tensor, std::string> emulate_sample_combine(const at::Tensor& sta
     const float* wp = w.const_data_ptr<float>();
     if (sck::use_vector_kernel(N, xp, outp)) {
       kernel = "vector";
-      if (out.numel() == 0) return;
-      const int grid = simt::grid_size(B * M * (N / V), sck::kThreads, num_sms, 8);
-      sample_combine_grid<scalar_t, V>(xp, wp, outp, B * M, M, S, N, grid);
+      run_grid(B * M * (N / V), sck::kThreads, num_sms,
+               [&](int64_t i) { sck::combine_group<scalar_t, V>(xp, wp, outp, M, S, N, i); });
     } else {
       kernel = "scalar";
-      if (out.numel() == 0) return;
-      const int grid = simt::grid_size(B * M * N, sck::kThreads, num_sms, 8);
-      sample_combine_grid<scalar_t, 1>(xp, wp, outp, B * M, M, S, N, grid);
+      run_grid(B * M * N, sck::kThreads, num_sms,
+               [&](int64_t i) { sck::combine_group<scalar_t, 1>(xp, wp, outp, M, S, N, i); });
     }
   });
   return {out, kernel};
 }
 
-namespace {
-
 // ---------------------------------------------------------------------------------------------
 // samplewise_linear: blend_partials_kernel (the GEMMs, cuBLAS on the GPU, are CPU at::mm here).
 // ---------------------------------------------------------------------------------------------
-
-}  // namespace
 
 at::Tensor emulate_samplewise_linear(const at::Tensor& input, const at::Tensor& weights,
                                      const std::optional<at::Tensor>& biases, const at::Tensor& coefficients,
@@ -288,38 +279,15 @@ at::Tensor emulate_samplewise_linear(const at::Tensor& input, const at::Tensor& 
   const at::Tensor &partial = p.partial, &c = p.coefficients, &bias = p.bias;
   simt::dispatch_float_types(input.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
-    const int grid = simt::grid_size(rows * OUT, slk::kThreads, num_sms, 8);
     const scalar_t* pp = partial.const_data_ptr<scalar_t>();
     const scalar_t* bp = biases ? bias.const_data_ptr<scalar_t>() : nullptr;
     const float* cp = c.const_data_ptr<float>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    for (int64_t block = 0; block < grid; ++block) {
-      for (int tid = 0; tid < slk::kThreads; ++tid) {
-        for (int64_t i = simt::grid_stride_first(block, slk::kThreads, tid); i < rows * OUT;
-             i += simt::grid_stride_step(grid, slk::kThreads)) {
-          slk::blend_partials_element(pp, bp, cp, op_, rows, M, OUT, static_cast<int>(S), i);
-        }
-      }
-    }
+    run_grid(rows * OUT, slk::kThreads, num_sms,
+             [&](int64_t i) { slk::blend_partials_element(pp, bp, cp, op_, rows, M, OUT, static_cast<int>(S), i); });
   });
   return out;
 }
-
-namespace {
-// A grid-stride kernel of kThreads-thread blocks over `total` items, thread by thread.
-template <typename F>
-void run_grid(int64_t total, int threads, int64_t num_sms, F&& item) {
-  const int grid = simt::grid_size(total, threads, num_sms, 8);
-  for (int64_t block = 0; block < grid; ++block) {
-    for (int tid = 0; tid < threads; ++tid) {
-      for (int64_t i = simt::grid_stride_first(block, threads, tid); i < total;
-           i += simt::grid_stride_step(grid, threads)) {
-        item(i);
-      }
-    }
-  }
-}
-}  // namespace
 
 // samplewise_depthwise_conv2d: depthwise_mix_kernel, then depthwise_conv_kernel (samplewise_depthwise_cuda.cu).
 at::Tensor emulate_samplewise_depthwise(const at::Tensor& input, const at::Tensor& weights,
@@ -333,7 +301,7 @@ at::Tensor emulate_samplewise_depthwise(const at::Tensor& input, const at::Tenso
   check_cpu(input, op, "input");
   check_sms(num_sms, op);
   // As samplewise_depthwise_conv2d_cuda.
-  at::Tensor out = at::empty({g.B, g.C, g.OH, g.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor out = kernels::depthwise_output(input, g);
   if (out.numel() == 0) return out;
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor coef = coefficients.to(at::kFloat).contiguous();

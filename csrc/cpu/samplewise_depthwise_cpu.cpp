@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "../common/kernel_host.h"
 #include "../common/samplewise_depthwise_kernel.h"
 #include "../ops.h"
 #include "cpu_kernels.h"
@@ -19,7 +20,7 @@ at::Tensor samplewise_depthwise_conv2d_cpu(const at::Tensor& input, const at::Te
                                            c10::IntArrayRef dilation) {
   const dwk::Geometry g =
       check_samplewise_depthwise_args(input, weights, biases, coefficients, stride, padding, dilation);
-  at::Tensor out = at::empty({g.B, g.C, g.OH, g.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor out = kernels::depthwise_output(input, g);
   if (out.numel() == 0) return out;
   // The mix reads the weights as [S, T, C] fp32 rows (a copy of S * T * C entries unless they are stored so, as
   // dawin_ext.exact keeps them) and writes the same table entries as the CUDA mix kernel.

@@ -22,6 +22,7 @@ import torch
 from conftest import FLOAT_DTYPES
 
 import dawin_ext  # noqa: F401  (loads the ops)
+from dawin_ext.testing.reference_ops import samplewise_depthwise_conv2d_reference
 
 ops = torch.ops.dawin_ext
 VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8, torch.float64: 2}  # elements per 16-byte load
@@ -394,19 +395,14 @@ def test_samplewise_depthwise_kernels(dtype, bias, geometry, sms, gen):
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
     args = (x, weights, biases, coef, pair(stride), pair(padding), pair(dilation))
     got = ops._emulate_samplewise_depthwise_conv2d_cuda(*args, sms)
-    want = torch.cat(
-        [
-            torch.nn.functional.conv2d(
-                x[i : i + 1].double(),
-                torch.einsum("s,s...->...", coef[i].double(), weights.double()),
-                None if biases is None else coef[i].double() @ biases.double(),
-                stride,
-                padding,
-                dilation,
-                c,
-            )
-            for i in range(b)
-        ]
+    want = samplewise_depthwise_conv2d_reference(
+        x.double(),
+        weights.double(),
+        coef.double(),
+        None if biases is None else biases.double(),
+        stride,
+        padding,
+        dilation,
     )
     assert got.dtype == dtype and got.shape == want.shape
     assert got.is_contiguous(memory_format=torch.channels_last)
